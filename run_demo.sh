@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set up, register the COCO val2017 captions, curate every shard.
+#   ./run_demo.sh [caption files...]     (default: ../shared/data/coco_captions_val2017.json)
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
+mkdir -p "$DAGSTER_HOME" && cp -n dagster.yaml "$DAGSTER_HOME/dagster.yaml" 2>/dev/null || true
+inputs=("$@")
+[ ${#inputs[@]} -gt 0 ] || inputs=(../shared/data/coco_captions_val2017.json)
+.venv/bin/synthvlm demo --input "${inputs[@]}"

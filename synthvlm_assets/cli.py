@@ -1,0 +1,134 @@
+"""`synthvlm`: register caption files, materialize shards, query the tables.
+
+    synthvlm demo --input ../shared/data/coco_captions_val2017.json   # the main job, embedded default
+    synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
+    synthvlm materialize --missing                                    # every shard not yet curated
+    synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from synthvlm_assets.defs.build import MAIN_JOB, Settings, build_definitions
+from synthvlm_assets.defs.partitions import caption_shards
+
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+COCO_HINT = (
+    "The COCO 2017 validation captions come with the annotations archive "
+    "http://images.cocodataset.org/annotations/annotations_trainval2017.zip (captions_val2017.json)."
+)
+
+
+def _instance():
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        sys.exit("DAGSTER_HOME is not set: point it at a folder holding dagster.yaml (./run_demo.sh does this)")
+    os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+    return DagsterInstance.get()
+
+
+def register(uris: Sequence[str], settings: Settings, instance) -> list[str]:
+    """Register caption files and add their shards as partitions; returns the new shard keys."""
+    resources = settings.resources()
+    registry = resources["storage"].registry()
+    new_keys: list[str] = []
+    for uri in uris:
+        entry, shards = registry.register_file(uri, resources["caption_source"].shard_rows)
+        state = f"{len(shards)} new shards" if shards else "already registered"
+        print(f"{entry['uri']}: {entry['format']}, {entry['n_records']} records, {state}")
+        new_keys += [s.key for s in shards]
+    all_keys = [s.key for s in registry.shards()]
+    existing = set(instance.get_dynamic_partitions(caption_shards.name))
+    missing = [k for k in all_keys if k not in existing]
+    if missing:
+        instance.add_dynamic_partitions(caption_shards.name, missing)
+    return new_keys
+
+
+def materialize(settings: Settings, instance, keys: Sequence[str] | None = None, missing_only: bool = False) -> int:
+    """Run the main job once per shard, in registration order, recorded in the instance. Returns failures."""
+    from dagster import AssetKey
+
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def(MAIN_JOB)
+    registry = settings.resources()["storage"].registry()
+    keys = list(keys) if keys else [s.key for s in registry.shards()]
+    if missing_only:
+        done = instance.get_materialized_partitions(AssetKey("curated_captions"))
+        keys = [k for k in keys if k not in done]
+    failures = 0
+    t0 = time.perf_counter()
+    for i, key in enumerate(keys, 1):
+        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=_QUIET)
+        status = "ok" if result.success else "FAILED"
+        failures += not result.success
+        print(f"[{i}/{len(keys)}] {key}: {status} (run {result.run_id[:8]})", flush=True)
+    print(f"materialized {len(keys) - failures}/{len(keys)} shards in {time.perf_counter() - t0:.1f}s")
+    return failures
+
+
+def summary(settings: Settings) -> str:
+    from synthvlm_assets.query import connect
+
+    con = connect(settings.resources()["storage"].root())
+    (raw, malformed, kept, rejected) = (
+        con.execute(f"SELECT count(*) FROM {v}").fetchone()[0]
+        for v in ("raw_captions", "malformed_captions", "curated_captions", "rejected_captions")
+    )
+    reasons = con.execute("SELECT reject_reason, count(*) FROM rejected_captions GROUP BY 1 ORDER BY 2 DESC").fetchall()
+    lines = [
+        f"raw captions {raw} (+{malformed} malformed rows), curated {kept}, rejected {rejected}",
+        *(f"  rejected by {r}: {n}" for r, n in reasons),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="register the input file(s) and materialize every shard (the main job)")
+    p.add_argument("--input", nargs="+", required=True, help="caption files (local paths or s3:// URIs)")
+    p = sub.add_parser("register", help="register caption files as shards")
+    p.add_argument("uris", nargs="+")
+    p = sub.add_parser("materialize", help="run the main job for shards")
+    p.add_argument("--shard", nargs="*", help="shard keys (default: all registered)")
+    p.add_argument("--missing", action="store_true", help="only shards whose curated_captions is not materialized")
+    p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions)")
+    p.add_argument("query", nargs="?", default=None)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+
+    if args.command == "sql":
+        from synthvlm_assets.query import connect
+
+        con = connect(settings.resources()["storage"].root())
+        if args.query is None:
+            print(summary(settings))
+            return 0
+        con.sql(args.query).show(max_rows=50, max_width=200)
+        return 0
+
+    instance = _instance()
+    if args.command in ("demo", "register"):
+        uris = args.input if args.command == "demo" else args.uris
+        for uri in uris:
+            if "://" not in uri and not os.path.exists(uri):
+                sys.exit(f"caption file not found: {uri}. {COCO_HINT}")
+        register(uris, settings, instance)
+        if args.command == "register":
+            return 0
+        failures = materialize(settings, instance, missing_only=True)
+        print(summary(settings))
+        print(f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev")
+        return 1 if failures else 0
+    return 1 if materialize(settings, instance, args.shard, args.missing) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Assemble the code location from settings (the only place that reads the environment)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
+from synthvlm_assets.defs.sensors import caption_file_sensor
+from synthvlm_assets.storage import local_or_absolute
+
+MAIN_JOB = "synthvlm_job"
+
+
+@dataclass
+class Settings:
+    """Deployment settings. `from_env` reads SYNTHVLM_* variables; tests pass values directly."""
+
+    storage_root: str = "synthvlm_data"
+    s3_endpoint_url: str | None = None
+    input_uri: str | None = None  # default: <storage_root>/inbox
+    shard_rows: int = 1000
+    curation: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
+        env = os.environ if env is None else env
+        return cls(
+            storage_root=env.get("SYNTHVLM_STORAGE_ROOT", "synthvlm_data"),
+            s3_endpoint_url=env.get("SYNTHVLM_S3_ENDPOINT_URL") or None,
+            input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
+            shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
+        )
+
+    def resources(self) -> dict:
+        root = local_or_absolute(self.storage_root).rstrip("/")
+        return {
+            "storage": StorageResource(root_uri=root, s3_endpoint_url=self.s3_endpoint_url),
+            "caption_source": CaptionSourceResource(
+                input_uri=local_or_absolute(self.input_uri) if self.input_uri else f"{root}/inbox",
+                shard_rows=self.shard_rows,
+            ),
+            "curation": CurationResource(**self.curation),
+        }
+
+
+def build_definitions(settings: Settings) -> Definitions:
+    assets = [raw_caption_pool, curated_captions]
+    main_job = define_asset_job(
+        MAIN_JOB,
+        selection=AssetSelection.assets(*assets),
+        partitions_def=caption_shards,
+        description="Everything per caption shard: load the raw pool, curate it.",
+    )
+    return Definitions(
+        assets=assets,
+        jobs=[main_job],
+        sensors=[caption_file_sensor],
+        resources=settings.resources(),
+    )

@@ -1,0 +1,173 @@
+"""SPEC §1 as assets: raw_caption_pool -> curated_captions, one partition per caption shard."""
+
+
+from collections import Counter
+
+import pyarrow.compute as pc
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from synthvlm_assets.captions.curation import (
+    curate_captions,
+    earlier_dedup_keys,
+    read_shard,
+    store_dedup_keys,
+)
+from synthvlm_assets.captions.filters import FILTER_NAMES
+from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
+from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
+
+RAW = "raw_caption_pool"
+CURATED = "curated_captions"
+
+
+def _unique(column) -> bool:
+    return pc.count_distinct(column).as_py() == len(column)
+
+
+@asset(
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"parquet"},
+    group_name="captions",
+    check_specs=[
+        AssetCheckSpec("rows_accounted_for", asset=RAW, blocking=True, description="Shard rows = captions + malformed rows."),
+        AssetCheckSpec("unique_caption_ids", asset=RAW, blocking=True),
+        AssetCheckSpec("shard_size", asset=RAW, blocking=True, description="No shard exceeds shard_rows."),
+    ],
+)
+def raw_caption_pool(
+    context: AssetExecutionContext, storage: StorageResource, caption_source: CaptionSourceResource
+) -> MaterializeResult:
+    """One shard of a registered caption file, loaded in one schema; malformed rows kept with their reason."""
+    root, registry = storage.root(), storage.registry()
+    shard = registry.shard(context.partition_key)
+    registry.check_unchanged(shard)
+    captions, malformed = read_shard(shard, caption_source.fields(), registry.source_fs(shard.uri))
+    prefix = f"{RAW}/{shard.key}"
+    root.publish_partition(prefix, {"captions": captions, "malformed": malformed}, {"shard": shard.key, "run_id": context.run_id})
+
+    reasons = Counter(malformed.column("reason").to_pylist())
+    lengths = pc.utf8_length(captions.column("caption")).to_pylist()
+    return MaterializeResult(
+        metadata={
+            "source_file": MetadataValue.path(shard.uri),
+            "rows": shard.rows,
+            "captions": captions.num_rows,
+            "malformed": malformed.num_rows,
+            "malformed_by_reason": md_table(["reason", "rows"], sorted(reasons.items())),
+            "malformed_sample": md_table(["row", "reason", "detail"], sample_rows(malformed, ["source_row", "reason", "detail"])),
+            "caption_sample": md_table(["caption_id", "caption"], sample_rows(captions, ["caption_id", "caption"])),
+            "caption_length_histogram": histograms([("caption length (code points)", lengths, [])], shard.key),
+            "captions_parquet": MetadataValue.path(root.uri(f"{prefix}/captions.parquet")),
+            "malformed_parquet": MetadataValue.path(root.uri(f"{prefix}/malformed.parquet")),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name="rows_accounted_for",
+                passed=captions.num_rows + malformed.num_rows == shard.rows,
+                metadata={"shard_rows": shard.rows, "captions": captions.num_rows, "malformed": malformed.num_rows},
+            ),
+            AssetCheckResult(check_name="unique_caption_ids", passed=_unique(captions.column("caption_id"))),
+            AssetCheckResult(
+                check_name="shard_size",
+                passed=shard.rows <= caption_source.shard_rows,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"rows": shard.rows, "shard_rows": caption_source.shard_rows},
+            ),
+        ],
+    )
+
+
+@asset(
+    deps=[raw_caption_pool],
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"parquet"},
+    group_name="captions",
+    check_specs=[
+        AssetCheckSpec("rows_accounted_for", asset=CURATED, blocking=True, description="Raw captions = kept + rejected."),
+        AssetCheckSpec("unique_caption_ids", asset=CURATED, blocking=True),
+    ],
+)
+def curated_captions(
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    caption_source: CaptionSourceResource,
+    curation: CurationResource,
+) -> MaterializeResult:
+    """Normalised captions that pass the paper's Table-1 rule filters, without exact duplicates
+    (the first occurrence in registration order wins, across shards). Rejects keep their reason."""
+    root, registry = storage.root(), storage.registry()
+    shard = registry.shard(context.partition_key)
+    fields = caption_source.fields()
+    raw = root.read_partition(f"{RAW}/{shard.key}", "captions")
+    earlier = registry.earlier_shards(shard.key)
+    earlier_keys = earlier_dedup_keys(root, earlier, fields, registry.source_fs)
+    settings = curation.settings()
+    result = curate_captions(raw, settings, earlier_keys, curation.perplexity_model())
+    store_dedup_keys(root, shard, fields, result.dedup_keys)
+    prefix = f"{CURATED}/{shard.key}"
+    root.publish_partition(
+        prefix,
+        {"kept": result.kept, "rejected": result.rejected},
+        {"shard": shard.key, "run_id": context.run_id, "settings": settings.as_dict()},
+    )
+
+    reasons = result.reason_counts()
+    failures = result.failure_counts()
+    bounds = settings.bounds()
+    per_filter = [
+        [name, _bound_text(bounds.get(name)), failures[name] if name in bounds else "skipped", reasons.get(name, 0)]
+        for name in FILTER_NAMES
+    ] + [["duplicate", "first occurrence wins", reasons.get("duplicate", 0), reasons.get("duplicate", 0)]]
+    both = [result.kept, result.rejected]
+    panels = [("caption length", [n for t in both for n in pc.utf8_length(t.column("caption")).to_pylist()], [])]
+    panels += [
+        (name, [v for t in both for v in t.column(name).to_pylist()], [b for b in bounds[name] if b is not None])
+        for name in FILTER_NAMES
+        if name in bounds and name != "flagged_word_ratio"
+    ]
+    n_in = raw.num_rows
+    return MaterializeResult(
+        metadata={
+            "captions_in": n_in,
+            "kept": result.kept.num_rows,
+            "rejected": result.rejected.num_rows,
+            "kept_fraction": result.kept.num_rows / n_in if n_in else 0.0,
+            "earlier_shards_checked_for_duplicates": len(earlier),
+            "perplexity": "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured",
+            "filters": md_table(["filter", "keep when", "fails (alone)", "rejected by (first failing)"], per_filter),
+            "filter_histograms": histograms(panels, f"{shard.key} (dashed: thresholds)"),
+            "kept_sample": md_table(["caption_id", "caption"], sample_rows(result.kept, ["caption_id", "caption"])),
+            "rejected_sample": md_table(
+                ["caption_id", "reason", "value", "caption"],
+                sample_rows(result.rejected, ["caption_id", "reject_reason", "reject_value", "caption"]),
+            ),
+            "kept_parquet": MetadataValue.path(root.uri(f"{prefix}/kept.parquet")),
+            "rejected_parquet": MetadataValue.path(root.uri(f"{prefix}/rejected.parquet")),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name="rows_accounted_for",
+                passed=result.kept.num_rows + result.rejected.num_rows == n_in,
+                metadata={"in": n_in, "kept": result.kept.num_rows, "rejected": result.rejected.num_rows},
+            ),
+            AssetCheckResult(check_name="unique_caption_ids", passed=_unique(result.kept.column("caption_id"))),
+        ],
+    )
+
+
+def _bound_text(bound: tuple[float, float | None] | None) -> str:
+    if bound is None:
+        return "-"
+    lo, hi = bound
+    return f">= {lo:g}" if hi is None else (f"<= {hi:g}" if lo == 0 else f"in [{lo:g}, {hi:g}]")

@@ -1,0 +1,65 @@
+"""What a person reads in the Dagster UI: markdown tables, embedded plots, samples."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+from dagster import MetadataValue
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValue:
+    def cell(v: Any) -> str:
+        text = f"{v:.6g}" if isinstance(v, float) else str(v)
+        text = text.replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= 160 else text[:157] + "..."
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return MetadataValue.md("\n".join(lines))
+
+
+def sample_rows(table: pa.Table, columns: Sequence[str], n: int = 10) -> list[list[Any]]:
+    """An evenly spaced, deterministic sample of a table's rows."""
+    if table.num_rows == 0:
+        return []
+    step = max(1, table.num_rows // n)
+    picked = table.take(list(range(0, table.num_rows, step))[:n]).select(list(columns))
+    return [list(r.values()) for r in picked.to_pylist()]
+
+
+def png_markdown(fig: Any) -> MetadataValue:
+    """A matplotlib figure as an image the UI shows inline."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+
+
+def histograms(panels: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str) -> MetadataValue:
+    """One histogram per (name, values, threshold lines) panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, values, lines) in zip(axes.flat, panels):
+        vals = [v for v in values if v is not None]
+        ax.hist(vals, bins=40, color="#4C78A8")
+        for x in lines:
+            ax.axvline(x, color="#E45756", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return png_markdown(fig)

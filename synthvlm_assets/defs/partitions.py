@@ -1,0 +1,5 @@
+from dagster import DynamicPartitionsDefinition
+
+# One key space of caption shards, shared one-to-one by every per-shard asset (identity mappings),
+# so lineage, staleness and backfills work per shard. Keys name the file and the row range.
+caption_shards = DynamicPartitionsDefinition(name="caption_shards")
