@@ -8,7 +8,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from synthvlm_assets.captions.curation import CURATED_SCHEMA, MALFORMED_SCHEMA, RAW_SCHEMA
+from synthvlm_assets.captions.curation import CURATED_SCHEMA
+from synthvlm_assets.captions.sources import MALFORMED_SCHEMA, RAW_SCHEMA
 from synthvlm_assets.storage import StorageRoot
 
 # view name -> (glob under the storage root, schema when no partition exists yet)

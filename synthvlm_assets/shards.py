@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -90,6 +90,10 @@ class ShardRegistry:
         """Every registered shard, in registration order."""
         return [self._shard(e, i) for e in self.entries() for i in range(len(e["shards"]))]
 
+    def file_tags(self) -> dict[int, str]:
+        """File sequence number -> file tag (the prefix of its caption ids)."""
+        return {e["seq"]: e["file_tag"] for e in self.entries()}
+
     def shard(self, key: str) -> Shard:
         for entry in self.entries():
             if key.startswith(entry["file_tag"] + "-"):
@@ -164,7 +168,3 @@ class ShardRegistry:
         self.storage.write_json(posixpath.join(REGISTRY_PREFIX, f"{seq:06d}--{tag}.json"), entry)
         self._cache.clear()
         return entry, [self._shard(entry, i) for i in range(len(shards))]
-
-
-def shard_as_dict(shard: Shard) -> dict[str, Any]:
-    return asdict(shard)

@@ -8,22 +8,49 @@ for line-based formats so a shard read seeks straight to it); a shard read then 
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import ijson
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from synthvlm_assets.storage import split_protocol
+
+if TYPE_CHECKING:
+    from synthvlm_assets.shards import Shard
 
 FORMATS = ("jsonl", "json", "coco", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CAPTION_FILE_EXTENSIONS = tuple(_EXTENSIONS)
 _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long caption a file error
 
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("caption_id", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("source_id", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("image_ref", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
+MALFORMED_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("shard", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 
 class SourceFormatError(ValueError):
     """The file cannot be parsed at all; the message names the file and the position."""
@@ -346,3 +373,43 @@ def list_caption_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         if posixpath.splitext(name)[1].lower() in _EXTENSIONS:
             out.append(p)
     return sorted(out)
+
+
+def caption_id(tag: str, row: int) -> str:
+    """Unique across the pool by construction: the file's tag and the record's row in it."""
+    return f"{tag}:{row}"
+
+
+def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSystem) -> tuple[pa.Table, pa.Table]:
+    """Load one shard's rows from its source file: (rows in the pool schema, malformed rows with reasons)."""
+    path = split_protocol(shard.uri)[1]
+    default_source = path.rsplit("/", 1)[-1]
+    rows: list[CaptionRow] = []
+    bad: list[MalformedRow] = []
+    for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset):
+        row = to_caption_row(record, fields, default_source)
+        (rows if isinstance(row, CaptionRow) else bad).append(row)
+    raw = pa.table(
+        {
+            "caption_id": [caption_id(shard.file_tag, r.source_row) for r in rows],
+            "caption": [r.caption for r in rows],
+            "source": [r.source for r in rows],
+            "source_id": [r.source_id for r in rows],
+            "source_file": [shard.uri] * len(rows),
+            "source_row": [r.source_row for r in rows],
+            "image_ref": [r.image_ref for r in rows],
+            "shard": [shard.key] * len(rows),
+        },
+        schema=RAW_SCHEMA,
+    )
+    malformed = pa.table(
+        {
+            "source_file": [shard.uri] * len(bad),
+            "source_row": [b.source_row for b in bad],
+            "shard": [shard.key] * len(bad),
+            "reason": [b.reason for b in bad],
+            "detail": [b.detail for b in bad],
+        },
+        schema=MALFORMED_SCHEMA,
+    )
+    return raw, malformed

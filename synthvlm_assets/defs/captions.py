@@ -14,12 +14,9 @@ from dagster import (
     asset,
 )
 
-from synthvlm_assets.captions.curation import (
-    curate_captions,
-    earlier_dedup_keys,
-    read_shard,
-    store_dedup_keys,
-)
+from synthvlm_assets.captions.curation import curate_captions
+from synthvlm_assets.captions.dedup import DedupStore
+from synthvlm_assets.captions.sources import read_shard
 from synthvlm_assets.captions.filters import FILTER_NAMES
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import caption_shards
@@ -108,13 +105,13 @@ def curated_captions(
     (the first occurrence in registration order wins, across shards). Rejects keep their reason."""
     root, registry = storage.root(), storage.registry()
     shard = registry.shard(context.partition_key)
-    fields = caption_source.fields()
     raw = root.read_partition(f"{RAW}/{shard.key}", "captions")
     earlier = registry.earlier_shards(shard.key)
-    earlier_keys = earlier_dedup_keys(root, earlier, fields, registry.source_fs)
+    dedup = DedupStore(root, caption_source.fields())
+    earlier_index = dedup.earlier_index(earlier, registry.file_tags(), registry.source_fs)
     settings = curation.settings()
-    result = curate_captions(raw, settings, earlier_keys, curation.perplexity_model())
-    store_dedup_keys(root, shard, fields, result.dedup_keys)
+    result = curate_captions(raw, settings, shard.file_seq, earlier_index, curation.perplexity_model())
+    dedup.store(shard, result.dedup_keys)
     prefix = f"{CURATED}/{shard.key}"
     root.publish_partition(
         prefix,
@@ -144,6 +141,7 @@ def curated_captions(
             "rejected": result.rejected.num_rows,
             "kept_fraction": result.kept.num_rows / n_in if n_in else 0.0,
             "earlier_shards_checked_for_duplicates": len(earlier),
+            "earlier_distinct_captions": len(earlier_index),
             "perplexity": "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured",
             "filters": md_table(["filter", "keep when", "fails (alone)", "rejected by (first failing)"], per_filter),
             "filter_histograms": histograms(panels, f"{shard.key} (dashed: thresholds)"),

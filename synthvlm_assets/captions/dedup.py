@@ -1,0 +1,148 @@
+"""Exact-duplicate removal across shards: the first occurrence in registration order wins.
+
+Every curated shard stores the dedup keys (128-bit hashes of the normalised text) of its distinct
+captions. Curating shard N needs the keys of shards 0..N-1: they come from a consolidated, sorted
+index covering a prefix of the registered shards (rebuilt every `CONSOLIDATE_EVERY` shards, so a
+1,000-shard pool reads one index plus a few small files, not 999 files), plus the per-shard files
+after that prefix. A shard whose keys are not stored yet (it was not curated yet) gets them from
+its raw_caption_pool partition or straight from its source file, so the answer never depends on
+the order in which shards are materialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION, dedup_key, normalize_caption
+from synthvlm_assets.captions.sources import CaptionFields, read_shard
+from synthvlm_assets.shards import Shard
+from synthvlm_assets.storage import StorageError, StorageRoot
+
+CONSOLIDATE_EVERY = 64
+KEYS_SCHEMA = pa.schema([("dedup_key", pa.binary(16)), ("file_seq", pa.int32()), ("source_row", pa.int64())])
+_INDEX_NAME = re.compile(r"upto-(\d+)\.parquet$")
+
+
+def first_occurrences(keys: Sequence[bytes], file_seq: int, rows: Sequence[int]) -> pa.Table:
+    """Keys table of one shard: each distinct key once, at its first row."""
+    first: dict[bytes, int] = {}
+    for k, r in zip(keys, rows):
+        first.setdefault(k, r)
+    return pa.table({"dedup_key": list(first), "file_seq": [file_seq] * len(first), "source_row": list(first.values())}, schema=KEYS_SCHEMA)
+
+
+def keys_of_raw(raw: pa.Table, file_seq: int) -> pa.Table:
+    texts = raw.column("caption").to_pylist()
+    return first_occurrences([dedup_key(normalize_caption(t)) for t in texts], file_seq, raw.column("source_row").to_pylist())
+
+
+class DedupIndex:
+    """Sorted first-occurrence keys of a sequence of shards; `get` answers who had a key first."""
+
+    def __init__(self, keys: np.ndarray, file_seq: np.ndarray, rows: np.ndarray, tags: dict[int, str]) -> None:
+        self.keys, self.file_seq, self.rows, self.tags = keys, file_seq, rows, tags
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[pa.Table], tags: dict[int, str]) -> DedupIndex:
+        """Merge key tables given in registration order (np.unique keeps each key's first index)."""
+        if not tables:
+            return cls(np.empty(0, "S16"), np.empty(0, np.int32), np.empty(0, np.int64), tags)
+        t = pa.concat_tables(tables)
+        keys = _keys_array(t.column("dedup_key"))
+        uniq, first = np.unique(keys, return_index=True)
+        return cls(uniq, t.column("file_seq").to_numpy()[first], t.column("source_row").to_numpy()[first], tags)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            {
+                "dedup_key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]),
+                "file_seq": self.file_seq,
+                "source_row": self.rows,
+            },
+            schema=KEYS_SCHEMA,
+        )
+
+    def get(self, key: bytes) -> str | None:
+        """The caption_id that had this key first, or None."""
+        # numpy hands "S16" items back without trailing NUL bytes: compare what it compares.
+        i = int(np.searchsorted(self.keys, np.bytes_(key)))
+        if i < len(self.keys) and self.keys[i] == key.rstrip(b"\0"):
+            return f"{self.tags[int(self.file_seq[i])]}:{int(self.rows[i])}"
+        return None
+
+
+def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
+    arr = column.combine_chunks()
+    data = arr.buffers()[1]
+    return np.frombuffer(data, dtype="S16", count=len(arr) + arr.offset)[arr.offset :].copy()
+
+
+class DedupStore:
+    """Per-shard key files and consolidated indexes under the storage root."""
+
+    def __init__(self, storage: StorageRoot, fields: CaptionFields) -> None:
+        self.storage = storage
+        version = hashlib.sha1(f"{NORMALIZATION_VERSION}|{fields}".encode()).hexdigest()[:12]
+        self.prefix = f"curated_captions/_dedup/{version}"
+        self.fields = fields
+
+    def shard_key(self, shard: Shard) -> str:
+        return f"{self.prefix}/shards/{shard.key}.parquet"
+
+    def store(self, shard: Shard, keys: pa.Table) -> None:
+        self.storage.write_parquet(self.shard_key(shard), keys)
+
+    def _read(self, key: str) -> pa.Table | None:
+        try:
+            return self.storage.read_parquet(key)
+        except StorageError as exc:
+            if str(exc).startswith("not found"):
+                return None
+            raise
+
+    def _shard_keys(self, shard: Shard, fs_for: Callable[[str], fsspec.AbstractFileSystem]) -> pa.Table:
+        cached = self._read(self.shard_key(shard))
+        if cached is not None:
+            return cached
+        raw_prefix = f"raw_caption_pool/{shard.key}"
+        if self.storage.manifest(raw_prefix) is not None:
+            raw = self.storage.read_partition(raw_prefix, "captions", columns=["caption", "source_row"])
+        else:
+            raw = read_shard(shard, self.fields, fs_for(shard.uri))[0]
+        keys = keys_of_raw(raw, shard.file_seq)
+        self.store(shard, keys)
+        return keys
+
+    def earlier_index(
+        self, earlier: Sequence[Shard], tags: dict[int, str], fs_for: Callable[[str], fsspec.AbstractFileSystem]
+    ) -> DedupIndex:
+        """The index of every key in `earlier` (the shards registered before the one being curated)."""
+        n = len(earlier)
+        covered, base = 0, None
+        for key in reversed(self.storage.list(f"{self.prefix}/index")):
+            m = _INDEX_NAME.search(key)
+            if m and int(m.group(1)) <= n:
+                base = self._read(key)
+                if base is not None:
+                    covered = int(m.group(1))
+                    break
+        with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
+            rest = list(pool.map(lambda s: self._shard_keys(s, fs_for), earlier[covered:]))
+        index = DedupIndex.from_tables(([base] if base is not None else []) + rest, tags)
+        # Registration order is append-only, so the index of the first k shards never changes:
+        # publish it at multiples of CONSOLIDATE_EVERY for every later shard to start from.
+        upto = n // CONSOLIDATE_EVERY * CONSOLIDATE_EVERY
+        if upto > covered:
+            head = index if upto == n else DedupIndex.from_tables(([base] if base is not None else []) + rest[: upto - covered], tags)
+            self.storage.write_parquet(f"{self.prefix}/index/upto-{upto:08d}.parquet", head.table())
+        return index
