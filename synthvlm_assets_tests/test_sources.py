@@ -1,0 +1,247 @@
+"""Caption sources: every format, hostile inputs, streaming reads, and the shard registry."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, iter_records, read_shard, scan_source
+from synthvlm_assets.shards import ShardRegistry, ShardRegistryError
+from synthvlm_assets.storage import StorageRoot
+
+from .conftest import LLAVA_EXAMPLE
+
+FS = fsspec.filesystem("file")
+RECORDS = [{"id": f"r{i}", "caption": f"A photo of dog number {i} on a beach.", "image_url": f"http://x/{i}.jpg"} for i in range(7)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_csv(path, records):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "caption", "image_url"])
+        w.writeheader()
+        w.writerows(records)
+    return path
+
+
+def write_parquet(path, records, row_group_size=2):
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
+    return path
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def registry(tmp_path) -> ShardRegistry:
+    return ShardRegistry(StorageRoot(str(tmp_path / "root")))
+
+
+def load_all(reg: ShardRegistry, uri: str, shard_rows: int = 3, fields: CaptionFields = CaptionFields()):
+    _, shards = reg.register_file(uri, shard_rows)
+    tables = [read_shard(s, fields, FS) for s in shards]
+    return shards, pa.concat_tables([t[0] for t in tables]), pa.concat_tables([t[1] for t in tables])
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet, write_json])
+def test_each_record_format_loads_every_row_once(tmp_path, writer):
+    ext = {"write_jsonl": "jsonl", "write_csv": "csv", "write_parquet": "parquet", "write_json": "json"}[writer.__name__]
+    path = writer(tmp_path / f"pool.{ext}", RECORDS)
+    shards, captions, malformed = load_all(registry(tmp_path), str(path))
+    assert [(s.start, s.end) for s in shards] == [(0, 3), (3, 6), (6, 7)]
+    assert captions.column("caption").to_pylist() == [r["caption"] for r in RECORDS]
+    assert captions.column("source_id").to_pylist() == [r["id"] for r in RECORDS]
+    assert captions.column("image_ref").to_pylist() == [r["image_url"] for r in RECORDS]
+    assert captions.column("source_row").to_pylist() == list(range(7))
+    assert len(set(captions.column("caption_id").to_pylist())) == 7
+    assert malformed.num_rows == 0
+
+
+def test_coco_captions_file(tmp_path):
+    coco = {
+        "info": {},
+        "images": [{"id": 1, "file_name": "1.jpg", "coco_url": "http://coco/1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+        "annotations": [
+            {"image_id": 1, "id": 10, "caption": "A cat sleeping on a red sofa."},
+            {"image_id": 2, "id": 11, "caption": "Two people riding horses on a beach."},
+            {"image_id": 1, "id": 12, "caption": 5},
+        ],
+    }
+    path = write_json(tmp_path / "captions_val.json", coco)
+    shards, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=2)
+    assert shards[0].format == "coco"
+    assert captions.column("source_id").to_pylist() == ["10", "11"]
+    assert captions.column("image_ref").to_pylist() == ["http://coco/1.jpg", "2.jpg"]
+    assert set(captions.column("source").to_pylist()) == {"coco"}
+    assert malformed.to_pylist()[0]["reason"] == "caption_not_string"
+
+
+def test_llava_conversation_json(tmp_path):
+    records = json.loads(LLAVA_EXAMPLE.read_text()) if LLAVA_EXAMPLE.exists() else [
+        {"id": "0", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red bus."}]}
+    ]
+    path = write_json(tmp_path / "llava.json", records)
+    _, captions, malformed = load_all(registry(tmp_path), str(path))
+    gpt = [next(t["value"] for t in r["conversations"] if t["from"] == "gpt") for r in records]
+    assert captions.column("caption").to_pylist() == gpt
+    assert captions.column("image_ref").to_pylist() == [r["image"] for r in records]
+    assert set(captions.column("source").to_pylist()) == {"llava"}
+    assert malformed.num_rows == 0
+
+
+def test_malformed_rows_are_kept_with_their_reason(tmp_path):
+    lines = [
+        json.dumps({"id": 1, "caption": "A good caption of a dog."}),
+        "{not json",
+        json.dumps({"id": 3}),
+        json.dumps({"id": 4, "caption": None}),
+        json.dumps({"id": 5, "caption": ["a", "list"]}),
+        json.dumps([1, 2]),
+        json.dumps({"id": 7, "caption": "x" * 30_000}),
+        json.dumps({"id": 8, "caption": "lone surrogate \ud800 here"}),
+        json.dumps({"id": 9, "caption": ""}),  # empty is a caption: the filters drop it, with a reason
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": 10, "caption": "bad \xff byte"}\n\n\n')
+    _, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=4)
+    assert captions.column("source_id").to_pylist() == ["1", "9"]
+    reasons = {r["source_row"]: r["reason"] for r in malformed.to_pylist()}
+    assert reasons == {
+        1: "invalid_json",
+        2: "missing_caption",
+        3: "missing_caption",
+        4: "caption_not_string",
+        5: "record_not_object",
+        6: "caption_too_long",
+        7: "undecodable_text",
+        9: "undecodable_text",
+    }
+    assert captions.num_rows + malformed.num_rows == 10  # blank lines are not records
+
+
+def test_csv_hostile_rows(tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbfid,caption\n1,"A caption, with a comma\nand a newline"\n2,too,many,fields\n3,"bad \xff byte"\n4,Fine caption of a cat.\n'
+    )
+    _, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=2)
+    assert captions.column("caption").to_pylist() == ["A caption, with a comma\nand a newline", "Fine caption of a cat."]
+    assert captions.column("source_id").to_pylist() == ["1", "4"]  # BOM stripped from the header
+    assert {r["source_row"]: r["reason"] for r in malformed.to_pylist()} == {1: "wrong_field_count", 2: "undecodable_text"}
+
+
+def test_configurable_field_names(tmp_path):
+    path = write_jsonl(tmp_path / "pool.jsonl", [{"uid": "a", "text": "A cat on a mat."}])
+    fields = CaptionFields(id="uid", caption="text")
+    _, captions, _ = load_all(registry(tmp_path), str(path), fields=fields)
+    assert captions.to_pylist()[0]["source_id"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("broken.json", b'[{"caption": "a"}, {"caption": "b"', "invalid JSON after record 1"),
+        ("object.json", b'{"images": []}', "not a COCO captions file"),
+        ("number.json", b"42", "must hold a list of records or a COCO object"),
+        ("broken.parquet", b"PAR1 not really", "not a readable Parquet file"),
+        ("notes.txt", b"hello", "unknown caption file type"),
+        ("empty.csv", b"", "empty CSV file"),
+    ],
+)
+def test_unparseable_files_fail_naming_file_and_position(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SourceFormatError, match=message) as info:
+        scan_source(FS, str(path), 10)
+    assert str(path) in str(info.value)
+
+
+def test_registration_is_idempotent_and_ordered(tmp_path):
+    reg = registry(tmp_path)
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    b = write_jsonl(tmp_path / "b.jsonl", RECORDS[:2])
+    _, first = reg.register_file(str(a), 3)
+    assert len(first) == 3 and reg.register_file(str(a), 3)[1] == []
+    reg.register_file(str(b), 3)
+    keys = [s.key for s in reg.shards()]
+    assert keys == [s.key for s in first] + [reg.shards()[-1].key]
+    assert keys[0].startswith("a-") and keys[0].endswith("-00000000-00000003")
+    assert [s.key for s in reg.earlier_shards(keys[-1])] == keys[:-1]
+    assert ShardRegistry(reg.storage).shard(keys[1]).start == 3  # a fresh reader sees the same
+    with pytest.raises(ShardRegistryError, match="not registered"):
+        reg.shard("nope-00000000-00000001")
+
+
+def test_a_changed_file_is_reported_not_reread(tmp_path):
+    reg = registry(tmp_path)
+    path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    _, shards = reg.register_file(str(path), 3)
+    reg.check_unchanged(shards[0])
+    time.sleep(0.01)
+    write_jsonl(path, RECORDS + RECORDS)
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    with pytest.raises(ShardRegistryError, match="changed since it was registered"):
+        reg.check_unchanged(shards[0])
+
+
+class CountingFS(fsspec.implementations.local.LocalFileSystem):
+    """Counts the bytes read through it (to check that shard reads do not read the whole file)."""
+
+    cachable = False
+
+    def __init__(self):
+        super().__init__()
+        self.bytes_read = 0
+
+    def _open(self, path, mode="rb", **kw):
+        f = super()._open(path, mode, **kw)
+        fs, read = self, f.read
+
+        def counted(*args):
+            data = read(*args)
+            fs.bytes_read += len(data)
+            return data
+
+        f.read = counted
+        return f
+
+
+def test_jsonl_shard_read_seeks_instead_of_reading_the_file(tmp_path):
+    records = [{"id": i, "caption": f"caption number {i} " + "x" * 100} for i in range(20_000)]
+    path = write_jsonl(tmp_path / "big.jsonl", records)
+    scan = scan_source(FS, str(path), 1000)
+    assert scan.n_records == 20_000 and len(scan.shard_offsets) == 20
+    fs = CountingFS()
+    rows = list(iter_records(fs, str(path), "jsonl", 15_000, 16_000, scan.shard_offsets[15]))
+    assert [r.value["id"] for r in rows] == list(range(15_000, 16_000))
+    assert 0 < fs.bytes_read < os.path.getsize(path) / 5
+
+
+def test_parquet_shard_reads_only_overlapping_row_groups(tmp_path):
+    records = [{"id": i, "caption": f"caption {i} " + "y" * 200} for i in range(20_000)]
+    path = write_parquet(tmp_path / "big.parquet", records, row_group_size=1000)
+    fs = CountingFS()
+    rows = list(iter_records(fs, str(path), "parquet", 12_500, 13_500))
+    assert [r.value["id"] for r in rows] == list(range(12_500, 13_500))
+    assert 0 < fs.bytes_read < os.path.getsize(path) / 4
+
+
+def test_csv_shard_offsets_survive_multiline_fields(tmp_path):
+    records = [{"id": i, "caption": f"line one {i}\nline two", "image_url": ""} for i in range(10)]
+    path = write_csv(tmp_path / "multi.csv", records)
+    reg = registry(tmp_path)
+    _, shards = reg.register_file(str(path), 4)
+    got = [r for s in shards for r in read_shard(s, CaptionFields(), FS)[0].column("source_id").to_pylist()]
+    assert got == [str(i) for i in range(10)]
