@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
-from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.storage import local_or_absolute
@@ -53,7 +52,6 @@ def build_definitions(settings: Settings) -> Definitions:
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*assets),
-        partitions_def=caption_shards,
         description="Everything per caption shard: load the raw pool, curate it.",
     )
     return Definitions(

@@ -14,16 +14,11 @@ from dagster import (
     asset,
 )
 
-from synthvlm_assets.captions.curation import curate_captions
-from synthvlm_assets.captions.dedup import DedupStore
-from synthvlm_assets.captions.sources import read_shard
+from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw_shard
 from synthvlm_assets.captions.filters import FILTER_NAMES
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
-
-RAW = "raw_caption_pool"
-CURATED = "curated_captions"
 
 
 def _unique(column) -> bool:
@@ -45,12 +40,11 @@ def raw_caption_pool(
     context: AssetExecutionContext, storage: StorageResource, caption_source: CaptionSourceResource
 ) -> MaterializeResult:
     """One shard of a registered caption file, loaded in one schema; malformed rows kept with their reason."""
-    root, registry = storage.root(), storage.registry()
+    registry = storage.registry()
+    root = registry.storage
     shard = registry.shard(context.partition_key)
-    registry.check_unchanged(shard)
-    captions, malformed = read_shard(shard, caption_source.fields(), registry.source_fs(shard.uri))
-    prefix = f"{RAW}/{shard.key}"
-    root.publish_partition(prefix, {"captions": captions, "malformed": malformed}, {"shard": shard.key, "run_id": context.run_id})
+    out = load_raw_shard(registry, shard, caption_source.fields(), context.run.run_id)
+    captions, malformed, prefix = out.captions, out.malformed, out.prefix
 
     reasons = Counter(malformed.column("reason").to_pylist())
     lengths = pc.utf8_length(captions.column("caption")).to_pylist()
@@ -103,21 +97,12 @@ def curated_captions(
 ) -> MaterializeResult:
     """Normalised captions that pass the paper's Table-1 rule filters, without exact duplicates
     (the first occurrence in registration order wins, across shards). Rejects keep their reason."""
-    root, registry = storage.root(), storage.registry()
+    registry = storage.registry()
+    root = registry.storage
     shard = registry.shard(context.partition_key)
-    raw = root.read_partition(f"{RAW}/{shard.key}", "captions")
-    earlier = registry.earlier_shards(shard.key)
-    dedup = DedupStore(root, caption_source.fields())
-    earlier_index = dedup.earlier_index(earlier, registry.file_tags(), registry.source_fs)
     settings = curation.settings()
-    result = curate_captions(raw, settings, shard.file_seq, earlier_index, curation.perplexity_model())
-    dedup.store(shard, result.dedup_keys)
-    prefix = f"{CURATED}/{shard.key}"
-    root.publish_partition(
-        prefix,
-        {"kept": result.kept, "rejected": result.rejected},
-        {"shard": shard.key, "run_id": context.run_id, "settings": settings.as_dict()},
-    )
+    out = curate_shard(registry, shard, caption_source.fields(), settings, curation.perplexity_model(), context.run.run_id)
+    result, prefix = out.result, out.prefix
 
     reasons = result.reason_counts()
     failures = result.failure_counts()
@@ -133,15 +118,15 @@ def curated_captions(
         for name in FILTER_NAMES
         if name in bounds and name != "flagged_word_ratio"
     ]
-    n_in = raw.num_rows
+    n_in = out.raw_rows
     return MaterializeResult(
         metadata={
             "captions_in": n_in,
             "kept": result.kept.num_rows,
             "rejected": result.rejected.num_rows,
             "kept_fraction": result.kept.num_rows / n_in if n_in else 0.0,
-            "earlier_shards_checked_for_duplicates": len(earlier),
-            "earlier_distinct_captions": len(earlier_index),
+            "earlier_shards_checked_for_duplicates": out.earlier_shards,
+            "earlier_distinct_captions": out.earlier_distinct,
             "perplexity": "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured",
             "filters": md_table(["filter", "keep when", "fails (alone)", "rejected by (first failing)"], per_filter),
             "filter_histograms": histograms(panels, f"{shard.key} (dashed: thresholds)"),
