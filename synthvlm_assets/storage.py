@@ -42,6 +42,8 @@ def filesystem_for(uri: str, s3_endpoint_url: str | None = None, **storage_optio
         options = dict(storage_options)
         if s3_endpoint_url:
             options.setdefault("endpoint_url", s3_endpoint_url)
+        # Several processes write the same root: never answer from a stale listing cache.
+        options.setdefault("use_listings_cache", False)
         # Fail in seconds, not minutes, when the store is unreachable.
         options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
         return fsspec.filesystem("s3", **options)

@@ -63,7 +63,7 @@ def run_shards(settings: Settings, instance: DagsterInstance, uri: str, order=No
 
 def curated_rows(settings: Settings) -> list[dict]:
     con = connect(settings.resources()["storage"].root())
-    return con.execute("SELECT caption_id, caption FROM curated_captions ORDER BY shard, source_row").to_arrow_table().to_pylist()
+    return con.sql("SELECT caption_id, caption FROM curated_captions ORDER BY shard, source_row").to_arrow_table().to_pylist()
 
 
 def test_graph_matches_brute_force_in_any_order(tmp_path, coco_path):

@@ -1,0 +1,70 @@
+"""Cross-shard duplicate removal: consolidated indexes, any materialization order, NUL-ended keys."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from synthvlm_assets.captions import dedup
+from synthvlm_assets.captions.dedup import DedupIndex, DedupStore, first_occurrences
+from synthvlm_assets.captions.filters import RuleFilterSettings
+from synthvlm_assets.captions.sources import CaptionFields
+from synthvlm_assets.captions.stages import curate_shard, load_raw_shard
+from synthvlm_assets.shards import ShardRegistry
+from synthvlm_assets.storage import StorageRoot
+
+CAPTIONS = [f"A photo of a {c} {a} standing near the old stone wall." for c in ("red", "blue", "green", "small", "large") for a in ("dog", "cat", "horse", "bird")]
+
+
+def test_index_keeps_first_occurrence_and_handles_nul_ended_keys():
+    keys = [b"\x01" * 15 + b"\x00", b"\x01" * 15 + b"\x02", b"\x00" * 16, b"\x01" * 15 + b"\x00"]
+    t1 = first_occurrences(keys[:2], file_seq=1, rows=[5, 6])
+    t2 = first_occurrences(keys[2:], file_seq=2, rows=[0, 1])
+    index = DedupIndex.from_tables([t1, t2], {1: "a", 2: "b"})
+    assert len(index) == 3
+    assert index.get(keys[0]) == "a:5"  # the NUL-ended key, first in file a
+    assert index.get(keys[1]) == "a:6"
+    assert index.get(b"\x00" * 16) == "b:0"
+    assert index.get(b"\x02" * 16) is None
+    assert index.get(b"\x01" * 15 + b"\x01") is None
+    again = DedupIndex.from_tables([index.table()], index.tags)  # round trip through Parquet columns
+    assert np.array_equal(again.keys, index.keys) and again.get(keys[0]) == "a:5"
+
+
+@pytest.fixture()
+def many_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup, "CONSOLIDATE_EVERY", 4)
+    rng = random.Random(0)
+    rows = [{"id": i, "caption": rng.choice(CAPTIONS)} for i in range(300)]
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
+def test_curation_is_order_independent_with_consolidated_indexes(tmp_path, many_shards, order):
+    path, rows = many_shards
+    registry = ShardRegistry(StorageRoot(str(tmp_path / order)))
+    _, shards = registry.register_file(str(path), 13)  # 24 shards: indexes at 4, 8, ... 20
+    fields, settings = CaptionFields(), RuleFilterSettings()
+    sequence = {"forward": shards, "reverse": shards[::-1], "shuffled": random.Random(2).sample(shards, len(shards))}[order]
+    for i, shard in enumerate(sequence):
+        if i % 2 == 0:  # half the raw shards are missing when their successors are curated
+            load_raw_shard(registry, shard, fields)
+    for shard in sequence:
+        if registry.storage.manifest(f"raw_caption_pool/{shard.key}") is None:
+            load_raw_shard(registry, shard, fields)
+        curate_shard(registry, shard, fields, settings)
+    kept = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "kept").to_pylist()]
+    first_rows = {}
+    for r in rows:
+        first_rows.setdefault(r["caption"], r["id"])
+    assert sorted(r["source_row"] for r in kept) == sorted(first_rows.values())
+    index_files = registry.storage.list(f"{DedupStore(registry.storage, fields).prefix}/index")
+    assert index_files, "consolidated indexes were written"
+    rejected = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "rejected").to_pylist()]
+    tag = shards[0].file_tag
+    assert all(r["duplicate_of"] == f"{tag}:{first_rows[r['caption']]}" for r in rejected)
