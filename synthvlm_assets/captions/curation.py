@@ -16,8 +16,6 @@ from synthvlm_assets.captions.filters import (
     failed_filters,
 )
 from synthvlm_assets.captions.dedup import DedupIndex, first_occurrences
-from synthvlm_assets.captions.normalize import dedup_key, normalize_caption
-from synthvlm_assets.captions.sources import RAW_SCHEMA
 
 CURATED_SCHEMA = pa.schema(
     [
@@ -37,6 +35,10 @@ CURATED_SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
     ]
 )
+
+
+# Raw columns carried into the curated tables unchanged.
+_CARRIED = ("caption_id", "source", "source_id", "source_file", "source_row", "image_ref", "shard")
 
 
 @dataclass
@@ -74,10 +76,9 @@ def curate_captions(
     kept: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
     rejected: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
     for rec in _rows(raw):
-        text = normalize_caption(rec["caption"])
+        text, key = rec["caption_normalized"], rec["dedup_key"]
         stats = caption_stats(text, settings, perplexity)
         failed = failed_filters(stats, bounds)
-        key = dedup_key(text)
         keys.append(key)
         first_here = first_in_shard.setdefault(key, rec["caption_id"])
         duplicate_of = None
@@ -87,10 +88,10 @@ def curate_captions(
             duplicate_of = (earlier.get(key) if earlier is not None else None) or (first_here if first_here != rec["caption_id"] else None)
         reason = failed[0] if failed else ("duplicate" if duplicate_of else None)
         out = kept if reason is None else rejected
-        for name in RAW_SCHEMA.names:
+        for name in _CARRIED:
             out[name].append(rec[name])
+        out["caption"].append(text)
         out["caption_original"].append(rec["caption"])
-        out["caption"][-1] = text
         for name in FILTER_NAMES:
             out[name].append(stats[name])
         out["reject_reason"].append(reason)

@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION, dedup_key, normalize_caption
+from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION
 from synthvlm_assets.captions.sources import CaptionFields, read_shard
 from synthvlm_assets.shards import Shard
 from synthvlm_assets.storage import StorageError, StorageRoot
@@ -39,8 +39,7 @@ def first_occurrences(keys: Sequence[bytes], file_seq: int, rows: Sequence[int])
 
 
 def keys_of_raw(raw: pa.Table, file_seq: int) -> pa.Table:
-    texts = raw.column("caption").to_pylist()
-    return first_occurrences([dedup_key(normalize_caption(t)) for t in texts], file_seq, raw.column("source_row").to_pylist())
+    return first_occurrences(raw.column("dedup_key").to_pylist(), file_seq, raw.column("source_row").to_pylist())
 
 
 class DedupIndex:
@@ -116,7 +115,7 @@ class DedupStore:
             return cached
         raw_prefix = f"raw_caption_pool/{shard.key}"
         if self.storage.manifest(raw_prefix) is not None:
-            raw = self.storage.read_partition(raw_prefix, "captions", columns=["caption", "source_row"])
+            raw = self.storage.read_partition(raw_prefix, "captions", columns=["dedup_key", "source_row"])
         else:
             raw = read_shard(shard, self.fields, fs_for(shard.uri))[0]
         keys = keys_of_raw(raw, shard.file_seq)

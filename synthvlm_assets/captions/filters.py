@@ -52,11 +52,13 @@ def words(text: str) -> list[str]:
 
     Lower-casing comes before stripping, as in Data-Juicer (lower() can change a word's length).
     """
-    strip_chars = _special_strip_chars()
+    strip_chars, special = _special_strip_chars(), special_characters()
     out = []
     for piece in _WORD_SPLIT.split(text):
         if piece:
-            word = piece.lower().strip(strip_chars)
+            word = piece.lower()
+            if word[0] in special or word[-1] in special:  # strip() only ever removes from the ends
+                word = word.strip(strip_chars)
             if word:
                 out.append(word)
     return out
@@ -73,7 +75,7 @@ def special_character_ratio(text: str) -> float:
 
 
 def character_repetition_ratio(text: str, n: int = 10) -> float:
-    counts = Counter(text[i : i + n] for i in range(len(text) - n + 1))
+    counts = Counter([text[i : i + n] for i in range(len(text) - n + 1)])
     if not counts:
         return 0.0
     freqs = sorted(counts.values(), reverse=True)

@@ -6,6 +6,7 @@ Data-Juicer's `fix_unicode_mapper` then `punctuation_normalization_mapper`, in t
 from __future__ import annotations
 
 import hashlib
+import re
 
 import ftfy
 
@@ -23,8 +24,16 @@ _PUNCTUATION_TABLE = str.maketrans(PUNCTUATION_MAP)
 NORMALIZATION_VERSION = "ftfy6.3.1-nfc+dj-punct-v1"
 
 
+# Printable ASCII, tab and newline, without '&' (HTML entities): text made only of these is returned
+# unchanged by every ftfy fix (they all act on non-ASCII, control characters, \r or entities), so we
+# skip the call. test_normalize checks this claim against ftfy itself.
+_ASCII_NOOP = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
 def fix_unicode(text: str) -> str:
     """ftfy with its defaults and NFC, as Data-Juicer's fix_unicode_mapper calls it."""
+    if text.isascii() and _ASCII_NOOP.fullmatch(text):
+        return text
     return ftfy.fix_text(text, normalization="NFC")
 
 

@@ -19,6 +19,7 @@ import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthvlm_assets.captions.normalize import dedup_key, normalize_caption
 from synthvlm_assets.storage import split_protocol
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long c
 RAW_SCHEMA = pa.schema(
     [
         ("caption_id", pa.string()),
-        ("caption", pa.string()),
+        ("caption", pa.string()),  # as in the source file
+        ("caption_normalized", pa.string()),  # Unicode-fixed and punctuation-normalised (SPEC §1)
+        ("dedup_key", pa.binary(16)),  # hash of caption_normalized: exact-duplicate identity
         ("source", pa.string()),
         ("source_id", pa.string()),
         ("source_file", pa.string()),
@@ -381,7 +384,11 @@ def caption_id(tag: str, row: int) -> str:
 
 
 def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSystem) -> tuple[pa.Table, pa.Table]:
-    """Load one shard's rows from its source file: (rows in the pool schema, malformed rows with reasons)."""
+    """Load one shard's rows from its source file: (rows in the pool schema, malformed rows with reasons).
+
+    The text is normalised here, once: curation filters the normalised text, and every later shard
+    checks its duplicates against the stored dedup keys without normalising this shard again.
+    """
     path = split_protocol(shard.uri)[1]
     default_source = path.rsplit("/", 1)[-1]
     rows: list[CaptionRow] = []
@@ -389,10 +396,13 @@ def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSyste
     for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset):
         row = to_caption_row(record, fields, default_source)
         (rows if isinstance(row, CaptionRow) else bad).append(row)
+    normalized = [normalize_caption(r.caption) for r in rows]
     raw = pa.table(
         {
             "caption_id": [caption_id(shard.file_tag, r.source_row) for r in rows],
             "caption": [r.caption for r in rows],
+            "caption_normalized": normalized,
+            "dedup_key": [dedup_key(t) for t in normalized],
             "source": [r.source for r in rows],
             "source_id": [r.source_id for r in rows],
             "source_file": [shard.uri] * len(rows),
