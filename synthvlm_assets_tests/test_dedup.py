@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synthvlm_assets.captions import dedup
-from synthvlm_assets.captions.dedup import DedupIndex, DedupStore, first_occurrences
+from synthvlm_assets.captions.dedup import DedupIndex, DedupStore, _Segment, first_occurrences
 from synthvlm_assets.captions.filters import RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.captions.stages import curate_shard, load_raw_shard
@@ -30,8 +30,16 @@ def test_index_keeps_first_occurrence_and_handles_nul_ended_keys():
     assert index.get(b"\x00" * 16) == "b:0"
     assert index.get(b"\x02" * 16) is None
     assert index.get(b"\x01" * 15 + b"\x01") is None
-    again = DedupIndex.from_tables([index.table()], index.tags)  # round trip through Parquet columns
-    assert np.array_equal(again.keys, index.keys) and again.get(keys[0]) == "a:5"
+    (segment,) = index.segments
+    again = DedupIndex(_Segment.from_sorted_table(segment.table()), index.tags)  # round trip through Arrow
+    assert np.array_equal(again.segments[0].keys, segment.keys) and again.get(keys[0]) == "a:5"
+    # a consolidated (earlier) segment answers first; the later one only has keys the earlier lacks
+    later = _Segment.from_tables([first_occurrences([keys[1], b"\x07" * 16], file_seq=3, rows=[0, 1])])
+    later = later.select(~segment.contains(later.keys))
+    both = DedupIndex(later, {1: "a", 2: "b", 3: "c"}, earlier=segment)
+    assert both.get(keys[1]) == "a:6" and both.get(b"\x07" * 16) == "c:1" and len(both) == 4
+    merged = segment.union(_Segment.from_tables([first_occurrences([keys[1], b"\x07" * 16], file_seq=3, rows=[0, 1])]))
+    assert len(merged.keys) == 4 and list(merged.keys) == sorted(merged.keys)
 
 
 @pytest.fixture()

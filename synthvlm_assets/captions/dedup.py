@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -28,6 +29,7 @@ from synthvlm_assets.storage import StorageError, StorageRoot
 CONSOLIDATE_EVERY = 64
 KEYS_SCHEMA = pa.schema([("dedup_key", pa.binary(16)), ("file_seq", pa.int32()), ("source_row", pa.int64())])
 _INDEX_NAME = re.compile(r"upto-(\d+)\.parquet$")
+_CONSOLIDATED: dict[str, _Segment] = {}
 
 
 def first_occurrences(keys: Sequence[bytes], file_seq: int, rows: Sequence[int]) -> pa.Table:
@@ -42,41 +44,74 @@ def keys_of_raw(raw: pa.Table, file_seq: int) -> pa.Table:
     return first_occurrences(raw.column("dedup_key").to_pylist(), file_seq, raw.column("source_row").to_pylist())
 
 
-class DedupIndex:
-    """Sorted first-occurrence keys of a sequence of shards; `get` answers who had a key first."""
+@dataclass
+class _Segment:
+    """Sorted, unique keys with where each first occurred."""
 
-    def __init__(self, keys: np.ndarray, file_seq: np.ndarray, rows: np.ndarray, tags: dict[int, str]) -> None:
-        self.keys, self.file_seq, self.rows, self.tags = keys, file_seq, rows, tags
+    keys: np.ndarray  # "S16", sorted
+    file_seq: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Segment:
+        return cls(np.empty(0, "S16"), np.empty(0, np.int32), np.empty(0, np.int64))
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[pa.Table]) -> _Segment:
+        """Merge key tables given in registration order (np.unique keeps each key's first index)."""
+        if not tables:
+            return cls.empty()
+        t = pa.concat_tables(tables)
+        uniq, first = np.unique(_keys_array(t.column("dedup_key")), return_index=True)
+        return cls(uniq, t.column("file_seq").to_numpy()[first], t.column("source_row").to_numpy()[first])
+
+    @classmethod
+    def from_sorted_table(cls, t: pa.Table) -> _Segment:
+        """A consolidated index table, already sorted and unique."""
+        return cls(_keys_array(t.column("dedup_key")), t.column("file_seq").to_numpy(), t.column("source_row").to_numpy())
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        return (self.keys[pos] == keys) if len(self.keys) else np.zeros(len(keys), bool)
+
+    def select(self, mask: np.ndarray) -> _Segment:
+        return _Segment(self.keys[mask], self.file_seq[mask], self.rows[mask])
+
+    def union(self, later: _Segment) -> _Segment:
+        """This segment plus the keys of a later one that it lacks."""
+        later = later.select(~self.contains(later.keys))
+        keys = np.concatenate([self.keys, later.keys])
+        order = np.argsort(keys, kind="stable")
+        return _Segment(keys[order], np.concatenate([self.file_seq, later.file_seq])[order], np.concatenate([self.rows, later.rows])[order])
+
+    def table(self) -> pa.Table:
+        keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())])
+        return pa.table({"dedup_key": keys, "file_seq": self.file_seq, "source_row": self.rows}, schema=KEYS_SCHEMA)
+
+
+class DedupIndex:
+    """First occurrences of the keys of a sequence of shards; `get` answers who had a key first."""
+
+    def __init__(self, segment: _Segment, tags: dict[int, str], earlier: _Segment | None = None) -> None:
+        # `earlier` (a consolidated index) covers shards before `segment`'s and shares no key with it.
+        self.segments = [s for s in (earlier, segment) if s is not None and len(s.keys)]
+        self.tags = tags
 
     @classmethod
     def from_tables(cls, tables: Sequence[pa.Table], tags: dict[int, str]) -> DedupIndex:
-        """Merge key tables given in registration order (np.unique keeps each key's first index)."""
-        if not tables:
-            return cls(np.empty(0, "S16"), np.empty(0, np.int32), np.empty(0, np.int64), tags)
-        t = pa.concat_tables(tables)
-        keys = _keys_array(t.column("dedup_key"))
-        uniq, first = np.unique(keys, return_index=True)
-        return cls(uniq, t.column("file_seq").to_numpy()[first], t.column("source_row").to_numpy()[first], tags)
+        return cls(_Segment.from_tables(tables), tags)
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    def table(self) -> pa.Table:
-        return pa.table(
-            {
-                "dedup_key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]),
-                "file_seq": self.file_seq,
-                "source_row": self.rows,
-            },
-            schema=KEYS_SCHEMA,
-        )
+        return sum(len(s.keys) for s in self.segments)
 
     def get(self, key: bytes) -> str | None:
         """The caption_id that had this key first, or None."""
-        # numpy hands "S16" items back without trailing NUL bytes: compare what it compares.
-        i = int(np.searchsorted(self.keys, np.bytes_(key)))
-        if i < len(self.keys) and self.keys[i] == key.rstrip(b"\0"):
-            return f"{self.tags[int(self.file_seq[i])]}:{int(self.rows[i])}"
+        probe = np.bytes_(key)
+        for seg in self.segments:
+            i = int(np.searchsorted(seg.keys, probe))
+            # numpy hands "S16" items back without trailing NUL bytes: compare what it compares.
+            if i < len(seg.keys) and seg.keys[i] == key.rstrip(b"\0"):
+                return f"{self.tags[int(seg.file_seq[i])]}:{int(seg.rows[i])}"
         return None
 
 
@@ -122,6 +157,17 @@ class DedupStore:
         self.store(shard, keys)
         return keys
 
+    def _consolidated(self, key: str) -> _Segment | None:
+        """A consolidated index; immutable once written, so a process keeps the last one it read."""
+        uri = self.storage.uri(key)
+        if uri not in _CONSOLIDATED:
+            table = self._read(key)
+            if table is None:
+                return None
+            _CONSOLIDATED.clear()
+            _CONSOLIDATED[uri] = _Segment.from_sorted_table(table)
+        return _CONSOLIDATED[uri]
+
     def earlier_index(
         self, earlier: Sequence[Shard], tags: dict[int, str], fs_for: Callable[[str], fsspec.AbstractFileSystem]
     ) -> DedupIndex:
@@ -131,17 +177,20 @@ class DedupStore:
         for key in reversed(self.storage.list(f"{self.prefix}/index")):
             m = _INDEX_NAME.search(key)
             if m and int(m.group(1)) <= n:
-                base = self._read(key)
+                base = self._consolidated(key)
                 if base is not None:
                     covered = int(m.group(1))
                     break
         with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
             rest = list(pool.map(lambda s: self._shard_keys(s, fs_for), earlier[covered:]))
-        index = DedupIndex.from_tables(([base] if base is not None else []) + rest, tags)
+        tail = _Segment.from_tables(rest)
+        if base is not None:
+            tail = tail.select(~base.contains(tail.keys))
         # Registration order is append-only, so the index of the first k shards never changes:
         # publish it at multiples of CONSOLIDATE_EVERY for every later shard to start from.
         upto = n // CONSOLIDATE_EVERY * CONSOLIDATE_EVERY
         if upto > covered:
-            head = index if upto == n else DedupIndex.from_tables(([base] if base is not None else []) + rest[: upto - covered], tags)
+            head = tail if upto == n else _Segment.from_tables(rest[: upto - covered])
+            head = base.union(head) if base is not None else head
             self.storage.write_parquet(f"{self.prefix}/index/upto-{upto:08d}.parquet", head.table())
-        return index
+        return DedupIndex(tail, tags, earlier=base)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite (starts its own SeaweedFS S3 server on 127.0.0.1).
+#   ./run_tests.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
