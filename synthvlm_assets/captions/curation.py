@@ -72,20 +72,20 @@ def curate_captions(
     """Normalise, filter and deduplicate one shard's raw rows; every rejected row keeps its reason."""
     bounds = settings.bounds()
     first_in_shard: dict[bytes, str] = {}
-    keys: list[bytes] = []
+    keys: list[bytes] = raw.column("dedup_key").to_pylist()
+    earlier_ids = earlier.get_many(keys) if earlier is not None else [None] * len(keys)
     kept: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
     rejected: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
-    for rec in _rows(raw):
-        text, key = rec["caption_normalized"], rec["dedup_key"]
+    for rec, key, first_earlier in zip(_rows(raw), keys, earlier_ids):
+        text = rec["caption_normalized"]
         stats = caption_stats(text, settings, perplexity)
         failed = failed_filters(stats, bounds)
-        keys.append(key)
         first_here = first_in_shard.setdefault(key, rec["caption_id"])
         duplicate_of = None
         if not failed:
             # Filters are functions of the normalised text, so a duplicate of a filtered-out caption is
             # filtered out too: checking duplicates among survivors equals checking all rows.
-            duplicate_of = (earlier.get(key) if earlier is not None else None) or (first_here if first_here != rec["caption_id"] else None)
+            duplicate_of = first_earlier or (first_here if first_here != rec["caption_id"] else None)
         reason = failed[0] if failed else ("duplicate" if duplicate_of else None)
         out = kept if reason is None else rejected
         for name in _CARRIED:

@@ -26,7 +26,7 @@ from synthvlm_assets.captions.sources import CaptionFields, read_shard
 from synthvlm_assets.shards import Shard
 from synthvlm_assets.storage import StorageError, StorageRoot
 
-CONSOLIDATE_EVERY = 64
+CONSOLIDATE_EVERY = 16
 KEYS_SCHEMA = pa.schema([("dedup_key", pa.binary(16)), ("file_seq", pa.int32()), ("source_row", pa.int64())])
 _INDEX_NAME = re.compile(r"upto-(\d+)\.parquet$")
 _CONSOLIDATED: dict[str, _Segment] = {}
@@ -106,13 +106,21 @@ class DedupIndex:
 
     def get(self, key: bytes) -> str | None:
         """The caption_id that had this key first, or None."""
-        probe = np.bytes_(key)
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[str | None]:
+        """`get` for a batch of 16-byte keys, vectorised."""
+        out: list[str | None] = [None] * len(keys)
+        if not keys:
+            return out
+        probe = np.array(keys, dtype="S16")  # element-wise numpy comparisons keep trailing NUL bytes
         for seg in self.segments:
-            i = int(np.searchsorted(seg.keys, probe))
-            # numpy hands "S16" items back without trailing NUL bytes: compare what it compares.
-            if i < len(seg.keys) and seg.keys[i] == key.rstrip(b"\0"):
-                return f"{self.tags[int(seg.file_seq[i])]}:{int(seg.rows[i])}"
-        return None
+            pos = np.minimum(np.searchsorted(seg.keys, probe), len(seg.keys) - 1)
+            for i in np.flatnonzero(seg.keys[pos] == probe):
+                if out[i] is None:
+                    j = pos[i]
+                    out[i] = f"{self.tags[int(seg.file_seq[j])]}:{int(seg.rows[j])}"
+        return out
 
 
 def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
@@ -181,8 +189,11 @@ class DedupStore:
                 if base is not None:
                     covered = int(m.group(1))
                     break
-        with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
-            rest = list(pool.map(lambda s: self._shard_keys(s, fs_for), earlier[covered:]))
+        if self.storage.is_local:
+            rest = [self._shard_keys(s, fs_for) for s in earlier[covered:]]
+        else:
+            with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
+                rest = list(pool.map(lambda s: self._shard_keys(s, fs_for), earlier[covered:]))
         tail = _Segment.from_tables(rest)
         if base is not None:
             tail = tail.select(~base.contains(tail.keys))
