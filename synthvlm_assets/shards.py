@@ -37,6 +37,7 @@ class Shard:
     end: int
     offset: int | None  # byte offset of row `start`, for line-based formats
     file_seq: int
+    shard_rows: int  # the shard size the file was registered with
 
     @property
     def rows(self) -> int:
@@ -114,7 +115,9 @@ class ShardRegistry:
     @staticmethod
     def _shard(entry: dict[str, Any], i: int) -> Shard:
         s = entry["shards"][i]
-        return Shard(s["key"], entry["file_tag"], entry["uri"], entry["format"], s["start"], s["end"], s.get("offset"), entry["seq"])
+        return Shard(
+            s["key"], entry["file_tag"], entry["uri"], entry["format"], s["start"], s["end"], s.get("offset"), entry["seq"], entry["shard_rows"]
+        )
 
     def check_unchanged(self, shard: Shard) -> None:
         """Fail clearly when a registered file changed: its shards would no longer be the rows we registered."""

@@ -1,6 +1,5 @@
 """SPEC §1 as assets: raw_caption_pool -> curated_captions, one partition per caption shard."""
 
-
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -14,8 +13,8 @@ from dagster import (
     asset,
 )
 
-from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw_shard
 from synthvlm_assets.captions.filters import FILTER_NAMES
+from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw_shard
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
@@ -33,7 +32,7 @@ def _unique(column) -> bool:
     check_specs=[
         AssetCheckSpec("rows_accounted_for", asset=RAW, blocking=True, description="Shard rows = captions + malformed rows."),
         AssetCheckSpec("unique_caption_ids", asset=RAW, blocking=True),
-        AssetCheckSpec("shard_size", asset=RAW, blocking=True, description="No shard exceeds shard_rows."),
+        AssetCheckSpec("shard_size", asset=RAW, description="1 <= shard rows <= the shard size its file was registered with."),
     ],
 )
 def raw_caption_pool(
@@ -70,9 +69,9 @@ def raw_caption_pool(
             AssetCheckResult(check_name="unique_caption_ids", passed=_unique(captions.column("caption_id"))),
             AssetCheckResult(
                 check_name="shard_size",
-                passed=shard.rows <= caption_source.shard_rows,
+                passed=1 <= shard.rows <= shard.shard_rows,
                 severity=AssetCheckSeverity.WARN,
-                metadata={"rows": shard.rows, "shard_rows": caption_source.shard_rows},
+                metadata={"rows": shard.rows, "shard_rows": shard.shard_rows},
             ),
         ],
     )
