@@ -16,18 +16,17 @@ from synthvlm_assets.captions.filters import (
     failed_filters,
 )
 from synthvlm_assets.captions.dedup import DedupIndex, first_occurrences
+from synthvlm_assets.captions.sources import RAW_SCHEMA
+
+# Raw columns carried into the curated tables unchanged.
+_CARRIED = ("caption_id", "source", "source_id", "source_file", "source_row", "image_ref", "shard")
 
 CURATED_SCHEMA = pa.schema(
     [
-        ("caption_id", pa.string()),
+        RAW_SCHEMA.field("caption_id"),
         ("caption", pa.string()),  # normalised: what the filters saw and what is kept
         ("caption_original", pa.string()),
-        ("source", pa.string()),
-        ("source_id", pa.string()),
-        ("source_file", pa.string()),
-        ("source_row", pa.int64()),
-        ("image_ref", pa.string()),
-        ("shard", pa.string()),
+        *[RAW_SCHEMA.field(name) for name in _CARRIED[1:]],
         *[(name, pa.float64()) for name in FILTER_NAMES],
         ("reject_reason", pa.string()),  # first failing filter in Table-1 order, or "duplicate"
         ("reject_value", pa.float64()),
@@ -35,10 +34,6 @@ CURATED_SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
     ]
 )
-
-
-# Raw columns carried into the curated tables unchanged.
-_CARRIED = ("caption_id", "source", "source_id", "source_file", "source_row", "image_ref", "shard")
 
 
 @dataclass

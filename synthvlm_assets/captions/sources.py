@@ -112,8 +112,8 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 # -- scanning (at registration) -------------------------------------------------------------
-def _iter_lines_with_offsets(f: Any, start_offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    offset = start_offset
+def _iter_lines_with_offsets(f: Any) -> Iterator[tuple[int, bytes]]:
+    offset = 0
     for line in f:
         yield offset, line
         offset += len(line)
@@ -133,6 +133,7 @@ def _json_items(f: Any, prefix: str, path: str) -> Iterator[Any]:
 
 def _csv_records(f: Any, path: str, offset: int) -> Iterator[tuple[int, list[str]]]:
     """CSV records with the byte offset where each starts (csv pulls exactly the lines it needs)."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
     pos = [offset]
 
     def lines() -> Iterator[str]:
@@ -243,7 +244,6 @@ def _jsonl_records(f: Any, path: str, start: int, end: int, offset: int | None) 
 
 
 def _csv_dict_records(f: Any, path: str, start: int, end: int, offset: int | None) -> Iterator[RawRecord]:
-    csv.field_size_limit(_CSV_FIELD_LIMIT)
     records = _csv_records(f, path, 0)
     _, header = next(records)
     header = [header[0].lstrip("\ufeff"), *header[1:]] if header else header
