@@ -245,3 +245,17 @@ def test_csv_shard_offsets_survive_multiline_fields(tmp_path):
     _, shards = reg.register_file(str(path), 4)
     got = [r for s in shards for r in read_shard(s, CaptionFields(), FS)[0].column("source_id").to_pylist()]
     assert got == [str(i) for i in range(10)]
+
+
+def test_a_deleted_file_is_reported(tmp_path):
+    reg = registry(tmp_path)
+    path = write_jsonl(tmp_path / "gone.jsonl", RECORDS)
+    _, shards = reg.register_file(str(path), 3)
+    path.unlink()
+    with pytest.raises(ShardRegistryError, match="no longer exists"):
+        reg.check_unchanged(shards[0])
+
+
+def test_a_missing_file_cannot_be_registered(tmp_path):
+    with pytest.raises(ShardRegistryError, match="caption file not found"):
+        registry(tmp_path).register_file(str(tmp_path / "nope.jsonl"), 3)
