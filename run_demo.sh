@@ -8,4 +8,6 @@ export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 mkdir -p "$DAGSTER_HOME" && cp -n dagster.yaml "$DAGSTER_HOME/dagster.yaml" 2>/dev/null || true
 inputs=("$@")
 [ ${#inputs[@]} -gt 0 ] || inputs=(../shared/data/coco_captions_val2017.json)
-.venv/bin/synthvlm demo --input "${inputs[@]}"
+# The tiny preset: SDXL of the real architecture with random weights, offline on a CPU (labelled images).
+export SYNTHVLM_SDXL_MODEL="${SYNTHVLM_SDXL_MODEL:-tiny}"
+.venv/bin/synthvlm demo --input "${inputs[@]}" --image-shards "${SYNTHVLM_IMAGE_SHARDS:-1}"

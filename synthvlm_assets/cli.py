@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from synthvlm_assets.defs.build import MAIN_JOB, Settings, build_definitions
+from synthvlm_assets.defs.build import CURATION_JOB, MAIN_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -51,24 +51,32 @@ def register(uris: Sequence[str], settings: Settings, instance) -> list[str]:
     return new_keys
 
 
-def materialize(settings: Settings, instance, keys: Sequence[str] | None = None, missing_only: bool = False) -> int:
-    """Run the main job once per shard, in registration order, recorded in the instance. Returns failures."""
+def materialize(
+    settings: Settings, instance, keys: Sequence[str] | None = None, missing_only: bool = False, image_shards: int | None = None
+) -> int:
+    """Run the main job once per shard, in registration order, recorded in the instance; with
+    `image_shards`, only the first that many shards get images, the rest are only curated.
+    Returns the number of failed runs."""
     from dagster import AssetKey
 
     defs = build_definitions(settings)
-    job = defs.resolve_job_def(MAIN_JOB)
     registry = settings.resources()["storage"].registry()
     keys = list(keys) if keys else [s.key for s in registry.shards()]
+    with_images = set(keys if image_shards is None else keys[:image_shards])
     if missing_only:
-        done = instance.get_materialized_partitions(AssetKey("curated_captions"))
-        keys = [k for k in keys if k not in done]
+        done = {
+            "curated_captions": instance.get_materialized_partitions(AssetKey("curated_captions")),
+            "sdxl_images": instance.get_materialized_partitions(AssetKey("sdxl_images")),
+        }
+        keys = [k for k in keys if k not in done["curated_captions"] or (k in with_images and k not in done["sdxl_images"])]
     failures = 0
     t0 = time.perf_counter()
     for i, key in enumerate(keys, 1):
+        job = defs.resolve_job_def(MAIN_JOB if key in with_images else CURATION_JOB)
         result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=_QUIET)
         status = "ok" if result.success else "FAILED"
         failures += not result.success
-        print(f"[{i}/{len(keys)}] {key}: {status} (run {result.run_id[:8]})", flush=True)
+        print(f"[{i}/{len(keys)}] {key}: {job.name} {status} (run {result.run_id[:8]})", flush=True)
     print(f"materialized {len(keys) - failures}/{len(keys)} shards in {time.perf_counter() - t0:.1f}s")
     return failures
 
@@ -94,11 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="register the input file(s) and materialize every shard (the main job)")
     p.add_argument("--input", nargs="+", required=True, help="caption files (local paths or s3:// URIs)")
+    p.add_argument("--image-shards", type=int, default=1, help="how many shards get SDXL images (the rest: curation only)")
     p = sub.add_parser("register", help="register caption files as shards")
     p.add_argument("uris", nargs="+")
     p = sub.add_parser("materialize", help="run the main job for shards")
     p.add_argument("--shard", nargs="*", help="shard keys (default: all registered)")
-    p.add_argument("--missing", action="store_true", help="only shards whose curated_captions is not materialized")
+    p.add_argument("--missing", action="store_true", help="only shards with an asset not materialized yet")
+    p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
     p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions)")
     p.add_argument("query", nargs="?", default=None)
     args = parser.parse_args(argv)
@@ -123,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         register(uris, settings, instance)
         if args.command == "register":
             return 0
-        failures = materialize(settings, instance, missing_only=True)
+        failures = materialize(settings, instance, missing_only=True, image_shards=args.image_shards)
         print(summary(settings))
         print(f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev")
         return 1 if failures else 0
-    return 1 if materialize(settings, instance, args.shard, args.missing) else 0
+    return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,21 @@ class StorageRoot:
         except Exception as exc:  # noqa: BLE001
             raise self._fail("write", key, exc) from exc
 
+    def put_file(self, local_path: str, key: str) -> None:
+        """Atomically create or replace one object from a local file (large outputs: not in memory)."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                parent = posixpath.dirname(path)
+                self.fs.makedirs(parent, exist_ok=True)
+                tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+                self.fs.put_file(local_path, tmp)
+                self.fs.mv(tmp, path)
+            else:
+                self.fs.put_file(local_path, path)  # multipart upload: visible only once complete
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("write", key, exc) from exc
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.fs.cat_file(self.path(key))

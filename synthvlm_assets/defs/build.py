@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
-from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
+from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource, SynthesisResource
 from synthvlm_assets.defs.sensors import caption_file_sensor
+from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
+CURATION_JOB = "caption_curation_job"
 
 
 @dataclass
@@ -24,6 +26,7 @@ class Settings:
     input_uri: str | None = None  # default: <storage_root>/inbox
     shard_rows: int = 1000
     curation: dict = field(default_factory=dict)
+    synthesis: dict = field(default_factory=dict)  # SynthesisResource fields; {"model": "tiny"} offline
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
@@ -33,6 +36,7 @@ class Settings:
             s3_endpoint_url=env.get("SYNTHVLM_S3_ENDPOINT_URL") or None,
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
+            synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
         )
 
     def resources(self) -> dict:
@@ -44,19 +48,25 @@ class Settings:
                 shard_rows=self.shard_rows,
             ),
             "curation": CurationResource(**self.curation),
+            "synthesis": SynthesisResource(**self.synthesis),
         }
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    assets = [raw_caption_pool, curated_captions]
+    assets = [raw_caption_pool, curated_captions, sdxl_images]
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*assets),
-        description="Everything per caption shard: load the raw pool, curate it.",
+        description="Everything per caption shard: load the raw pool, curate it, synthesize its images.",
+    )
+    curation_job = define_asset_job(
+        CURATION_JOB,
+        selection=AssetSelection.assets(raw_caption_pool, curated_captions),
+        description="The CPU part per caption shard: load the raw pool and curate it.",
     )
     return Definitions(
         assets=assets,
-        jobs=[main_job],
+        jobs=[main_job, curation_job],
         sensors=[caption_file_sensor],
         resources=settings.resources(),
     )

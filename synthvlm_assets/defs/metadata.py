@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,27 @@ def histograms(panels: Sequence[tuple[str, Sequence[float], Sequence[float]]], t
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return png_markdown(fig)
+
+
+def contact_sheet(images: Sequence[tuple[bytes, str]], title: str) -> MetadataValue:
+    """A grid of encoded images with their captions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    cols = 4
+    rows = max(1, (len(images) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (data, caption) in zip(axes.flat, images):
+        ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
+        ax.set_title(textwrap.fill(caption, 38)[:160], fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return png_markdown(fig)

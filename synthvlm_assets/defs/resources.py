@@ -9,6 +9,7 @@ from synthvlm_assets.captions.filters import PerplexityModel, RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.synthesis.settings import SynthesisSettings
 
 _RULES = RuleFilterSettings()
 _FIELDS = CaptionFields()
@@ -74,3 +75,39 @@ class CurationResource(ConfigurableResource):
         if not s.sentencepiece_model_path:
             raise ValueError("kenlm_model_path is set but sentencepiece_model_path is not: the perplexity filter needs both")
         return PerplexityModel(s.kenlm_model_path, s.sentencepiece_model_path)
+
+
+_SYN = SynthesisSettings()
+
+
+class SynthesisResource(ConfigurableResource):
+    """SPEC §2 settings. `model` is a Hugging Face id, a local folder, an s3:// prefix, or "tiny"
+    (small random SDXL built in code, for tests and the CPU demo: its images are meaningless)."""
+
+    model: str = Field(default=_SYN.model, description='HF id, local folder, s3:// prefix, or "tiny".')
+    revision: str | None = None
+    refiner_model: str | None = Field(default=None, description="e.g. stabilityai/stable-diffusion-xl-refiner-1.0")
+    refiner_revision: str | None = None
+    refiner_switch: float = _SYN.refiner_switch
+    height: int | None = Field(default=None, description="Default 1024 (32 for the tiny preset).")
+    width: int | None = None
+    steps: int = _SYN.steps
+    guidance_scale: float = _SYN.guidance_scale
+    negative_prompt: str = _SYN.negative_prompt
+    images_per_caption: int = _SYN.images_per_caption
+    dtype: str = Field(default=_SYN.dtype, description="bf16, fp16 (SynthVLM's) or fp32.")
+    vae_fp32: bool = _SYN.vae_fp32
+    jpeg_quality: int = _SYN.jpeg_quality
+    batch_size: int | None = Field(default=None, description="Prompts per UNet call (execution only).")
+    compile: bool = Field(default=False, description="torch.compile the UNet (pays off over a whole shard on a GPU).")
+    cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
+
+    def settings(self) -> SynthesisSettings:
+        given = {k: v for k, v in self.model_dump().items() if k != "cache_dir" and v is not None}
+        return SynthesisSettings.tiny(**given) if self.model == "tiny" else SynthesisSettings(**given)
+
+    def generator_factory(self, s3_endpoint_url: str | None = None):
+        """A callable that loads the pipeline (only called when an image must be generated)."""
+        from synthvlm_assets.synthesis.sdxl import SDXLGenerator
+
+        return lambda: SDXLGenerator.load(self.settings(), self.cache_dir, s3_endpoint_url)

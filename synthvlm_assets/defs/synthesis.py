@@ -1,0 +1,133 @@
+"""SPEC §2 as an asset: sdxl_images, one partition per caption shard, on a GPU worker."""
+
+import io
+import tarfile
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+from PIL import Image
+
+from synthvlm_assets.captions.stages import CURATED
+from synthvlm_assets.defs.captions import curated_captions
+from synthvlm_assets.defs.metadata import contact_sheet, md_table
+from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
+from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
+
+# On Kubernetes each run of this asset gets a GPU; the `gpu` pool caps how many run at once.
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+
+
+@asset(
+    deps=[curated_captions],
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"pytorch", "webdataset"},
+    group_name="synthesis",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    check_specs=[
+        AssetCheckSpec("every_caption_has_its_images", asset=ASSET, blocking=True,
+                       description="Each (caption, candidate) has a JPEG in the tar or a recorded flag."),
+        AssetCheckSpec("image_size", asset=ASSET, blocking=True, description="Every JPEG has the configured size."),
+        AssetCheckSpec("no_unusable_images", asset=ASSET,
+                       description="No NaN, black or constant image (flagged ones are left out of the tar, listed here)."),
+    ],  # fmt: skip
+)
+def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthesis: SynthesisResource) -> MaterializeResult:
+    """SDXL images of the shard's curated captions (`images_per_caption` candidates each, seeded by
+    caption id and candidate), as a WebDataset tar of JPEGs plus a Parquet manifest."""
+    root = storage.root()
+    shard = context.partition_key
+    settings = synthesis.settings()
+    captions = root.read_partition(f"{CURATED}/{shard}", "kept", columns=["caption_id", "caption"])
+    generator = synthesis.generator_factory(storage.s3_endpoint_url)
+    result = synthesize_shard(root, shard, captions, settings, generator, run_id=context.run.run_id)
+    manifest = result.manifest
+
+    rows = manifest.to_pylist()
+    sample_rows = [r for r in rows if not r["flag"]][:16]
+    tar_key = root.manifest(result.prefix)["tar"]["key"]
+    with root.fs.open(root.path(tar_key), "rb") as f:
+        sizes, jpegs = _scan_tar(f, keep={r["key"] for r in sample_rows})
+    wanted = wanted_images(captions, settings)
+    flags = [r for r in rows if r["flag"]]
+    ok_keys = {r["key"] for r in rows if not r["flag"]}
+    wrong_size = [k for k, wh in sizes.items() if wh != (settings.width, settings.height)]
+    stats = _generation_stats(result.generator)
+    metadata = {
+        "model": settings.model if not settings.is_tiny else "tiny (random weights: the images are meaningless)",
+        "refiner_model": settings.refiner_model or "none",
+        "settings": MetadataValue.json(settings.image_settings()),
+        "images": len(wanted),
+        "generated": result.generated,
+        "reused": result.reused,
+        "skipped_already_complete": result.skipped,
+        "images_per_second": stats.get("images_per_second", 0.0),
+        "gpu_seconds": stats.get("gpu_seconds", 0.0),
+        "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib", 0.0),
+        "redecoded_in_fp32": stats.get("redecoded_fp32", 0),
+        "flagged": md_table(["caption_id", "candidate", "flag"], [[r["caption_id"], r["candidate"], r["flag"]] for r in flags]),
+        "contact_sheet": contact_sheet(
+            [(jpegs[r["key"]], r["caption"]) for r in sample_rows if r["key"] in jpegs],
+            f"{shard}" + (" - tiny preset, random weights" if settings.is_tiny else ""),
+        ),
+        "tar": MetadataValue.path(root.uri(tar_key)),
+        "manifest_parquet": MetadataValue.path(root.uri(f"{result.prefix}/manifest.parquet")),
+    }
+    covered = {(r["caption_id"], r["candidate"]) for r in rows if r["key"] in sizes or r["flag"]}
+    missing = [(w.caption_id, w.candidate) for w in wanted if (w.caption_id, w.candidate) not in covered]
+    return MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            AssetCheckResult(
+                check_name="every_caption_has_its_images",
+                passed=not missing and ok_keys <= set(sizes),
+                metadata={"missing": len(missing), "first_missing": str(missing[:10])},
+            ),
+            AssetCheckResult(
+                check_name="image_size",
+                passed=not wrong_size,
+                metadata={"expected": f"{settings.width}x{settings.height}", "wrong": len(wrong_size)},
+            ),
+            AssetCheckResult(
+                check_name="no_unusable_images",
+                passed=not flags,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"flagged": len(flags), "caption_ids": str([r["caption_id"] for r in flags][:50])},
+            ),
+        ],
+    )
+
+
+def _scan_tar(fileobj, keep: set[str]) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
+    """(width, height) of every JPEG in the tar from its header, and the bytes of those in `keep`."""
+    sizes, kept = {}, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if member.name.endswith(".jpg"):
+                key, data = member.name[: -len(".jpg")], tar.extractfile(member).read()
+                sizes[key] = Image.open(io.BytesIO(data)).size
+                if key in keep:
+                    kept[key] = data
+    return sizes, kept
+
+
+def _generation_stats(gen) -> dict:
+    """images/s, GPU-seconds and peak GPU memory of this materialization's generation."""
+    if gen is None or not gen.stats.images:
+        return {}
+    out = {"images_per_second": gen.stats.images / gen.stats.seconds, "redecoded_fp32": gen.stats.redecoded_fp32}
+    if gen.device == "cuda":
+        import torch
+
+        out["gpu_seconds"] = gen.stats.seconds
+        out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

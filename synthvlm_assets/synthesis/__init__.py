@@ -1,0 +1,1 @@
+"""SPEC §2: SDXL image synthesis from curated captions (no Dagster here)."""
