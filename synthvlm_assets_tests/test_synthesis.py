@@ -186,3 +186,32 @@ def test_weights_from_an_s3_prefix(tmp_path, seaweedfs):
     assert gen.generate(["a red bus"], [7])[0].flag is None
     with pytest.raises(ModelWeightsError, match="no files under this prefix"):
         SDXLGenerator.load(SynthesisSettings(model=f"s3://{bucket}/models/none"), str(tmp_path / "c2"), seaweedfs.endpoint)
+
+
+def test_random_sdxl_architecture_matches_sdxl_base():
+    """Parameter counts of SDXL base 1.0's UNet, VAE and text encoders, and BASELINES.md's 13.52 TFLOP
+    per UNet step for the CFG pair at 1024², on the meta device (no memory, no weights)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from synthvlm_assets.models import sdxl_arch
+
+    common = {"vocab_size": 49408, "max_position_embeddings": 77}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sdxl_arch.UNET)
+        counts = [
+            sum(p.numel() for p in m.parameters())
+            for m in (
+                unet,
+                AutoencoderKL(**sdxl_arch.VAE),
+                CLIPTextModel(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER, **common)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**sdxl_arch.TEXT_ENCODER_2, **common)),
+            )
+        ]
+        cond = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)}
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.randn(2, 4, 128, 128), torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 77, 2048), added_cond_kwargs=cond)
+    assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
+    assert counter.get_total_flops() / 1e12 == pytest.approx(13.52, abs=0.01)
