@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from synthvlm_assets.defs.build import CURATION_JOB, MAIN_JOB, Settings, build_definitions
+from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -66,9 +66,9 @@ def materialize(
     if missing_only:
         done = {
             "curated_captions": instance.get_materialized_partitions(AssetKey("curated_captions")),
-            "sdxl_images": instance.get_materialized_partitions(AssetKey("sdxl_images")),
+            "image_scores": instance.get_materialized_partitions(AssetKey("image_scores")),
         }
-        keys = [k for k in keys if k not in done["curated_captions"] or (k in with_images and k not in done["sdxl_images"])]
+        keys = [k for k in keys if k not in done["curated_captions"] or (k in with_images and k not in done["image_scores"])]
     failures = 0
     t0 = time.perf_counter()
     for i, key in enumerate(keys, 1):
@@ -79,6 +79,14 @@ def materialize(
         print(f"[{i}/{len(keys)}] {key}: {job.name} {status} (run {result.run_id[:8]})", flush=True)
     print(f"materialized {len(keys) - failures}/{len(keys)} shards in {time.perf_counter() - t0:.1f}s")
     return failures
+
+
+def materialize_dataset(settings: Settings, instance) -> int:
+    """Run the selection (synthvlm_100k) once over every scored shard. Returns 1 on failure."""
+    job = build_definitions(settings).resolve_job_def(DATASET_JOB)
+    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
+    print(f"synthvlm_100k: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+    return 0 if result.success else 1
 
 
 def summary(settings: Settings) -> str:
@@ -124,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         con.sql(args.query).show(max_rows=50, max_width=200)
         return 0
 
+    if args.command == "demo" and "model" not in settings.synthesis:
+        print("demo: SYNTHVLM_SDXL_MODEL is not set, so images come from the tiny preset (random weights, meaningless)")
+        settings.synthesis["model"] = "tiny"
+    if args.command == "demo" and "clip_model" not in settings.scoring:
+        settings.scoring["clip_model"] = "tiny"
     instance = _instance()
     if args.command in ("demo", "register"):
         uris = args.input if args.command == "demo" else args.uris
@@ -134,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             return 0
         failures = materialize(settings, instance, missing_only=True, image_shards=args.image_shards)
+        if args.image_shards and not failures:
+            failures += materialize_dataset(settings, instance)
         print(summary(settings))
         print(f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev")
         return 1 if failures else 0

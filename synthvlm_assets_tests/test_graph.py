@@ -158,7 +158,7 @@ def test_sensor_registers_new_files_once(tmp_path, coco_path):
 
 def test_definitions_load():
     defs = build_definitions(Settings())
-    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == {"raw_caption_pool", "curated_captions"}
+    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {"raw_caption_pool", "curated_captions", "sdxl_images"}
     assert defs.resolve_job_def("synthvlm_job") is not None
 
 

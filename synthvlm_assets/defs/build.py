@@ -8,13 +8,22 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
-from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource, SynthesisResource
+from synthvlm_assets.defs.resources import (
+    CaptionSourceResource,
+    CurationResource,
+    ScoringResource,
+    SelectionResource,
+    StorageResource,
+    SynthesisResource,
+)
+from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
 CURATION_JOB = "caption_curation_job"
+DATASET_JOB = "synthvlm_100k_job"
 
 
 @dataclass
@@ -27,6 +36,8 @@ class Settings:
     shard_rows: int = 1000
     curation: dict = field(default_factory=dict)
     synthesis: dict = field(default_factory=dict)  # SynthesisResource fields; {"model": "tiny"} offline
+    scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
+    selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
@@ -37,6 +48,8 @@ class Settings:
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
             synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
+            scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
+            selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
         )
 
     def resources(self) -> dict:
@@ -49,15 +62,21 @@ class Settings:
             ),
             "curation": CurationResource(**self.curation),
             "synthesis": SynthesisResource(**self.synthesis),
+            "scoring": ScoringResource(**self.scoring),
+            "selection": SelectionResource(**self.selection),
         }
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    assets = [raw_caption_pool, curated_captions, sdxl_images]
+    per_shard = [raw_caption_pool, curated_captions, sdxl_images, image_scores]
+    assets = [*per_shard, synthvlm_100k]
     main_job = define_asset_job(
         MAIN_JOB,
-        selection=AssetSelection.assets(*assets),
-        description="Everything per caption shard: load the raw pool, curate it, synthesize its images.",
+        selection=AssetSelection.assets(*per_shard),
+        description="Everything per caption shard: load the raw pool, curate it, synthesize and score its images.",
+    )
+    dataset_job = define_asset_job(
+        DATASET_JOB, selection=AssetSelection.assets(synthvlm_100k), description="Select the global top K into SynthVLM-100K."
     )
     curation_job = define_asset_job(
         CURATION_JOB,
@@ -66,7 +85,7 @@ def build_definitions(settings: Settings) -> Definitions:
     )
     return Definitions(
         assets=assets,
-        jobs=[main_job, curation_job],
+        jobs=[main_job, curation_job, dataset_job],
         sensors=[caption_file_sensor],
         resources=settings.resources(),
     )

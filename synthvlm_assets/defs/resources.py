@@ -9,6 +9,9 @@ from synthvlm_assets.captions.filters import PerplexityModel, RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.scoring.clip_score import ClipSettings
+from synthvlm_assets.scoring.ssim import SSIMSettings
+from synthvlm_assets.selection import SelectionSettings
 from synthvlm_assets.synthesis.settings import SynthesisSettings
 
 _RULES = RuleFilterSettings()
@@ -111,3 +114,47 @@ class SynthesisResource(ConfigurableResource):
         from synthvlm_assets.synthesis.sdxl import SDXLGenerator
 
         return lambda: SDXLGenerator.load(self.settings(), self.cache_dir, s3_endpoint_url)
+
+
+_CLIP, _SSIM, _SEL = ClipSettings(), SSIMSettings(), SelectionSettings()
+
+
+class ScoringResource(ConfigurableResource):
+    """SPEC §3: the CLIP model for CLIPScore (open_clip name + pretrained tag, a local file or an
+    s3:// file; "tiny" for the random test model) and the SSIM sizes."""
+
+    clip_model: str = Field(default=_CLIP.model, description='open_clip name, e.g. ViT-B-32 or ViT-L-14-336; "tiny" offline.')
+    clip_pretrained: str = Field(default=_CLIP.pretrained, description="open_clip pretrained tag, local file or s3:// file.")
+    clip_prefix: str = _CLIP.prefix
+    clip_dtype: str = _CLIP.dtype
+    batch_size: int = _CLIP.batch_size
+    workers: int | None = Field(default=None, description="CPU processes decoding and resizing (default: all cores on a GPU box, 0 on a CPU).")
+    ssim_size: int = _SSIM.size
+    ssim_low: int = _SSIM.low
+    cache_dir: str | None = None
+
+    def clip_settings(self) -> ClipSettings:
+        return ClipSettings(self.clip_model, self.clip_pretrained, self.clip_prefix, self.clip_dtype, self.batch_size)
+
+    def ssim_settings(self) -> SSIMSettings:
+        return SSIMSettings(size=self.ssim_size, low=self.ssim_low)
+
+    def worker_count(self) -> int:
+        import os
+
+        if self.workers is not None:
+            return self.workers
+        import torch
+
+        return min(16, os.cpu_count() or 1) if torch.cuda.is_available() else 0
+
+
+class SelectionResource(ConfigurableResource):
+    """SPEC §4: score = clip_score + lam * ssim; keep the global top k (or a fraction)."""
+
+    lam: float = _SEL.lam
+    k: int | None = _SEL.k
+    fraction: float | None = Field(default=None, description="Select this fraction of the scored captions instead of k.")
+
+    def settings(self) -> SelectionSettings:
+        return SelectionSettings(lam=self.lam, k=None if self.fraction is not None else self.k, fraction=self.fraction)

@@ -52,3 +52,26 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_CLIP = "synthvlm-tiny-clip"
+
+
+def register_tiny_open_clip() -> str:
+    """Register a tiny ViT CLIP (224 px, OpenAI preprocessing) with open_clip; returns its name."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        cfg = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        }
+        folder = tempfile.mkdtemp(prefix="synthvlm-open-clip-")
+        with open(f"{folder}/{TINY_CLIP}.json", "w") as f:
+            json.dump(cfg, f)
+        open_clip.add_model_config(folder)
+    return TINY_CLIP

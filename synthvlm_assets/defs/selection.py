@@ -1,0 +1,150 @@
+"""SPEC §3-§5 as assets: image_scores per shard, then synthvlm_100k over all scored shards."""
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
+from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
+from synthvlm_assets.defs.synthesis import GPU_TAGS, sdxl_images
+from synthvlm_assets.formats.dataset import ASSET as DATASET
+from synthvlm_assets.formats.dataset import PAPER_TABLE_4, dataset_card, publish_dataset
+from synthvlm_assets.formats.llava import image_path
+from synthvlm_assets.scoring.clip_score import ClipScorer
+from synthvlm_assets.scoring.stage import ASSET as SCORES
+from synthvlm_assets.scoring.stage import score_shard
+from synthvlm_assets.selection import select
+from synthvlm_assets.synthesis.stage import ASSET as IMAGES
+
+
+def _score_checks(scores: pa.Table, usable_images: int) -> dict[str, bool]:
+    clip, ssim = scores.column("clip_score"), scores.column("ssim")
+    ids = pc.binary_join_element_wise(scores.column("caption_id"), pc.cast(scores.column("candidate"), pa.string()), "|")
+    return {
+        "scores_in_range": scores.num_rows == 0
+        or (pc.min(clip).as_py() >= 0 and pc.max(clip).as_py() <= 1 and pc.min(ssim).as_py() >= -1 and pc.max(ssim).as_py() <= 1),
+        "one_row_per_image": scores.num_rows == usable_images and pc.count_distinct(ids).as_py() == scores.num_rows,
+    }
+
+
+@asset(
+    deps=[sdxl_images],
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    group_name="selection",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    check_specs=[
+        AssetCheckSpec("scores_in_range", asset=SCORES, blocking=True, description="0 <= clip_score <= 1 and -1 <= ssim <= 1."),
+        AssetCheckSpec("one_row_per_image", asset=SCORES, blocking=True, description="Every usable image scored once."),
+    ],
+)
+def image_scores(
+    context: AssetExecutionContext, storage: StorageResource, scoring: ScoringResource, selection: SelectionResource
+) -> MaterializeResult:
+    """CLIPScore ("A photo depicts " + caption, max(cos, 0)) and SSIM (768 px vs its 336-px round trip)
+    of every usable image of the shard, and score = clip_score + lambda * ssim."""
+    root = storage.root()
+    scorer = ClipScorer.load(scoring.clip_settings(), scoring.cache_dir, storage.s3_endpoint_url)
+    result = score_shard(
+        root, context.partition_key, scorer, scoring.ssim_settings(), selection.lam, scoring.worker_count(), context.run.run_id
+    )
+    usable = root.read_partition(f"{IMAGES}/{context.partition_key}", "manifest", columns=["flag"])
+    checks = _score_checks(result.scores, usable_images=usable.column("flag").null_count)
+    # The selection reads this verdict: shards whose blocking checks failed are not selected from.
+    manifest = root.manifest(result.prefix)
+    root.write_json(f"{result.prefix}/_manifest.json", {**manifest, "checks_passed": all(checks.values())})
+    t = result.scores
+    return MaterializeResult(
+        metadata={
+            "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}" + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
+            "images_scored": t.num_rows,
+            "images_per_second": result.images_per_second,
+            "mean_clip_score": pc.mean(t.column("clip_score")).as_py() if t.num_rows else 0.0,
+            "mean_ssim": pc.mean(t.column("ssim")).as_py() if t.num_rows else 0.0,
+            "histograms": histograms([(c, t.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], context.partition_key),
+            "scores_parquet": MetadataValue.path(root.uri(f"{result.prefix}/scores.parquet")),
+        },
+        check_results=[AssetCheckResult(check_name=name, passed=ok) for name, ok in checks.items()],
+    )
+
+
+@asset(
+    deps=[image_scores],
+    code_version="1",
+    kinds={"duckdb", "json", "webdataset", "parquet"},
+    group_name="selection",
+    check_specs=[
+        AssetCheckSpec("selected_count", asset=DATASET, blocking=True, description="min(K, captions scored) records."),
+        AssetCheckSpec("selected_images_readable", asset=DATASET, blocking=True, description="Every selected image exists and decodes."),
+    ],
+)
+def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, selection: SelectionResource) -> MaterializeResult:
+    """The global top K over every scored shard (best candidate per caption), as LLaVA JSON + images,
+    WebDataset shards, Hugging Face Parquet and a dataset card."""
+    import io
+
+    from PIL import Image
+
+    root = storage.root()
+    settings = selection.settings()
+    shards = [k.rsplit("/", 1)[-1] for k in root.list(SCORES) if not k.rsplit("/", 1)[-1].startswith("_")]
+    manifests = {s: root.manifest(f"{SCORES}/{s}") for s in shards}
+    passed = [s for s, m in manifests.items() if m is not None and m.get("checks_passed")]
+    excluded = sorted(set(shards) - set(passed))
+    scores = pa.concat_tables([root.read_partition(f"{SCORES}/{s}", "scores") for s in passed]) if passed else None
+    if scores is None or scores.num_rows == 0:
+        raise RuntimeError(f"no scored shard passed its checks under {root.uri(SCORES)} (excluded: {excluded[:10]})")
+    selected, n_captions = select(scores, settings)
+    tiny = any("tiny" in str(v) for v in set(scores.column("clip_model").to_pylist()))
+    info = {"settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction}, "captions_scored": n_captions,
+            "shards": len(passed), "excluded_shards": excluded, "tiny": tiny, "run_id": context.run.run_id}  # fmt: skip
+    manifest, rows = publish_dataset(root, selected, lambda sel: dataset_card(sel, scores, info), info)
+    base = manifest["prefix"]
+    readable = 0
+    for r in rows:
+        try:
+            Image.open(io.BytesIO(root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"))).verify()
+            readable += 1
+        except Exception:  # noqa: BLE001 - any failure to read counts as unreadable
+            pass
+    expected = min(settings.k, n_captions) if settings.k is not None else int(settings.fraction * n_captions)
+    threshold = rows[-1]["score"] if rows else None
+    sheet_rows = rows[:8] + rows[-8:] if len(rows) > 16 else rows
+    means = [["selected (this run)", *(pc.mean(selected.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
+             ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))]]  # fmt: skip
+    means += [[name, c, s, w if w is not None else "-"] for name, (c, s, w) in PAPER_TABLE_4.items()]
+    return MaterializeResult(
+        metadata={
+            "records": len(rows),
+            "captions_scored": n_captions,
+            "selection_threshold_score": threshold,
+            "excluded_shards_failed_checks": len(excluded),
+            "means_vs_paper_table_4": md_table(["set", "CLIPScore", "SSIM", "score"], means),
+            "histograms_all_candidates": histograms([(c, scores.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], "all candidates"),
+            "histograms_selected": histograms(
+                [(c, selected.column(c).to_pylist(), [threshold] if c == "score" and threshold is not None else []) for c in ("clip_score", "ssim", "score")],
+                "selected (dashed: threshold)",
+            ),
+            "contact_sheet_top_and_bottom": contact_sheet(
+                [(root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"), f"#{r['rank']} {r['score']:.3f} {r['caption']}") for r in sheet_rows],
+                "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if tiny else ""),
+            ),
+            "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
+            "dataset_card": MetadataValue.path(root.uri(f"{base}/README.md")),
+            "version": manifest["version"],
+        },
+        check_results=[
+            AssetCheckResult(check_name="selected_count", passed=len(rows) == expected, metadata={"records": len(rows), "expected": expected}),
+            AssetCheckResult(check_name="selected_images_readable", passed=readable == len(rows), metadata={"unreadable": len(rows) - readable}),
+        ],
+    )

@@ -1,0 +1,118 @@
+"""Publish SynthVLM-100K under the storage root, as one version switched in atomically.
+
+    synthvlm_100k/<version>/synthvlm_100k.json      LLaVA pretraining JSON (SPEC §5)
+    synthvlm_100k/<version>/images/00000/*.jpg      the images, at most 10,000 per folder
+    synthvlm_100k/<version>/wds/shard-00000.tar     WebDataset shards (jpg + txt + json)
+    synthvlm_100k/<version>/hf/train-00000.parquet  Parquet that `datasets` loads as an image dataset
+    synthvlm_100k/<version>/selection.parquet       the selected rows with rank and scores
+    synthvlm_100k/<version>/README.md               the dataset card
+    synthvlm_100k/_manifest.json                    written last: names the current version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from synthvlm_assets.formats.llava import hf_parquet, image_path, llava_record, webdataset_shard
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.synthesis.stage import ASSET as IMAGES
+from synthvlm_assets.synthesis.stage import read_tar
+
+ASSET = "synthvlm_100k"
+SAMPLES_PER_SHARD = 1000  # per WebDataset tar and Parquet file: bounded memory while writing
+PAPER_TABLE_4 = {"SynthVLM-100K (paper)": (0.36, 0.86, 0.79), "ShareGPT4V (paper)": (0.32, 0.79, 0.71), "COCO-Caption (paper)": (0.31, 0.73, None)}
+
+
+def publish_dataset(
+    storage: StorageRoot, selected: pa.Table, card: Callable[[pa.Table], str], info: dict
+) -> tuple[dict, list[dict]]:
+    """Write every format of the selection and switch the current version to it; returns the
+    manifest and the selected rows with their captions."""
+    rows = selected.to_pylist()
+    version = hashlib.sha256(
+        json.dumps([[r["caption_id"], r["key"], r["rank"]] for r in rows] + [info.get("settings")], default=str).encode()
+    ).hexdigest()[:16]
+    base = f"{ASSET}/{version}"
+
+    # Images: one streaming pass over each shard's tar, taking the selected keys.
+    by_shard: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_shard[r["shard"]][r["key"]] = r
+    for shard, wanted in sorted(by_shard.items()):
+        tar_key = storage.manifest(f"{IMAGES}/{shard}")["tar"]["key"]
+        with storage.fs.open(storage.path(tar_key), "rb") as f:
+            for key, sample in read_tar(f):
+                if key in wanted:
+                    r = wanted[key]
+                    r["caption"] = sample.meta["caption"]
+                    storage.write_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}", sample.jpeg)
+    missing = [r["caption_id"] for r in rows if "caption" not in r]
+    if missing:
+        raise RuntimeError(f"{len(missing)} selected images are missing from their shard tars, e.g. {missing[:5]}")
+
+    storage.write_json(f"{base}/{ASSET}.json", [llava_record(r["caption_id"], r["caption"], r["rank"]) for r in rows])
+    for i in range(0, len(rows), SAMPLES_PER_SHARD):
+        chunk = rows[i : i + SAMPLES_PER_SHARD]
+        samples = [(r, storage.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}")) for r in chunk]
+        storage.write_bytes(f"{base}/wds/shard-{i // SAMPLES_PER_SHARD:05d}.tar", webdataset_shard(samples))
+        storage.write_bytes(f"{base}/hf/train-{i // SAMPLES_PER_SHARD:05d}.parquet", hf_parquet(samples))
+    storage.write_parquet(f"{base}/selection.parquet", pa.Table.from_pylist(rows))
+    storage.write_bytes(f"{base}/README.md", card(pa.Table.from_pylist(rows)).encode())
+
+    previous = storage.manifest(ASSET)
+    manifest = {"version": version, "prefix": base, "records": len(rows), **info}
+    storage.write_json(f"{ASSET}/_manifest.json", manifest)  # the switch: readers follow this
+    if previous and previous.get("prefix") not in (None, base):
+        storage.delete(previous["prefix"])
+    return manifest, rows
+
+
+def dataset_card(selected: pa.Table, all_scores: pa.Table, info: dict) -> str:
+    """Counts, settings, score statistics and the paper's Table 4 beside ours."""
+    import pyarrow.compute as pc
+
+    def mean(t: pa.Table, c: str) -> float:
+        return pc.mean(t.column(c)).as_py() if t.num_rows else float("nan")
+
+    lines = [
+        "---",
+        "license: cc-by-nc-4.0",
+        "task_categories: [image-to-text]",
+        "---",
+        "# SynthVLM-100K (synthvlm-assets)",
+        "",
+        f"{selected.num_rows} image-caption pairs selected from {info['captions_scored']} scored captions "
+        f"({all_scores.num_rows} candidate images) by score = clip_score + {info['settings']['lam']} * ssim, "
+        "best candidate per caption, global top K, ties broken by caption id.",
+        "",
+    ]
+    if info.get("tiny"):
+        lines += ["**Made with the tiny preset (random weights): the images and scores are meaningless.**", ""]
+    lines += [
+        "| set | CLIPScore | SSIM | score |",
+        "|---|---|---|---|",
+        f"| selected (this run) | {mean(selected, 'clip_score'):.3f} | {mean(selected, 'ssim'):.3f} | {mean(selected, 'score'):.3f} |",
+        f"| all candidates (this run) | {mean(all_scores, 'clip_score'):.3f} | {mean(all_scores, 'ssim'):.3f} | {mean(all_scores, 'score'):.3f} |",
+    ]
+    for name, (c, s, w) in PAPER_TABLE_4.items():
+        lines.append(f"| {name} | {c:.2f} | {s:.2f} | {'-' if w is None else f'{w:.2f}'} |")
+    lines += [
+        "",
+        "## Files",
+        "- `synthvlm_100k.json`: LLaVA pretraining format; `images/` (at most 10,000 per folder)",
+        "- `wds/shard-*.tar`: WebDataset (`.jpg`, `.txt`, `.json`); `hf/train-*.parquet`: `datasets.load_dataset('parquet', ...)`",
+        "- `selection.parquet`: the selected rows with rank, scores, shard and image key (lineage)",
+        "",
+        "## Settings",
+        "```json",
+        json.dumps(info["settings"], indent=1, sort_keys=True, default=str),
+        "```",
+        "",
+        "Licence: CC BY-NC 4.0 (as SynthVLM's data). Method: Liu et al., SynthVLM (arXiv 2407.20756).",
+    ]
+    return "\n".join(lines) + "\n"

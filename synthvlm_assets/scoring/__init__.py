@@ -1,0 +1,1 @@
+"""SPEC §3: CLIPScore and SSIM of generated images (no Dagster here)."""

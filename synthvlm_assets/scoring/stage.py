@@ -1,0 +1,128 @@
+"""image_scores for one shard: CLIPScore and SSIM of every usable image, in one pass over its tar.
+
+JPEG decode and the PIL resizes that define both scores run in CPU worker processes (they bound the
+throughput); the CLIP towers and the SSIM arithmetic run batched on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from synthvlm_assets.scoring.clip_score import ClipScorer
+from synthvlm_assets.scoring.ssim import SSIMSettings, ssim_pair, ssim_torch
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.synthesis.stage import ASSET as IMAGES
+from synthvlm_assets.synthesis.stage import read_tar
+
+ASSET = "image_scores"
+SCORES_SCHEMA = pa.schema(
+    [
+        ("caption_id", pa.string()),
+        ("candidate", pa.int32()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("clip_score", pa.float64()),
+        ("ssim", pa.float64()),
+        ("score", pa.float64()),  # clip_score + lambda * ssim
+        ("clip_model", pa.string()),
+        ("clip_pretrained", pa.string()),
+        ("ssim_settings", pa.string()),
+        ("lambda", pa.float64()),
+    ]
+)
+
+_PREPROCESS = None
+_SSIM: SSIMSettings | None = None
+
+
+def _init(preprocess, ssim_settings: SSIMSettings) -> None:
+    global _PREPROCESS, _SSIM
+    _PREPROCESS, _SSIM = preprocess, ssim_settings
+
+
+def prepare(jpeg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode once; CLIP's preprocessing and SSIM's two grayscale images."""
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    a, b = ssim_pair(image, _SSIM)
+    return _PREPROCESS(image).numpy(), a, b
+
+
+@dataclass
+class ScoreResult:
+    scores: pa.Table
+    seconds: float
+    images_per_second: float
+    prefix: str
+
+
+def _batches(samples: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in samples:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def score_shard(
+    storage: StorageRoot,
+    shard: str,
+    scorer: ClipScorer,
+    ssim_settings: SSIMSettings,
+    lam: float,
+    workers: int = 0,
+    run_id: str = "",
+) -> ScoreResult:
+    import torch
+
+    t0 = time.perf_counter()
+    images_prefix = f"{IMAGES}/{shard}"
+    manifest = storage.manifest(images_prefix)
+    if manifest is None:
+        raise FileNotFoundError(f"sdxl_images of shard {shard} is not materialized ({storage.uri(images_prefix)})")
+    usable = {r["key"]: r for r in storage.read_partition(images_prefix, "manifest").to_pylist() if not r["flag"]}
+    rows = []
+    _init(scorer.preprocess, ssim_settings)
+    pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(scorer.preprocess, ssim_settings)) if workers else None
+    try:
+        with storage.fs.open(storage.path(manifest["tar"]["key"]), "rb") as f:
+            samples = ((k, s) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
+            for batch in _batches(samples, scorer.settings.batch_size):
+                jpegs = [s.jpeg for _, s in batch]
+                prepared = list(pool.map(prepare, jpegs, chunksize=8)) if pool else [prepare(j) for j in jpegs]
+                pixels = torch.from_numpy(np.stack([p[0] for p in prepared]))
+                captions = [usable[k]["caption"] for k, _ in batch]
+                clip = scorer.clip_scores(pixels, captions)
+                a = torch.from_numpy(np.stack([p[1] for p in prepared])).to(scorer.device)
+                b = torch.from_numpy(np.stack([p[2] for p in prepared])).to(scorer.device)
+                ssim = ssim_torch(a, b, ssim_settings).cpu().numpy()
+                for (key, _), c, s in zip(batch, clip, ssim):
+                    r = usable[key]
+                    rows.append({"caption_id": r["caption_id"], "candidate": r["candidate"], "key": key, "clip_score": float(c), "ssim": float(s)})
+    finally:
+        if pool:
+            pool.shutdown()
+    settings_json = json.dumps(asdict(ssim_settings), sort_keys=True)
+    table = pa.Table.from_pylist(
+        [
+            {**r, "shard": shard, "score": r["clip_score"] + lam * r["ssim"], "clip_model": scorer.settings.model,
+             "clip_pretrained": scorer.settings.pretrained, "ssim_settings": settings_json, "lambda": lam}
+            for r in rows
+        ],
+        schema=SCORES_SCHEMA,
+    )  # fmt: skip
+    prefix = f"{ASSET}/{shard}"
+    storage.publish_partition(prefix, {"scores": table}, {"shard": shard, "run_id": run_id, "images_tar_sha256": manifest["tar"]["sha256"]})
+    seconds = time.perf_counter() - t0
+    return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix)
