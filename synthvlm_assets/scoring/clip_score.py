@@ -16,7 +16,7 @@ from synthvlm_assets.storage import filesystem_for, split_protocol
 @dataclass(frozen=True)
 class ClipSettings:
     model: str = "ViT-B-32"  # open_clip name; "ViT-L-14-336" for the paper's VLM tower
-    pretrained: str = "openai"  # open_clip tag, a local file, an s3:// file; ignored for "tiny"
+    pretrained: str = "openai"  # open_clip tag, a local file, an s3:// file, "none" (random); ignored for "tiny"
     prefix: str = "A photo depicts "
     dtype: str = "fp16"  # on a GPU; the CPU computes in fp32
     batch_size: int = 256
@@ -44,6 +44,8 @@ class ClipScorer:
 
             torch.manual_seed(0)
             name, pretrained = register_tiny_open_clip(), None
+        elif pretrained in ("", "none"):
+            pretrained = None  # random weights of the real architecture (benchmarks)
         elif split_protocol(pretrained)[0] in ("s3", "s3a"):
             pretrained = _cached_file(pretrained, cache_dir, s3_endpoint_url)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -75,6 +75,30 @@ def _batches(samples: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def score_images(
+    samples: Iterable[tuple[str, bytes, str]], scorer: ClipScorer, ssim_settings: SSIMSettings, workers: int = 0
+) -> Iterator[tuple[str, float, float]]:
+    """(key, clip_score, ssim) of (key, jpeg, caption) samples, in batches of `scorer.settings.batch_size`:
+    decoding and the defining PIL resizes in `workers` processes, the models and SSIM on the device."""
+    import torch
+
+    _init(scorer.preprocess, ssim_settings)
+    pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(scorer.preprocess, ssim_settings)) if workers else None
+    try:
+        for batch in _batches(iter(samples), scorer.settings.batch_size):
+            jpegs = [jpeg for _, jpeg, _ in batch]
+            prepared = list(pool.map(prepare, jpegs, chunksize=8)) if pool else [prepare(j) for j in jpegs]
+            clip = scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in prepared])), [c for _, _, c in batch])
+            a = torch.from_numpy(np.stack([p[1] for p in prepared])).to(scorer.device)
+            b = torch.from_numpy(np.stack([p[2] for p in prepared])).to(scorer.device)
+            ssim = ssim_torch(a, b, ssim_settings).cpu().numpy()
+            for (key, _, _), c, s_ in zip(batch, clip, ssim):
+                yield key, float(c), float(s_)
+    finally:
+        if pool:
+            pool.shutdown()
+
+
 def score_shard(
     storage: StorageRoot,
     shard: str,
@@ -84,8 +108,6 @@ def score_shard(
     workers: int = 0,
     run_id: str = "",
 ) -> ScoreResult:
-    import torch
-
     t0 = time.perf_counter()
     images_prefix = f"{IMAGES}/{shard}"
     manifest = storage.manifest(images_prefix)
@@ -93,26 +115,11 @@ def score_shard(
         raise FileNotFoundError(f"sdxl_images of shard {shard} is not materialized ({storage.uri(images_prefix)})")
     usable = {r["key"]: r for r in storage.read_partition(images_prefix, "manifest").to_pylist() if not r["flag"]}
     rows = []
-    _init(scorer.preprocess, ssim_settings)
-    pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(scorer.preprocess, ssim_settings)) if workers else None
-    try:
-        with storage.fs.open(storage.path(manifest["tar"]["key"]), "rb") as f:
-            samples = ((k, s) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
-            for batch in _batches(samples, scorer.settings.batch_size):
-                jpegs = [s.jpeg for _, s in batch]
-                prepared = list(pool.map(prepare, jpegs, chunksize=8)) if pool else [prepare(j) for j in jpegs]
-                pixels = torch.from_numpy(np.stack([p[0] for p in prepared]))
-                captions = [usable[k]["caption"] for k, _ in batch]
-                clip = scorer.clip_scores(pixels, captions)
-                a = torch.from_numpy(np.stack([p[1] for p in prepared])).to(scorer.device)
-                b = torch.from_numpy(np.stack([p[2] for p in prepared])).to(scorer.device)
-                ssim = ssim_torch(a, b, ssim_settings).cpu().numpy()
-                for (key, _), c, s in zip(batch, clip, ssim):
-                    r = usable[key]
-                    rows.append({"caption_id": r["caption_id"], "candidate": r["candidate"], "key": key, "clip_score": float(c), "ssim": float(s)})
-    finally:
-        if pool:
-            pool.shutdown()
+    with storage.fs.open(storage.path(manifest["tar"]["key"]), "rb") as f:
+        samples = ((k, s.jpeg, usable[k]["caption"]) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
+        for key, clip, ssim in score_images(samples, scorer, ssim_settings, workers):
+            r = usable[key]
+            rows.append({"caption_id": r["caption_id"], "candidate": r["candidate"], "key": key, "clip_score": clip, "ssim": ssim})
     settings_json = json.dumps(asdict(ssim_settings), sort_keys=True)
     table = pa.Table.from_pylist(
         [
