@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -44,9 +45,13 @@ _PREPROCESS = None
 _SSIM: SSIMSettings | None = None
 
 
-def _init(preprocess, ssim_settings: SSIMSettings) -> None:
+def _init(preprocess, ssim_settings: SSIMSettings, worker: bool = False) -> None:
     global _PREPROCESS, _SSIM
     _PREPROCESS, _SSIM = preprocess, ssim_settings
+    if worker:
+        import torch
+
+        torch.set_num_threads(1)  # one process per core already
 
 
 def prepare(jpeg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,7 +88,13 @@ def score_images(
     import torch
 
     _init(scorer.preprocess, ssim_settings)
-    pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(scorer.preprocess, ssim_settings)) if workers else None
+    # forkserver, not fork: a child forked from a process whose torch thread pools are running can
+    # deadlock on their locks the first time it runs a torch op (the transforms do).
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init, initargs=(scorer.preprocess, ssim_settings, True))
+        if workers
+        else None
+    )
     try:
         for batch in _batches(iter(samples), scorer.settings.batch_size):
             jpegs = [jpeg for _, jpeg, _ in batch]
