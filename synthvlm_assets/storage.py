@@ -92,17 +92,20 @@ class StorageRoot:
         except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear error
             raise self._fail("check", key, exc) from exc
 
+    def _publish_local(self, path: str, write) -> None:
+        """Local files: write beside the target under a temporary name, then rename (atomic)."""
+        parent = posixpath.dirname(path)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        write(tmp)
+        self.fs.mv(tmp, path)  # os.replace: atomic on one filesystem
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomically create or replace one object."""
         path = self.path(key)
         try:
             if self.is_local:
-                parent = posixpath.dirname(path)
-                self.fs.makedirs(parent, exist_ok=True)
-                tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-                with self.fs.open(tmp, "wb") as f:
-                    f.write(data)
-                self.fs.mv(tmp, path)  # os.replace: atomic on one filesystem
+                self._publish_local(path, lambda tmp: self.fs.pipe_file(tmp, data))
             else:
                 self.fs.pipe_file(path, data)  # a PUT is atomic: readers see all or nothing
         except Exception as exc:  # noqa: BLE001
@@ -113,11 +116,7 @@ class StorageRoot:
         path = self.path(key)
         try:
             if self.is_local:
-                parent = posixpath.dirname(path)
-                self.fs.makedirs(parent, exist_ok=True)
-                tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-                self.fs.put_file(local_path, tmp)
-                self.fs.mv(tmp, path)
+                self._publish_local(path, lambda tmp: self.fs.put_file(local_path, tmp))
             else:
                 self.fs.put_file(local_path, path)  # multipart upload: visible only once complete
         except Exception as exc:  # noqa: BLE001

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synthvlm_assets.synthesis.stage import add_tar_member
+
 # LLaVA's eleven brief-caption instructions (SPEC §5).
 BRIEF_INSTRUCTIONS = (
     "Describe the image concisely.",
@@ -57,20 +59,14 @@ def llava_record(caption_id: str, caption: str, rank: int) -> dict:
     }
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def webdataset_shard(samples: Iterable[tuple[dict, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for row, jpeg in samples:
             key = sample_name(row["caption_id"])
-            _add(tar, f"{key}.jpg", jpeg)
-            _add(tar, f"{key}.txt", row["caption"].encode("utf-8"))
-            _add(tar, f"{key}.json", json.dumps(row, sort_keys=True, default=str).encode())
+            add_tar_member(tar, f"{key}.jpg", jpeg)
+            add_tar_member(tar, f"{key}.txt", row["caption"].encode("utf-8"))
+            add_tar_member(tar, f"{key}.json", json.dumps(row, sort_keys=True, default=str).encode())
     return buf.getvalue()
 
 

@@ -41,6 +41,7 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 
+SSIM_CHUNK = 32  # images per SSIM computation (bounds its float64 intermediates to ~1.5 GB)
 _PREPROCESS = None
 _SSIM: SSIMSettings | None = None
 
@@ -100,9 +101,17 @@ def score_images(
             jpegs = [jpeg for _, jpeg, _ in batch]
             prepared = list(pool.map(prepare, jpegs, chunksize=8)) if pool else [prepare(j) for j in jpegs]
             clip = scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in prepared])), [c for _, _, c in batch])
-            a = torch.from_numpy(np.stack([p[1] for p in prepared])).to(scorer.device)
-            b = torch.from_numpy(np.stack([p[2] for p in prepared])).to(scorer.device)
-            ssim = ssim_torch(a, b, ssim_settings).cpu().numpy()
+            ssim = np.concatenate(
+                [
+                    # float64 maps of 768² are 4.7 MB each and SSIM keeps ~10 of them: chunk the batch.
+                    ssim_torch(
+                        torch.from_numpy(np.stack([p[1] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
+                        torch.from_numpy(np.stack([p[2] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
+                        ssim_settings,
+                    ).cpu().numpy()
+                    for i in range(0, len(prepared), SSIM_CHUNK)
+                ]
+            )
             for (key, _, _), c, s_ in zip(batch, clip, ssim):
                 yield key, float(c), float(s_)
     finally:

@@ -58,7 +58,8 @@ class SDXLGenerator:
         self.dtype = getattr(torch, DTYPES[settings.dtype])
         self.base, self.refiner = base, refiner
         for pipe in filter(None, (self.base, self.refiner)):
-            pipe.to(self.device)
+            if pipe.device.type != self.device:
+                pipe.to(self.device)
             if pipe.dtype != self.dtype:
                 pipe.to(dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)

@@ -80,7 +80,7 @@ def encode_jpeg(pixels, quality: int) -> bytes:
 
 
 # -- tars -------------------------------------------------------------------------------------
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: identical bytes run to run
     tar.addfile(info, io.BytesIO(data))
@@ -89,9 +89,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_tar(fileobj, samples: Iterable[tuple[str, Sample]]) -> None:
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, sample in samples:
-            _add(tar, f"{key}.json", json.dumps(sample.meta, sort_keys=True).encode())
+            add_tar_member(tar, f"{key}.json", json.dumps(sample.meta, sort_keys=True).encode())
             if sample.jpeg is not None:
-                _add(tar, f"{key}.jpg", sample.jpeg)
+                add_tar_member(tar, f"{key}.jpg", sample.jpeg)
 
 
 def read_tar(fileobj) -> Iterator[tuple[str, Sample]]:
