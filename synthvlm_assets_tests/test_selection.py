@@ -162,3 +162,22 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     assert ds[0]["image"].size == (32, 32) and ds[0]["caption_id"] == records[0]["id"]
     card = (folder / "README.md").read_text()
     assert "tiny preset" in card and "SynthVLM-100K (paper) | 0.36 | 0.86 | 0.79" in card
+
+
+def test_worker_processes_give_the_same_scores():
+    """Decode/resize in worker processes (the GPU-box default) equals in-process, and does not hang
+    (a plain fork after torch started its thread pools deadlocked here once)."""
+    from synthvlm_assets.scoring.stage import score_images
+
+    scorer = ClipScorer.load(ClipSettings(model="tiny", batch_size=4))
+    jpegs = []
+    for image in list(varied_images().values())[:6]:
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    samples = [(str(i), j, f"caption {i}") for i, j in enumerate(jpegs)]
+    inline = list(score_images(samples, scorer, SSIMSettings(), workers=0))
+    pooled = list(score_images(samples, scorer, SSIMSettings(), workers=2))
+    assert [k for k, _, _ in pooled] == [str(i) for i in range(6)]
+    assert np.allclose([c for _, c, _ in pooled], [c for _, c, _ in inline], atol=1e-6)
+    assert [s for _, _, s in pooled] == [s for _, _, s in inline]

@@ -166,6 +166,6 @@ def _vae_decode(vae, latents) -> np.ndarray:
 def _load(cls, setting, value, revision, dtype, cache_dir, s3_endpoint_url, **components):
     source = resolve_model(setting, value, cache_dir, s3_endpoint_url)
     try:
-        return cls.from_pretrained(source, revision=revision, torch_dtype=dtype, **components)
+        return cls.from_pretrained(source, revision=revision, dtype=dtype, **components)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise load_error(setting, value, exc) from exc
