@@ -62,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     p.add_argument("--models", default="ViT-B-32,ViT-L-14-336" if gpu else "tiny")
-    p.add_argument("--images", type=int, default=1024 if gpu else 64)
+    p.add_argument("--images", type=int, default=512 if gpu else 64)
     p.add_argument("--reference-images", type=int, default=64 if gpu else 16, help="the slow path scores this many")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--batch", type=int, default=256)
