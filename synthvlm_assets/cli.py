@@ -94,10 +94,10 @@ def summary(settings: Settings) -> str:
 
     con = connect(settings.resources()["storage"].root())
     (raw, malformed, kept, rejected) = (
-        con.execute(f"SELECT count(*) FROM {v}").fetchone()[0]
+        con.sql(f"SELECT count(*) FROM {v}").fetchall()[0][0]
         for v in ("raw_captions", "malformed_captions", "curated_captions", "rejected_captions")
     )
-    reasons = con.execute("SELECT reject_reason, count(*) FROM rejected_captions GROUP BY 1 ORDER BY 2 DESC").fetchall()
+    reasons = con.sql("SELECT reject_reason, count(*) FROM rejected_captions GROUP BY 1 ORDER BY 2 DESC").fetchall()
     lines = [
         f"raw captions {raw} (+{malformed} malformed rows), curated {kept}, rejected {rejected}",
         *(f"  rejected by {r}: {n}" for r, n in reasons),

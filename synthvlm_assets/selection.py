@@ -32,10 +32,10 @@ def select(scores: pa.Table, settings: SelectionSettings) -> tuple[pa.Table, int
                    row_number() OVER (PARTITION BY caption_id ORDER BY clip_score + $lam * ssim DESC, candidate) AS rn
             FROM scores)
         WHERE rn = 1"""
-    n = con.execute(f"SELECT count(*) FROM ({best})", {"lam": settings.lam}).fetchone()[0]
+    n = con.sql(f"SELECT count(*) FROM ({best})", params={"lam": settings.lam}).fetchall()[0][0]
     k = settings.k if settings.k is not None else int(settings.fraction * n)
-    table = con.execute(
+    table = con.sql(
         f"SELECT *, row_number() OVER (ORDER BY score DESC, caption_id) AS rank FROM ({best}) ORDER BY rank LIMIT $k",
-        {"lam": settings.lam, "k": k},
+        params={"lam": settings.lam, "k": k},
     ).to_arrow_table()
     return table, n
