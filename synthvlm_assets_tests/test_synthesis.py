@@ -32,6 +32,7 @@ class Counting:
 
     def __init__(self, gen, crash_after_batches: int | None = None):
         self.gen, self.crash_after, self.batches, self.images = gen, crash_after_batches, 0, 0
+        self.model_revision = gen.model_revision
 
     def __call__(self):
         return self
@@ -165,12 +166,14 @@ def test_missing_weights_fail_naming_the_setting(tmp_path, monkeypatch):
 
 
 def test_saved_tiny_pipeline_loads_through_the_real_path(tmp_path, generator):
-    folder = tmp_path / "tiny-sdxl"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = tmp_path / "models--org--tiny-sdxl" / "snapshots" / commit  # the Hugging Face cache layout
     tiny_sdxl_pipeline().save_pretrained(folder)
     loaded = SDXLGenerator.load(SynthesisSettings(model=str(folder), height=32, width=32, steps=3, dtype="fp32"))
     a = loaded.generate(["a red bus"], [7])[0].pixels
     b = generator.generate(["a red bus"], [7])[0].pixels
     assert np.array_equal(a, b)  # same weights, same seed, same image
+    assert loaded.model_revision == commit and generator.model_revision == "tiny-random"
 
 
 def test_weights_from_an_s3_prefix(tmp_path, seaweedfs):

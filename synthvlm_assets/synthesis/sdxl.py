@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class SDXLGenerator:
                     pipe.unet = torch.compile(pipe.unet)
         self.stats = GenerationStats()
         self._vae_fp32 = None
+        self.model_revision = resolved_revision(base, settings)
         # SDXL reads 77 tokens by design; the per-batch "truncated" warning is noise in run logs.
         logging.getLogger("diffusers.pipelines.stable_diffusion_xl").setLevel(logging.ERROR)
 
@@ -161,6 +163,15 @@ def _vae_decode(vae, latents) -> np.ndarray:
         z = z / vae.config.scaling_factor
     image = vae.decode(z, return_dict=False)[0]
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+def resolved_revision(pipe, settings: SynthesisSettings) -> str | None:
+    """The weights' revision: the Hugging Face cache's snapshot commit when loaded through it, else the
+    configured revision ("tiny-random" for the tiny preset)."""
+    if settings.is_tiny:
+        return "tiny-random"
+    m = re.search(r"/snapshots/([0-9a-f]{40})(/|$)", str(getattr(pipe.config, "_name_or_path", "")))
+    return m.group(1) if m else settings.revision
 
 
 def _load(cls, setting, value, revision, dtype, cache_dir, s3_endpoint_url, **components):

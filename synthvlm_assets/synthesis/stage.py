@@ -206,6 +206,8 @@ def synthesize_shard(
             if pending is not None:
                 have.update(pending.result())
 
+    if gen is not None and model_revision is None:
+        model_revision = gen.model_revision
     rows, samples = [], []
     for w in wanted:
         sample = have[w.key]
