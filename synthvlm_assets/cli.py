@@ -4,6 +4,7 @@
     synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
     synthvlm materialize --missing                                    # every shard not yet curated
     synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
+    synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
 """
 
 from __future__ import annotations
@@ -117,11 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shard", nargs="*", help="shard keys (default: all registered)")
     p.add_argument("--missing", action="store_true", help="only shards with an asset not materialized yet")
     p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
+    p = sub.add_parser("lineage", help="print one caption's whole chain, source file to SynthVLM-100K rank")
+    p.add_argument("caption_id")
     p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions)")
     p.add_argument("query", nargs="?", default=None)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
+    if args.command == "lineage":
+        import json
+
+        from synthvlm_assets.query import lineage
+
+        try:
+            print(json.dumps(lineage(settings.resources()["storage"].root(), args.caption_id), indent=1, default=str))
+        except KeyError as exc:
+            sys.exit(str(exc.args[0]))
+        return 0
     if args.command == "sql":
         from synthvlm_assets.query import connect
 

@@ -10,7 +10,9 @@ import pyarrow as pa
 
 from synthvlm_assets.captions.curation import CURATED_SCHEMA
 from synthvlm_assets.captions.sources import MALFORMED_SCHEMA, RAW_SCHEMA
+from synthvlm_assets.scoring.stage import SCORES_SCHEMA
 from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.synthesis.stage import MANIFEST_SCHEMA
 
 # view name -> (glob under the storage root, schema when no partition exists yet)
 VIEWS: dict[str, tuple[str, pa.Schema]] = {
@@ -18,6 +20,8 @@ VIEWS: dict[str, tuple[str, pa.Schema]] = {
     "malformed_captions": ("raw_caption_pool/*/malformed.parquet", MALFORMED_SCHEMA),
     "curated_captions": ("curated_captions/*/kept.parquet", CURATED_SCHEMA),
     "rejected_captions": ("curated_captions/*/rejected.parquet", CURATED_SCHEMA),
+    "sdxl_images": ("sdxl_images/*/manifest.parquet", MANIFEST_SCHEMA),
+    "image_scores": ("image_scores/*/scores.parquet", SCORES_SCHEMA),
 }
 
 
@@ -32,4 +36,41 @@ def connect(storage: StorageRoot, database: str = ":memory:") -> duckdb.DuckDBPy
         else:
             con.register(f"_{view}_empty", schema.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_empty")
+    dataset = storage.manifest("synthvlm_100k")
+    if dataset is not None:  # the current version of SynthVLM-100K
+        con.execute(f"CREATE OR REPLACE VIEW synthvlm_100k AS SELECT * FROM read_parquet('{storage.uri(dataset['prefix'] + '/selection.parquet')}')")
     return con
+
+
+def lineage(storage: StorageRoot, caption_id: str) -> dict:
+    """One caption's whole chain: source file and row, raw and normalised text, filter values and
+    verdict, every candidate image (seed, model, settings, flag, scores), its rank in SynthVLM-100K,
+    and the Dagster run ids that produced each step."""
+    con = connect(storage)
+
+    def rows(sql: str) -> list[dict]:
+        rel = con.sql(sql, params={"id": caption_id})
+        return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+
+    raw = rows("SELECT * EXCLUDE (dedup_key) FROM raw_captions WHERE caption_id = $id")
+    if not raw:
+        raise KeyError(f"caption {caption_id!r} is in no materialized raw_caption_pool partition under {storage.uri()}")
+    shard = raw[0]["shard"]
+    curated = rows("SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM rejected_captions) WHERE caption_id = $id")
+    images = rows(
+        "SELECT m.candidate, m.seed, m.key, m.flag, m.model, m.model_revision, m.settings, s.clip_score, s.ssim, s.score"
+        " FROM sdxl_images m LEFT JOIN image_scores s USING (caption_id, candidate) WHERE m.caption_id = $id ORDER BY m.candidate"
+    )
+    selected = rows("SELECT rank, candidate, score FROM synthvlm_100k WHERE caption_id = $id") if storage.manifest("synthvlm_100k") else []
+    runs = {asset: (storage.manifest(f"{asset}/{shard}") or {}).get("run_id") for asset in ("raw_caption_pool", "curated_captions", "sdxl_images", "image_scores")}
+    runs["synthvlm_100k"] = (storage.manifest("synthvlm_100k") or {}).get("run_id")
+    return {
+        "caption_id": caption_id,
+        "source": {k: raw[0][k] for k in ("source_file", "source_row", "source_id", "source", "image_ref", "shard")},
+        "caption": raw[0]["caption"],
+        "caption_normalized": raw[0]["caption_normalized"],
+        "curation": {k: v for k, v in curated[0].items() if k not in raw[0] or k == "caption"} if curated else None,
+        "images": images,
+        "synthvlm_100k": selected[0] if selected else None,
+        "run_ids": runs,
+    }

@@ -163,6 +163,19 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     card = (folder / "README.md").read_text()
     assert "tiny preset" in card and "SynthVLM-100K (paper) | 0.36 | 0.86 | 0.79" in card
 
+    # Lineage of the top image: source row to rank, with the runs that made each step.
+    from synthvlm_assets.query import lineage
+    from synthvlm_assets.synthesis.settings import seed_for
+
+    chain = lineage(root, records[0]["id"])
+    assert chain["synthvlm_100k"]["rank"] == 1 and chain["curation"]["kept"]
+    assert chain["source"]["source_file"] == str(src) and chain["caption_normalized"] == records[0]["conversations"][1]["value"]
+    (image,) = chain["images"]
+    assert image["seed"] == seed_for(records[0]["id"], 0) and image["score"] == pytest.approx(scores[0]["score"])
+    assert all(chain["run_ids"].values())
+    with pytest.raises(KeyError, match="no materialized raw_caption_pool"):
+        lineage(root, "nope:1")
+
 
 def test_worker_processes_give_the_same_scores():
     """Decode/resize in worker processes (the GPU-box default) equals in-process, and does not hang

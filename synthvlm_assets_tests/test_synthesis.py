@@ -218,3 +218,14 @@ def test_random_sdxl_architecture_matches_sdxl_base():
             unet(torch.randn(2, 4, 128, 128), torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 77, 2048), added_cond_kwargs=cond)
     assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
     assert counter.get_total_flops() / 1e12 == pytest.approx(13.52, abs=0.01)
+
+
+def test_resource_presets():
+    from synthvlm_assets.defs.resources import SynthesisResource
+
+    tiny = SynthesisResource(model="tiny").settings()
+    assert (tiny.height, tiny.dtype, tiny.steps, tiny.guidance_scale) == (32, "fp32", 60, 20.0)
+    real = SynthesisResource().settings()
+    assert (real.model, real.height, real.width, real.steps, real.guidance_scale, real.negative_prompt, real.dtype) == (
+        "stabilityai/stable-diffusion-xl-base-1.0", 1024, 1024, 60, 20.0, "", "bf16")
+    assert SynthesisResource(model="tiny", dtype="bf16", steps=4).settings().dtype == "bf16"

@@ -98,7 +98,7 @@ class SynthesisResource(ConfigurableResource):
     guidance_scale: float = _SYN.guidance_scale
     negative_prompt: str = _SYN.negative_prompt
     images_per_caption: int = _SYN.images_per_caption
-    dtype: str = Field(default=_SYN.dtype, description="bf16, fp16 (SynthVLM's) or fp32.")
+    dtype: str | None = Field(default=None, description="bf16 (default), fp16 (SynthVLM's) or fp32 (the tiny preset's default).")
     vae_fp32: bool = _SYN.vae_fp32
     jpeg_quality: int = _SYN.jpeg_quality
     batch_size: int | None = Field(default=None, description="Prompts per UNet call (execution only).")
