@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import pyarrow as pa
-import pytest
 from dagster import AssetKey, DagsterInstance, SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
 
 from synthvlm_assets.captions.filters import RuleFilterSettings, caption_stats, failed_filters

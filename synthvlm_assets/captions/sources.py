@@ -25,9 +25,7 @@ from synthvlm_assets.storage import split_protocol
 if TYPE_CHECKING:
     from synthvlm_assets.shards import Shard
 
-FORMATS = ("jsonl", "json", "coco", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-CAPTION_FILE_EXTENSIONS = tuple(_EXTENSIONS)
 _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long caption a file error
 
 

@@ -22,17 +22,6 @@ from synthvlm_assets.scoring.clip_score import ClipScorer
 from synthvlm_assets.scoring.stage import ASSET as SCORES
 from synthvlm_assets.scoring.stage import score_shard
 from synthvlm_assets.selection import select
-from synthvlm_assets.synthesis.stage import ASSET as IMAGES
-
-
-def _score_checks(scores: pa.Table, usable_images: int) -> dict[str, bool]:
-    clip, ssim = scores.column("clip_score"), scores.column("ssim")
-    ids = pc.binary_join_element_wise(scores.column("caption_id"), pc.cast(scores.column("candidate"), pa.string()), "|")
-    return {
-        "scores_in_range": scores.num_rows == 0
-        or (pc.min(clip).as_py() >= 0 and pc.max(clip).as_py() <= 1 and pc.min(ssim).as_py() >= -1 and pc.max(ssim).as_py() <= 1),
-        "one_row_per_image": scores.num_rows == usable_images and pc.count_distinct(ids).as_py() == scores.num_rows,
-    }
 
 
 @asset(
@@ -58,11 +47,6 @@ def image_scores(
     result = score_shard(
         root, context.partition_key, scorer, scoring.ssim_settings(), selection.lam, scoring.worker_count(), context.run.run_id
     )
-    usable = root.read_partition(f"{IMAGES}/{context.partition_key}", "manifest", columns=["flag"])
-    checks = _score_checks(result.scores, usable_images=usable.column("flag").null_count)
-    # The selection reads this verdict: shards whose blocking checks failed are not selected from.
-    manifest = root.manifest(result.prefix)
-    root.write_json(f"{result.prefix}/_manifest.json", {**manifest, "checks_passed": all(checks.values())})
     t = result.scores
     return MaterializeResult(
         metadata={
@@ -74,7 +58,7 @@ def image_scores(
             "histograms": histograms([(c, t.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], context.partition_key),
             "scores_parquet": MetadataValue.path(root.uri(f"{result.prefix}/scores.parquet")),
         },
-        check_results=[AssetCheckResult(check_name=name, passed=ok) for name, ok in checks.items()],
+        check_results=[AssetCheckResult(check_name=name, passed=ok) for name, ok in result.checks.items()],
     )
 
 

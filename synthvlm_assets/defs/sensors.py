@@ -1,6 +1,5 @@
 """The sensor that turns each new caption file under the input location into shard partitions."""
 
-
 import json
 
 from dagster import (

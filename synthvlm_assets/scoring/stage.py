@@ -68,6 +68,22 @@ class ScoreResult:
     seconds: float
     images_per_second: float
     prefix: str
+    checks: dict[str, bool]  # also in the partition manifest: the selection reads only shards that passed
+
+
+def score_checks(scores: pa.Table, usable_images: int) -> dict[str, bool]:
+    """Scores in range, and exactly one row per usable image."""
+    import pyarrow.compute as pc
+
+    clip, ssim = scores.column("clip_score"), scores.column("ssim")
+    ids = pc.binary_join_element_wise(scores.column("caption_id"), pc.cast(scores.column("candidate"), pa.string()), "|")
+    in_range = scores.num_rows == 0 or (
+        pc.min(clip).as_py() >= 0 and pc.max(clip).as_py() <= 1 and pc.min(ssim).as_py() >= -1 and pc.max(ssim).as_py() <= 1
+    )
+    return {
+        "scores_in_range": in_range,
+        "one_row_per_image": scores.num_rows == usable_images and pc.count_distinct(ids).as_py() == scores.num_rows,
+    }
 
 
 def _batches(samples: Iterator, size: int) -> Iterator[list]:
@@ -150,6 +166,11 @@ def score_shard(
         schema=SCORES_SCHEMA,
     )  # fmt: skip
     prefix = f"{ASSET}/{shard}"
-    storage.publish_partition(prefix, {"scores": table}, {"shard": shard, "run_id": run_id, "images_tar_sha256": manifest["tar"]["sha256"]})
+    checks = score_checks(table, len(usable))
+    storage.publish_partition(
+        prefix,
+        {"scores": table},
+        {"shard": shard, "run_id": run_id, "images_tar_sha256": manifest["tar"]["sha256"], "checks": checks, "checks_passed": all(checks.values())},
+    )
     seconds = time.perf_counter() - t0
-    return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix)
+    return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix, checks)

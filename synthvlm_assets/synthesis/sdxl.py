@@ -7,7 +7,7 @@ import copy
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,7 +45,6 @@ class GenerationStats:
     images: int = 0
     seconds: float = 0.0
     redecoded_fp32: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 class SDXLGenerator:
