@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from synthvlm_assets.synthesis.sdxl import SDXLGenerator, _vae_decode
+from synthvlm_assets.synthesis.sdxl import DTYPES, SDXLGenerator, _vae_decode
 from synthvlm_assets.synthesis.settings import SynthesisSettings
 
 
@@ -96,6 +96,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["sdxl", "tiny"], default="sdxl" if torch.cuda.is_available() else "tiny")
     p.add_argument("--batch", type=int, default=None, help="batch of path (b) (default: the project's default)")
+    p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE[,SETTING=VALUE]",
+                   help="also measure (b) with these execution settings changed, e.g. fuse_qkv=true (repeatable)")
     p.add_argument("--validate", action="store_true", help="also time one real full-length call of (b)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -127,27 +129,44 @@ def main() -> None:
     del pipe
     if device == "cuda":
         torch.cuda.empty_cache()
-    gen = SDXLGenerator(ours, build(getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[ours.dtype])), device=device)
+    gen = SDXLGenerator(ours, build(getattr(torch, DTYPES[ours.dtype])), device=device)
     results["b"] = measure(gen.base, ours.batch_size, ours, device, gen.base.vae.dtype)
     if args.validate:
         prompts = [f"validation prompt {i}" for i in range(ours.batch_size)]
         t = best_of(lambda: gen.generate(prompts, list(range(ours.batch_size))), device, runs=1)
         results["b"]["validated_s_per_image"] = t / ours.batch_size
 
+    rows = [(f"(a) SynthVLM: {'fp16' if half == torch.float16 else 'fp32 (no fast fp16 on this device)'}, batch 1, eager, VAE fp32", results["a"]),
+            (f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}, fuse_qkv={ours.fuse_qkv}", results["b"])]
+    for i, variant in enumerate(args.variant):
+        del gen
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+        changes = dict(kv.split("=", 1) for kv in variant.split(","))
+        typed = {k: (v.lower() in ("1", "true", "yes")) if isinstance(getattr(ours, k), bool) else type(getattr(ours, k))(v) for k, v in changes.items()}
+        settings = SynthesisSettings(**{**ours.__dict__, **typed})
+        gen = SDXLGenerator(settings, build(getattr(torch, DTYPES[settings.dtype])), device=device)
+        results[f"variant{i}"] = measure(gen.base, settings.batch_size, settings, device, gen.base.vae.dtype)
+        results[f"variant{i}"]["settings"] = typed
+        rows.append((f"(b{i + 1}) (b) with {variant}", results[f"variant{i}"]))
+
     tflop = unet_tflop_per_image(unet_config, ours, gen.base.vae_scale_factor)
     peak = bf16_peak_tflops(device)
-    half_name = "fp16" if half == torch.float16 else "fp32 (no fast fp16 on this device)"
-    rows = [(f"(a) SynthVLM: {half_name}, batch 1, eager, VAE fp32", results["a"]), (f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}", results["b"])]
     print("\n| path | UNet step (ms) | text enc (ms) | VAE (ms) | s / image | images / s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:
         print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['text_s'] * 1e3:.1f} | {r['vae_s'] * 1e3:.1f} | {r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r.get('peak_gib', float('nan')):.1f} |")
     ratio = results["b"]["images_per_s"] / results["a"]["images_per_s"]
+    for label, r in rows[2:]:
+        print(f"ratio {label.split(')')[0]})/a: {r['images_per_s'] / results['a']['images_per_s']:.2f}x")
     print(f"\nratio b/a: {ratio:.2f}x   UNet FLOPs per image: {tflop:.4g} TFLOP ({ours.steps} steps, CFG pair)")
     if peak:
-        achieved = tflop / (results["b"]["step_s"] * ours.steps / ours.batch_size)
-        print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s; (b) UNet reaches {achieved:.0f} TFLOP/s = {achieved / peak:.0%} of it")
-        results["bf16_peak_tflops"], results["b"]["unet_tflops"] = peak, achieved
+        results["bf16_peak_tflops"] = peak
+        print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
+        for label, r in rows:
+            r["unet_tflops"] = tflop / (r["step_s"] * ours.steps / r["batch"])
+            print(f"  {label.split(')')[0]}) UNet reaches {r['unet_tflops']:.0f} TFLOP/s = {r['unet_tflops'] / peak:.0%} of it")
     if "validated_s_per_image" in results["b"]:
         print(f"validation: one full call of (b) took {results['b']['validated_s_per_image']:.3f} s/image")
     results.update({"device": name, "preset": args.preset, "ratio_b_over_a": ratio, "unet_tflop_per_image": tflop})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 
@@ -65,6 +66,16 @@ def test_an_image_regenerates_bit_for_bit_alone_or_in_a_batch(generator):
     assert all(g.flag is None and g.pixels.shape == (32, 32, 3) for g in batch)
     assert np.array_equal(batch[1].pixels, alone[0].pixels)
     assert not np.array_equal(batch[0].pixels, batch[1].pixels)
+
+
+def test_fused_qkv_is_the_same_math(generator):
+    """fuse_qkv is an execution setting (not in the image key): the images must agree to rounding."""
+    assert generator.settings.fuse_qkv
+    unfused = SDXLGenerator(dataclasses.replace(SETTINGS, fuse_qkv=False), tiny_sdxl_pipeline())
+    prompts, seeds = ["a red bus", "a green tree"], [11, 22]
+    for a, b in zip(generator.generate(prompts, seeds), unfused.generate(prompts, seeds)):
+        assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 1
+    assert image_key("a", 1, generator.settings) == image_key("a", 1, unfused.settings)
 
 
 def test_shard_output_is_deterministic_and_rerun_does_nothing(tmp_path, generator):

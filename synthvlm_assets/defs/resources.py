@@ -103,6 +103,7 @@ class SynthesisResource(ConfigurableResource):
     jpeg_quality: int = _SYN.jpeg_quality
     batch_size: int | None = Field(default=None, description="Prompts per UNet call (execution only).")
     compile: bool = Field(default=_SYN.compile, description="torch.compile the UNet on CUDA (compiles once per process, ~80 s).")
+    fuse_qkv: bool = Field(default=_SYN.fuse_qkv, description="Fuse q/k/v projections into one matmul (execution only).")
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
 
     def settings(self) -> SynthesisSettings:

@@ -7,6 +7,7 @@ throughput); the CLIP towers and the SSIM arithmetic run batched on the GPU when
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import time
@@ -97,25 +98,48 @@ def _batches(samples: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def decode_pool(scorer: ClipScorer, ssim_settings: SSIMSettings, workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes for `prepare` (None for workers=0). Starting them costs seconds (each imports
+    torch): make one per shard or session and pass it to every score_images call."""
+    if not workers:
+        return None
+    # forkserver, not fork: a child forked from a process whose torch thread pools are running can
+    # deadlock on their locks the first time it runs a torch op (the transforms do).
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init, initargs=(scorer.preprocess, ssim_settings, True)
+    )
+
+
 def score_images(
-    samples: Iterable[tuple[str, bytes, str]], scorer: ClipScorer, ssim_settings: SSIMSettings, workers: int = 0
+    samples: Iterable[tuple[str, bytes, str]],
+    scorer: ClipScorer,
+    ssim_settings: SSIMSettings,
+    workers: int = 0,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[tuple[str, float, float]]:
     """(key, clip_score, ssim) of (key, jpeg, caption) samples, in batches of `scorer.settings.batch_size`:
-    decoding and the defining PIL resizes in `workers` processes, the models and SSIM on the device."""
+    decoding and the defining PIL resizes in worker processes (`pool`, or `workers` new ones), the
+    models and SSIM on the device."""
     import torch
 
     _init(scorer.preprocess, ssim_settings)
-    # forkserver, not fork: a child forked from a process whose torch thread pools are running can
-    # deadlock on their locks the first time it runs a torch op (the transforms do).
-    pool = (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init, initargs=(scorer.preprocess, ssim_settings, True))
-        if workers
-        else None
-    )
+    own_pool = pool is None and workers > 0
+    if own_pool:
+        pool = decode_pool(scorer, ssim_settings, workers)
+
+    def submit(batch: list) -> tuple[list, Iterator]:
+        jpegs = [jpeg for _, jpeg, _ in batch]
+        # Executor.map submits every task at once: the workers decode this batch while the device
+        # scores the previous one.
+        return batch, (pool.map(prepare, jpegs, chunksize=8) if pool else map(prepare, jpegs))
+
     try:
-        for batch in _batches(iter(samples), scorer.settings.batch_size):
-            jpegs = [jpeg for _, jpeg, _ in batch]
-            prepared = list(pool.map(prepare, jpegs, chunksize=8)) if pool else [prepare(j) for j in jpegs]
+        batches = _batches(iter(samples), scorer.settings.batch_size)
+        ahead = [submit(b) for b in itertools.islice(batches, 1)]
+        while ahead:
+            batch, results = ahead.pop()
+            prepared = list(results)
+            ahead.extend(submit(b) for b in itertools.islice(batches, 1))
             clip = scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in prepared])), [c for _, _, c in batch])
             ssim = np.concatenate(
                 [
@@ -131,7 +155,7 @@ def score_images(
             for (key, _, _), c, s_ in zip(batch, clip, ssim):
                 yield key, float(c), float(s_)
     finally:
-        if pool:
+        if own_pool:
             pool.shutdown()
 
 

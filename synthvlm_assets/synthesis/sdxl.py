@@ -63,6 +63,8 @@ class SDXLGenerator:
             if pipe.dtype != self.dtype:
                 pipe.to(dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)
+            if settings.fuse_qkv:
+                pipe.fuse_qkv_projections(unet=True, vae=False)
             if self.device == "cuda":
                 pipe.unet.to(memory_format=torch.channels_last)
                 if settings.compile:

@@ -10,6 +10,10 @@ from synthvlm_assets.models.sources import TINY
 from synthvlm_assets.models.tiny import TINY_SDXL_IMAGE_SIZE
 
 
+# Settings that change how fast images are made, not what they are: they stay out of the image key.
+EXECUTION_ONLY = ("batch_size", "compile", "fuse_qkv")
+
+
 @dataclass(frozen=True)
 class SynthesisSettings:
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # HF id, local folder, s3:// prefix, or "tiny"
@@ -29,6 +33,7 @@ class SynthesisSettings:
     # Execution only (same sampling math): how many prompts share a UNet call, and torch.compile.
     batch_size: int = 8
     compile: bool = True  # torch.compile the UNet on CUDA (never on CPU, never in tests)
+    fuse_qkv: bool = True  # one matmul for q, k and v in every self-attention (same math, fewer kernels)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bf16", "fp16", "fp32"):
@@ -49,9 +54,9 @@ class SynthesisSettings:
         return self.model == TINY
 
     def image_settings(self) -> dict:
-        """The settings that determine the stored image (not batch size or compilation)."""
+        """The settings that determine the stored image (not EXECUTION_ONLY)."""
         d = asdict(self)
-        for k in ("batch_size", "compile"):
+        for k in EXECUTION_ONLY:
             d.pop(k)
         return d
 
