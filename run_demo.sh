@@ -9,5 +9,5 @@ mkdir -p "$DAGSTER_HOME" && cp -n dagster.yaml "$DAGSTER_HOME/dagster.yaml" 2>/d
 inputs=("$@")
 [ ${#inputs[@]} -gt 0 ] || inputs=(../shared/data/coco_captions_val2017.json)
 # The tiny preset: SDXL of the real architecture with random weights, offline on a CPU (labelled images).
-export SYNTHVLM_SDXL_MODEL="${SYNTHVLM_SDXL_MODEL:-tiny}" SYNTHVLM_CLIP_MODEL="${SYNTHVLM_CLIP_MODEL:-tiny}"
+export SYNTHVLM_JUDGE_MODEL="${SYNTHVLM_JUDGE_MODEL:-tiny}" SYNTHVLM_SDXL_MODEL="${SYNTHVLM_SDXL_MODEL:-tiny}" SYNTHVLM_CLIP_MODEL="${SYNTHVLM_CLIP_MODEL:-tiny}"
 .venv/bin/synthvlm demo --input "${inputs[@]}" --image-shards "${SYNTHVLM_IMAGE_SHARDS:-1}"

@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and "model" not in settings.synthesis:
         print("demo: SYNTHVLM_SDXL_MODEL is not set, so images come from the tiny preset (random weights, meaningless)")
         settings.synthesis["model"] = "tiny"
+    if args.command == "demo" and "model" not in settings.judge:
+        print("demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, meaningless verdicts)")
+        settings.judge["model"] = "tiny"
     if args.command == "demo" and "clip_model" not in settings.scoring:
         settings.scoring["clip_model"] = "tiny"
     instance = _instance()

@@ -9,6 +9,7 @@ import duckdb
 import pyarrow as pa
 
 from synthvlm_assets.captions.curation import CURATED_SCHEMA
+from synthvlm_assets.captions.judge.stage import JUDGED_SCHEMA
 from synthvlm_assets.captions.sources import MALFORMED_SCHEMA, RAW_SCHEMA
 from synthvlm_assets.scoring.stage import SCORES_SCHEMA
 from synthvlm_assets.storage import StorageRoot
@@ -20,6 +21,7 @@ VIEWS: dict[str, tuple[str, pa.Schema]] = {
     "malformed_captions": ("raw_caption_pool/*/malformed.parquet", MALFORMED_SCHEMA),
     "curated_captions": ("curated_captions/*/kept.parquet", CURATED_SCHEMA),
     "rejected_captions": ("curated_captions/*/rejected.parquet", CURATED_SCHEMA),
+    "judged_captions": ("judged_captions/*/judged.parquet", JUDGED_SCHEMA),
     "sdxl_images": ("sdxl_images/*/manifest.parquet", MANIFEST_SCHEMA),
     "image_scores": ("image_scores/*/scores.parquet", SCORES_SCHEMA),
 }
@@ -44,7 +46,7 @@ def connect(storage: StorageRoot, database: str = ":memory:") -> duckdb.DuckDBPy
 
 def lineage(storage: StorageRoot, caption_id: str) -> dict:
     """One caption's whole chain: source file and row, raw and normalised text, filter values and
-    verdict, every candidate image (seed, model, settings, flag, scores), its rank in SynthVLM-100K,
+    verdict, the LLM judge's verdict, every candidate image (seed, model, settings, flag, scores), its rank in SynthVLM-100K,
     and the Dagster run ids that produced each step."""
     con = connect(storage)
 
@@ -57,12 +59,13 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
         raise KeyError(f"caption {caption_id!r} is in no materialized raw_caption_pool partition under {storage.uri()}")
     shard = raw[0]["shard"]
     curated = rows("SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM rejected_captions) WHERE caption_id = $id")
+    judged = rows("SELECT verdict, p_yes, raw_token, judge_model, judge_revision, prompt_version, reject_reason FROM judged_captions WHERE caption_id = $id")
     images = rows(
         "SELECT m.candidate, m.seed, m.key, m.flag, m.model, m.model_revision, m.settings, s.clip_score, s.ssim, s.score"
         " FROM sdxl_images m LEFT JOIN image_scores s USING (caption_id, candidate) WHERE m.caption_id = $id ORDER BY m.candidate"
     )
     selected = rows("SELECT rank, candidate, score FROM synthvlm_100k WHERE caption_id = $id") if storage.manifest("synthvlm_100k") else []
-    runs = {asset: (storage.manifest(f"{asset}/{shard}") or {}).get("run_id") for asset in ("raw_caption_pool", "curated_captions", "sdxl_images", "image_scores")}
+    runs = {asset: (storage.manifest(f"{asset}/{shard}") or {}).get("run_id") for asset in ("raw_caption_pool", "curated_captions", "judged_captions", "sdxl_images", "image_scores")}
     runs["synthvlm_100k"] = (storage.manifest("synthvlm_100k") or {}).get("run_id")
     return {
         "caption_id": caption_id,
@@ -70,6 +73,7 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
         "caption": raw[0]["caption"],
         "caption_normalized": raw[0]["caption_normalized"],
         "curation": {k: v for k, v in curated[0].items() if k not in raw[0] or k == "caption"} if curated else None,
+        "judge": judged[0] if judged else None,
         "images": images,
         "synthvlm_100k": selected[0] if selected else None,
         "run_ids": runs,

@@ -161,24 +161,25 @@ def test_definitions_load():
 
 
 def test_sdxl_images_through_dagster(tmp_path, coco_path):
+    from synthvlm_assets.defs.judge import judged_captions
     from synthvlm_assets.defs.synthesis import sdxl_images
 
     src = tmp_path / "pool.jsonl"
     coco_subset_jsonl(coco_path, src, n=40)
-    settings = Settings(storage_root=str(tmp_path / "root"), shard_rows=30, synthesis={"model": "tiny", "steps": 2})
+    settings = Settings(storage_root=str(tmp_path / "root"), shard_rows=30, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2})
     defs = build_definitions(settings)
     registry = settings.resources()["storage"].registry()
     _, shards = registry.register_file(str(src), settings.shard_rows)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         result = materialize(
-            [raw_caption_pool, curated_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
+            [raw_caption_pool, curated_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
         )
         assert result.success
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("sdxl_images")}
         assert checks == {"every_caption_has_its_images": True, "image_size": True, "no_unusable_images": True}
         md = instance.get_latest_materialization_event(AssetKey("sdxl_images")).asset_materialization.metadata
-    kept = settings.resources()["storage"].root().read_partition(f"curated_captions/{shards[0].key}", "kept").num_rows
+    kept = settings.resources()["storage"].root().read_partition(f"judged_captions/{shards[0].key}", "kept").num_rows
     assert md["images"].value == md["generated"].value == kept > 0
     assert md["model"].value.startswith("tiny")
     assert md["contact_sheet"].value.startswith("![plot](data:image/png;base64,")

@@ -109,6 +109,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
 
     from synthvlm_assets.defs.build import Settings, build_definitions
     from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+    from synthvlm_assets.defs.judge import judged_captions
     from synthvlm_assets.defs.partitions import caption_shards
     from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
     from synthvlm_assets.defs.synthesis import sdxl_images
@@ -118,7 +119,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     src = tmp_path / "pool.jsonl"
     coco_subset_jsonl(coco_path, src, n=60)
     settings = Settings(
-        storage_root=str(tmp_path / "root"), shard_rows=40, synthesis={"model": "tiny", "steps": 2},
+        storage_root=str(tmp_path / "root"), shard_rows=40, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2},
         scoring={"clip_model": "tiny", "batch_size": 16}, selection={"k": 30},
     )  # fmt: skip
     defs = build_definitions(settings)
@@ -126,7 +127,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in shards:
-            r = materialize([raw_caption_pool, curated_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
+            r = materialize([raw_caption_pool, curated_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
             assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         r = materialize([synthvlm_100k], instance=instance, resources=defs.resources, selection=[synthvlm_100k])
         assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
@@ -168,7 +169,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     from synthvlm_assets.synthesis.settings import seed_for
 
     chain = lineage(root, records[0]["id"])
-    assert chain["synthvlm_100k"]["rank"] == 1 and chain["curation"]["kept"]
+    assert chain["synthvlm_100k"]["rank"] == 1 and chain["curation"]["kept"] and chain["judge"]["verdict"] == "yes"
     assert chain["source"]["source_file"] == str(src) and chain["caption_normalized"] == records[0]["conversations"][1]["value"]
     (image,) = chain["images"]
     assert image["seed"] == seed_for(records[0]["id"], 0) and image["score"] == pytest.approx(scores[0]["score"])

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.judge import judged_captions
 from synthvlm_assets.defs.resources import (
     CaptionSourceResource,
     CurationResource,
+    JudgeResource,
     ScoringResource,
     SelectionResource,
     StorageResource,
@@ -35,6 +37,7 @@ class Settings:
     input_uri: str | None = None  # default: <storage_root>/inbox
     shard_rows: int = 1000
     curation: dict = field(default_factory=dict)
+    judge: dict = field(default_factory=dict)  # JudgeResource fields; {"model": "tiny"} offline
     synthesis: dict = field(default_factory=dict)  # SynthesisResource fields; {"model": "tiny"} offline
     scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
     selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
@@ -47,6 +50,7 @@ class Settings:
             s3_endpoint_url=env.get("SYNTHVLM_S3_ENDPOINT_URL") or None,
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
+            judge={k: v for k, v in {"model": env.get("SYNTHVLM_JUDGE_MODEL"), "backend": env.get("SYNTHVLM_JUDGE_BACKEND"), "endpoint_url": env.get("SYNTHVLM_JUDGE_ENDPOINT_URL")}.items() if v},
             synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
             scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
             selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
@@ -61,6 +65,7 @@ class Settings:
                 shard_rows=self.shard_rows,
             ),
             "curation": CurationResource(**self.curation),
+            "judge": JudgeResource(**self.judge),
             "synthesis": SynthesisResource(**self.synthesis),
             "scoring": ScoringResource(**self.scoring),
             "selection": SelectionResource(**self.selection),
@@ -68,12 +73,12 @@ class Settings:
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    per_shard = [raw_caption_pool, curated_captions, sdxl_images, image_scores]
+    per_shard = [raw_caption_pool, curated_captions, judged_captions, sdxl_images, image_scores]
     assets = [*per_shard, synthvlm_100k]
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*per_shard),
-        description="Everything per caption shard: load the raw pool, curate it, synthesize and score its images.",
+        description="Everything per caption shard: load the raw pool, curate and judge it, synthesize and score its images.",
     )
     dataset_job = define_asset_job(
         DATASET_JOB, selection=AssetSelection.assets(synthvlm_100k), description="Select the global top K into SynthVLM-100K."

@@ -6,6 +6,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from synthvlm_assets.captions.filters import PerplexityModel, RuleFilterSettings
+from synthvlm_assets.captions.judge.stage import JudgeSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
@@ -115,6 +116,34 @@ class SynthesisResource(ConfigurableResource):
         from synthvlm_assets.synthesis.sdxl import SDXLGenerator
 
         return lambda: SDXLGenerator.load(self.settings(), self.cache_dir, s3_endpoint_url)
+
+
+_JUDGE = JudgeSettings()
+
+
+class JudgeResource(ConfigurableResource):
+    """SPEC §1's LLM judge. Llama-3-70B-Instruct through vLLM on GPU workers by default; "tiny" is a
+    random toy Llama (meaningless verdicts) for tests and the CPU demo."""
+
+    model: str = Field(default=_JUDGE.model, description='HF id, local folder, s3:// prefix, or "tiny".')
+    revision: str | None = None
+    tokenizer: str | None = Field(default=None, description="Default: the model's tokenizer.")
+    backend: str = Field(default=_JUDGE.backend, description="auto (vllm on a GPU, else transformers) | vllm | transformers | http")
+    endpoint_url: str | None = Field(default=None, description="http backend: an OpenAI-compatible server, e.g. `vllm serve`.")
+    api_key_env: str = _JUDGE.api_key_env
+    batch_size: int = _JUDGE.batch_size
+    max_caption_tokens: int = Field(default=_JUDGE.max_caption_tokens, description="Longer captions are rejected unjudged.")
+    forced_choice: bool | None = Field(default=None, description="Restrict the answer to Yes/No (default: off; on for tiny).")
+    tensor_parallel_size: int = Field(default=_JUDGE.tensor_parallel_size, description="vllm: GPUs per judge (70B bf16: 4-8).")
+    quantization: str | None = Field(default=None, description='vllm: e.g. "fp8" (70B on 2 H100s).')
+    max_model_len: int = _JUDGE.max_model_len
+    concurrency: int = _JUDGE.concurrency
+    timeout_s: float = _JUDGE.timeout_s
+    cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
+
+    def settings(self) -> JudgeSettings:
+        given = {k: v for k, v in self.model_dump().items() if k != "cache_dir" and v is not None}
+        return JudgeSettings.tiny(**given) if self.model == "tiny" else JudgeSettings(**given)
 
 
 _CLIP, _SSIM, _SEL = ClipSettings(), SSIMSettings(), SelectionSettings()

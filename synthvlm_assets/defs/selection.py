@@ -14,7 +14,8 @@ from dagster import (
 from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
-from synthvlm_assets.defs.synthesis import GPU_TAGS, sdxl_images
+from synthvlm_assets.defs.partitions import GPU_TAGS
+from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.formats.dataset import ASSET as DATASET
 from synthvlm_assets.formats.dataset import PAPER_TABLE_4, dataset_card, publish_dataset
 from synthvlm_assets.formats.llava import image_path

@@ -14,19 +14,15 @@ from dagster import (
 )
 from PIL import Image
 
-from synthvlm_assets.captions.stages import CURATED
-from synthvlm_assets.defs.captions import curated_captions
+from synthvlm_assets.captions.judge.stage import ASSET as JUDGED
+from synthvlm_assets.defs.judge import judged_captions
 from synthvlm_assets.defs.metadata import contact_sheet, md_table
-from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
 
-# On Kubernetes each run of this asset gets a GPU; the `gpu` pool caps how many run at once.
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-
-
 @asset(
-    deps=[curated_captions],
+    deps=[judged_captions],
     partitions_def=caption_shards,
     code_version="1",
     kinds={"pytorch", "webdataset"},
@@ -42,12 +38,12 @@ GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": 
     ],  # fmt: skip
 )
 def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthesis: SynthesisResource) -> MaterializeResult:
-    """SDXL images of the shard's curated captions (`images_per_caption` candidates each, seeded by
+    """SDXL images of the shard's judged (kept) captions (`images_per_caption` candidates each, seeded by
     caption id and candidate), as a WebDataset tar of JPEGs plus a Parquet manifest."""
     root = storage.root()
     shard = context.partition_key
     settings = synthesis.settings()
-    captions = root.read_partition(f"{CURATED}/{shard}", "kept", columns=["caption_id", "caption"])
+    captions = root.read_partition(f"{JUDGED}/{shard}", "kept", columns=["caption_id", "caption"])
     generator = synthesis.generator_factory(storage.s3_endpoint_url)
     result = synthesize_shard(root, shard, captions, settings, generator, run_id=context.run.run_id)
     manifest = result.manifest

@@ -75,3 +75,52 @@ def register_tiny_open_clip() -> str:
             json.dump(cfg, f)
         open_clip.add_model_config(folder)
     return TINY_CLIP
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)  # Llama-3-Instruct's chat template
+LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def tiny_llama_tokenizer():
+    """A byte-level BPE tokenizer with Llama 3's special tokens and chat template, built in code.
+    Its only merges spell Yes/No (with and without a leading space, any case) as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    merges = []
+    for word in ("Yes", "yes", "YES", "No", "no", "NO"):
+        for spelled in (word, "\u0120" + word):  # Ġ: byte-level's leading space
+            piece = spelled[0]
+            for ch in spelled[1:]:
+                if piece + ch not in vocab:
+                    merges.append((piece, ch))
+                    vocab[piece + ch] = len(vocab)
+                piece += ch
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(tokenizer, seed: int = 0):
+    """LlamaForCausalLM (Llama 3's architecture: GQA, RoPE, SwiGLU) at toy size, random weights.
+    Initialised wider than usual (std 0.5) so its meaningless verdicts at least vary by caption."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.5,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()

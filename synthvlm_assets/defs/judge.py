@@ -1,0 +1,69 @@
+"""SPEC §1's LLM judge as an asset: judged_captions, one partition per caption shard, on a GPU worker."""
+
+import pyarrow.compute as pc
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from synthvlm_assets.captions.judge.prompt import INSTRUCTION
+from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
+from synthvlm_assets.defs.captions import curated_captions
+from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
+from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
+from synthvlm_assets.defs.resources import JudgeResource, StorageResource
+
+
+@asset(
+    deps=[curated_captions],
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    group_name="captions",
+    pool="gpu",
+    op_tags=GPU_TAGS,
+    check_specs=[
+        AssetCheckSpec("every_caption_judged", asset=ASSET, blocking=True, description="One verdict per curated caption."),
+        AssetCheckSpec("only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."),
+    ],
+)
+def judged_captions(context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource) -> MaterializeResult:
+    """Curated captions the LLM judge finds fit for image generation (SPEC §1). Every caption keeps its
+    verdict (yes / no / parse_failure / too long), p_yes, raw token, model and prompt version."""
+    root = storage.root()
+    shard = context.partition_key
+    settings = judge.settings()
+    out = judge_shard(root, shard, load_judge(settings, judge.cache_dir, storage.s3_endpoint_url), settings, context.run.run_id)
+    judged = out.judged
+    counts = verdict_counts(judged)
+    prompts_per_s, tokens_per_s = timed_rate(out.stats)
+    curated = root.read_partition(f"curated_captions/{shard}", "kept", columns=["caption_id"]).column("caption_id").to_pylist()
+    kept_ids = [r["caption_id"] for r in judged.select(["caption_id", "verdict"]).to_pylist() if r["verdict"] == "yes"]
+    columns = ["verdict", "p_yes", "raw_token", "caption"]
+    examples = [row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)]
+    model = settings.model if not settings.is_tiny else "tiny (random weights: the verdicts are meaningless)"
+    return MaterializeResult(
+        metadata={
+            "model": model,
+            "revision": judged.column("judge_revision")[0].as_py() if judged.num_rows else "",
+            "backend": settings.resolved_backend(),
+            "prompt_version": judged.column("prompt_version")[0].as_py() if judged.num_rows else "",
+            "forced_choice": settings.forced_choice,
+            **{f"verdict_{k}": n for k, n in counts.items()},
+            "kept_fraction": counts["yes"] / judged.num_rows if judged.num_rows else 0.0,
+            "judged_now": out.judged_now,
+            "cache_hits": out.cache_hits,
+            "prompts_per_second": prompts_per_s,
+            "prompt_tokens_per_second": tokens_per_s,
+            "gpu_seconds": out.stats.seconds if settings.resolved_backend() != "http" else 0.0,
+            "p_yes_histogram": histograms([("p_yes", [p for p in judged.column("p_yes").to_pylist() if p is not None], [0.5])], f"{shard}: p_yes"),
+            "examples": md_table(["verdict", "p_yes", "raw token", "caption"], examples),
+            "instruction": MetadataValue.md(f"> {INSTRUCTION}"),
+            "judged_parquet": MetadataValue.path(root.uri(f"{out.prefix}/judged.parquet")),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name="every_caption_judged",
+                passed=sorted(judged.column("caption_id").to_pylist()) == sorted(curated) and judged.column("verdict").null_count == 0,
+                metadata={"curated": len(curated), "judged": judged.num_rows},
+            ),
+            AssetCheckResult(check_name="only_yes_kept", passed=root.read_partition(out.prefix, "kept").column("caption_id").to_pylist() == kept_ids),
+        ],
+    )
