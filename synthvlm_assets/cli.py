@@ -120,10 +120,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
     p = sub.add_parser("lineage", help="print one caption's whole chain, source file to SynthVLM-100K rank")
     p.add_argument("caption_id")
-    p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions)")
+    p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions, judged_captions, ...)")
     p.add_argument("query", nargs="?", default=None)
+    p = sub.add_parser("judge-serve", help="serve the judge (transformers backend) as an OpenAI-compatible /v1/completions endpoint")
+    p.add_argument("--model", default=None, help="HF id, folder, s3:// prefix or tiny (default: SYNTHVLM_JUDGE_MODEL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
+
+    if args.command == "judge-serve":
+        from synthvlm_assets.captions.judge.server import make_server
+        from synthvlm_assets.captions.judge.stage import load_judge
+        from synthvlm_assets.defs.resources import JudgeResource
+
+        model = args.model or settings.judge.get("model") or JudgeResource().model
+        judge = load_judge(JudgeResource(**{**settings.judge, "model": model, "backend": "transformers", "endpoint_url": None}).settings())
+        server = make_server(judge.backend, model, args.host, args.port)
+        print(f"judge {model} (prompt version {judge.prompt.version}) on http://{args.host}:{args.port}/v1/completions", flush=True)
+        server.serve_forever()
+        return 0
 
     if args.command == "lineage":
         import json

@@ -179,7 +179,13 @@ def test_sdxl_images_through_dagster(tmp_path, coco_path):
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("sdxl_images")}
         assert checks == {"every_caption_has_its_images": True, "image_size": True, "no_unusable_images": True}
         md = instance.get_latest_materialization_event(AssetKey("sdxl_images")).asset_materialization.metadata
+        judged_md = instance.get_latest_materialization_event(AssetKey("judged_captions")).asset_materialization.metadata
+        judge_checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("judged_captions")}
+    assert judge_checks == {"every_caption_judged": True, "only_yes_kept": True}
+    assert judged_md["model"].value.startswith("tiny") and judged_md["judged_now"].value > 0 and judged_md["cache_hits"].value == 0
+    assert judged_md["verdict_yes"].value > 0 and judged_md["p_yes_histogram"].value.startswith("![plot](data:image/png;base64,")
     kept = settings.resources()["storage"].root().read_partition(f"judged_captions/{shards[0].key}", "kept").num_rows
+    assert kept == judged_md["verdict_yes"].value
     assert md["images"].value == md["generated"].value == kept > 0
     assert md["model"].value.startswith("tiny")
     assert md["contact_sheet"].value.startswith("![plot](data:image/png;base64,")

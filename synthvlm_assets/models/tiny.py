@@ -95,13 +95,14 @@ def tiny_llama_tokenizer():
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
     merges = []
     for word in ("Yes", "yes", "YES", "No", "no", "NO"):
-        for spelled in (word, "\u0120" + word):  # Ġ: byte-level's leading space
-            piece = spelled[0]
-            for ch in spelled[1:]:
-                if piece + ch not in vocab:
-                    merges.append((piece, ch))
-                    vocab[piece + ch] = len(vocab)
-                piece += ch
+        piece = word[0]
+        for ch in word[1:]:
+            if piece + ch not in vocab:
+                merges.append((piece, ch))
+                vocab[piece + ch] = len(vocab)
+            piece += ch
+        merges.append(("\u0120", word))  # Ġ: byte-level's leading space, merged with the whole word
+        vocab["\u0120" + word] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

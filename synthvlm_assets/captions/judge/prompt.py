@@ -28,8 +28,8 @@ _SENTINEL = "\u2063CAPTION\u2063"  # invisible separators: never produced by a t
 YES, NO, PARSE_FAILURE = "yes", "no", "parse_failure"
 
 
-class PromptTooLong(ValueError):
-    pass
+class Unjudgeable(ValueError):
+    """A caption the judge is not asked about (too long, not valid text); recorded with this message."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,23 @@ class JudgePrompt:
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     def caption_ids(self, caption: str) -> list[int]:
-        # Chat templates trim message content (Llama 3's does), so the caption is trimmed too.
-        return _ids(self.tokenizer, caption.strip(), specials=False)
+        # Chat templates trim the message content (Llama 3's does); the caption ends it, so its
+        # trailing whitespace goes (its leading whitespace sits after the separator and stays).
+        return _ids(self.tokenizer, caption.rstrip(), specials=False)
 
     def ids(self, caption: str) -> list[int]:
-        """prefix + caption + suffix; PromptTooLong when the caption exceeds `max_caption_tokens`."""
+        """prefix + caption + suffix; Unjudgeable when the caption is too long or not valid text."""
+        if not isinstance(caption, str):
+            raise Unjudgeable(f"caption is {type(caption).__name__}, not text")
         if len(caption) > 16 * self.max_caption_tokens:  # cheap guard before tokenising a huge caption
-            raise PromptTooLong(f"caption of {len(caption)} characters")
+            raise Unjudgeable(f"caption of {len(caption)} characters > 16 * max_caption_tokens={self.max_caption_tokens}")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Unjudgeable(f"caption is not valid UTF-8 text ({exc.reason} at {exc.start})") from exc
         caption_ids = self.caption_ids(caption)
         if len(caption_ids) > self.max_caption_tokens:
-            raise PromptTooLong(f"caption of {len(caption_ids)} tokens > max_caption_tokens={self.max_caption_tokens}")
+            raise Unjudgeable(f"caption of {len(caption_ids)} tokens > max_caption_tokens={self.max_caption_tokens}")
         return [*self.prefix, *caption_ids, *self.suffix]
 
     def render(self, caption: str) -> str:

@@ -11,17 +11,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from synthvlm_assets.captions.judge.backends import BackendStats, FirstToken, HTTPJudge, JudgeBackend, TransformersJudge, VLLMJudge
-from synthvlm_assets.captions.judge.prompt import PARSE_FAILURE, YES, JudgePrompt, PromptTooLong, p_yes, parse_verdict
+from synthvlm_assets.captions.judge.prompt import NO, PARSE_FAILURE, YES, JudgePrompt, Unjudgeable, p_yes, parse_verdict
 from synthvlm_assets.captions.normalize import dedup_key
 from synthvlm_assets.captions.stages import CURATED
 from synthvlm_assets.models.sources import TINY, load_error, resolve_model
 from synthvlm_assets.storage import StorageRoot
 
 ASSET = "judged_captions"
-TOO_LONG = "caption_too_long_for_judge"
+UNJUDGEABLE = "unjudgeable"  # not asked: too long or not valid text (raw_token says why)
 
 VERDICT_FIELDS = [
-    ("verdict", pa.string()),  # yes | no | parse_failure | caption_too_long_for_judge
+    ("verdict", pa.string()),  # yes | no | parse_failure | unjudgeable
     ("p_yes", pa.float64()),  # P(Yes) / (P(Yes) + P(No)) of the first token; null when neither was returned
     ("raw_token", pa.string()),  # the first decoded token, verbatim
     ("yes_logprob", pa.float64()),
@@ -36,7 +36,7 @@ JUDGED_SCHEMA = pa.schema(
         ("judge_model", pa.string()),
         ("judge_revision", pa.string()),
         ("prompt_version", pa.string()),
-        ("reject_reason", pa.string()),  # null when kept: "judge_no", "judge_parse_failure", "caption_too_long_for_judge"
+        ("reject_reason", pa.string()),  # null when kept: judge_no, judge_parse_failure, judge_unjudgeable
         ("shard", pa.string()),
     ]
 )
@@ -206,8 +206,8 @@ def judge_shard(storage: StorageRoot, shard: str, judge: Judge, settings: JudgeS
             try:
                 prompts.append(judge.prompt.ids(caption))
                 batch.append(key)
-            except PromptTooLong as exc:
-                pending.append({"judge_key": key, "verdict": TOO_LONG, "p_yes": None, "raw_token": str(exc), "yes_logprob": None, "no_logprob": None})
+            except Unjudgeable as exc:
+                pending.append({"judge_key": key, "verdict": UNJUDGEABLE, "p_yes": None, "raw_token": str(exc), "yes_logprob": None, "no_logprob": None})
         for key, result in zip(batch, judge.backend.score(prompts, shared_prefix=len(judge.prompt.prefix))):
             pending.append(verdict_row(key, result))
         if len(pending) >= settings.cache_every:
@@ -220,7 +220,7 @@ def judge_shard(storage: StorageRoot, shard: str, judge: Judge, settings: JudgeS
     rows = []
     for caption_id, caption, key in zip(curated.column("caption_id").to_pylist(), captions, keys):
         v = known[key]
-        reason = None if v["verdict"] == YES else ("judge_" + v["verdict"] if v["verdict"] != TOO_LONG else TOO_LONG)
+        reason = None if v["verdict"] == YES else "judge_" + v["verdict"]
         rows.append({
             "caption_id": caption_id, "caption": caption, **{k: v[k] for k, _ in VERDICT_FIELDS},
             "judge_model": judge.model_id, "judge_revision": judge.revision, "prompt_version": judge.prompt.version,
@@ -239,7 +239,7 @@ def judge_shard(storage: StorageRoot, shard: str, judge: Judge, settings: JudgeS
 
 
 def verdict_counts(judged: pa.Table) -> dict[str, int]:
-    counts = dict.fromkeys([YES, "no", PARSE_FAILURE, TOO_LONG], 0)
+    counts = dict.fromkeys([YES, NO, PARSE_FAILURE, UNJUDGEABLE], 0)
     for v in judged.column("verdict").to_pylist():
         counts[v] = counts.get(v, 0) + 1
     return counts
