@@ -24,3 +24,5 @@ python3 -c "import torch, diffusers, open_clip; print('torch', torch.__version__
 timeout 150 python3 benchmarks/scoring_benchmark.py 2>&1 | grep -v "kept in float32" | tee "$OUT/scoring.log"
 timeout 330 python3 benchmarks/sdxl_benchmark.py --validate --variant fuse_qkv=true --out "$OUT/sdxl.json" 2>&1 \
   | grep -v "kept in float32" | tee "$OUT/sdxl.log"
+# Issue 6: the judge's transformers backend on Llama-3-8B's architecture, with and without the prefix cache.
+timeout 200 python3 benchmarks/judge_benchmark.py --out "$OUT/judge.json" 2>&1 | tee "$OUT/judge.log"
