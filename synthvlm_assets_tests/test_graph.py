@@ -161,7 +161,7 @@ def test_definitions_load():
 
 
 def test_sdxl_images_through_dagster(tmp_path, coco_path):
-    from synthvlm_assets.defs.judge import judged_captions
+    from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
     from synthvlm_assets.defs.synthesis import sdxl_images
 
     src = tmp_path / "pool.jsonl"
@@ -173,7 +173,7 @@ def test_sdxl_images_through_dagster(tmp_path, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         result = materialize(
-            [raw_caption_pool, curated_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
+            [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
         )
         assert result.success
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("sdxl_images")}

@@ -203,11 +203,11 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     settings = JudgeSettings.tiny(batch_size=8, cache_every=8)
     crashing = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=3), "tiny", "tiny-random")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        judge_shard(root, "s1", crashing, settings)
+        judge_shard(root, "s1", crashing, settings, captions_from="curated_captions")
     assert root.manifest("judged_captions/s1") is None  # nothing published half-way
 
     counting = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    out = judge_shard(root, "s1", counting, settings)
+    out = judge_shard(root, "s1", counting, settings, captions_from="curated_captions")
     assert out.cache_hits == 24 and counting.backend.prompts == 40 - 24  # resumed after the 3 durable batches
     counts = verdict_counts(out.judged)
     assert sum(counts.values()) == 41 and counts["unjudgeable"] == 1
@@ -216,16 +216,16 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     assert kept.num_rows == counts["yes"] and set(kept.column("verdict").to_pylist()) <= {"yes"}
 
     again = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", again, settings).judged_now == 0 and again.backend.prompts == 0
+    assert judge_shard(root, "s1", again, settings, captions_from="curated_captions").judged_now == 0 and again.backend.prompts == 0
 
     # A re-curated shard with two new captions: only those are judged.
     _curated(root, "s1", captions + ["A brand new caption about a red kite.", "Two horses in a field."])
     more = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", more, settings).judged_now == 2 and more.backend.prompts == 2
+    assert judge_shard(root, "s1", more, settings, captions_from="curated_captions").judged_now == 2 and more.backend.prompts == 2
 
     changed = JudgePrompt.build(tiny_judge.prompt.tokenizer, instruction=INSTRUCTION + " Be strict.")
     other = Judge(changed, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", other, settings).judged_now == 43  # a new prompt version judges everything
+    assert judge_shard(root, "s1", other, settings, captions_from="curated_captions").judged_now == 43  # a new prompt version judges everything
 
 
 def test_loading_through_the_real_path(tmp_path, tokenizer, tiny_judge):

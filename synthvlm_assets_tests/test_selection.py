@@ -109,7 +109,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
 
     from synthvlm_assets.defs.build import Settings, build_definitions
     from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
-    from synthvlm_assets.defs.judge import judged_captions
+    from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
     from synthvlm_assets.defs.partitions import caption_shards
     from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
     from synthvlm_assets.defs.synthesis import sdxl_images
@@ -120,26 +120,26 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     coco_subset_jsonl(coco_path, src, n=60)
     settings = Settings(
         storage_root=str(tmp_path / "root"), shard_rows=40, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2},
-        scoring={"clip_model": "tiny", "batch_size": 16}, selection={"k": 30},
+        scoring={"clip_model": "tiny", "batch_size": 16}, selection={"k": 20},
     )  # fmt: skip
     defs = build_definitions(settings)
     _, shards = settings.resources()["storage"].registry().register_file(str(src), settings.shard_rows)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in shards:
-            r = materialize([raw_caption_pool, curated_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
+            r = materialize([raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
             assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         r = materialize([synthvlm_100k], instance=instance, resources=defs.resources, selection=[synthvlm_100k])
         assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         md = instance.get_latest_materialization_event(AssetKey("synthvlm_100k")).asset_materialization.metadata
-    assert md["records"].value == 30
+    assert md["records"].value == 20
     root = settings.resources()["storage"].root()
     base = root.manifest("synthvlm_100k")["prefix"]
     folder = tmp_path / "root" / base
 
     # LLaVA's loader: json.load a list; each record's image relative to the image folder; one <image>.
     records = json.loads((folder / "synthvlm_100k.json").read_text())
-    assert len(records) == 30 and len({r["id"] for r in records}) == 30
+    assert len(records) == 20 and len({r["id"] for r in records}) == 20
     for r in records:
         human, gpt = r["conversations"]
         assert human["from"] == "human" and gpt["from"] == "gpt"
@@ -159,7 +159,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
 
     # Hugging Face datasets: an image dataset.
     ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (folder / "hf").glob("*.parquet")), split="train")
-    assert isinstance(ds.features["image"], datasets.Image) and len(ds) == 30
+    assert isinstance(ds.features["image"], datasets.Image) and len(ds) == 20
     assert ds[0]["image"].size == (32, 32) and ds[0]["caption_id"] == records[0]["id"]
     card = (folder / "README.md").read_text()
     assert "tiny preset" in card and "SynthVLM-100K (paper) | 0.36 | 0.86 | 0.79" in card

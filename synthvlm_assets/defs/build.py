@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
-from synthvlm_assets.defs.judge import judged_captions
+from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
 from synthvlm_assets.defs.resources import (
     CaptionSourceResource,
     CurationResource,
     JudgeResource,
+    PairFilterResource,
     ScoringResource,
     SelectionResource,
     StorageResource,
@@ -37,6 +38,7 @@ class Settings:
     input_uri: str | None = None  # default: <storage_root>/inbox
     shard_rows: int = 1000
     curation: dict = field(default_factory=dict)
+    pair_filters: dict = field(default_factory=dict)  # PairFilterResource fields (off by default)
     judge: dict = field(default_factory=dict)  # JudgeResource fields; {"model": "tiny"} offline
     synthesis: dict = field(default_factory=dict)  # SynthesisResource fields; {"model": "tiny"} offline
     scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
@@ -65,6 +67,7 @@ class Settings:
                 shard_rows=self.shard_rows,
             ),
             "curation": CurationResource(**self.curation),
+            "pair_filters": PairFilterResource(**self.pair_filters),
             "judge": JudgeResource(**self.judge),
             "synthesis": SynthesisResource(**self.synthesis),
             "scoring": ScoringResource(**self.scoring),
@@ -73,7 +76,7 @@ class Settings:
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    per_shard = [raw_caption_pool, curated_captions, judged_captions, sdxl_images, image_scores]
+    per_shard = [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
     assets = [*per_shard, synthvlm_100k]
     main_job = define_asset_job(
         MAIN_JOB,

@@ -5,10 +5,12 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Mat
 
 from synthvlm_assets.captions.judge.prompt import INSTRUCTION
 from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
+from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
+from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_shard
 from synthvlm_assets.defs.captions import curated_captions
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
-from synthvlm_assets.defs.resources import JudgeResource, StorageResource
+from synthvlm_assets.defs.resources import JudgeResource, PairFilterResource, StorageResource
 
 
 @asset(
@@ -17,15 +19,52 @@ from synthvlm_assets.defs.resources import JudgeResource, StorageResource
     code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="captions",
+    check_specs=[AssetCheckSpec("rows_accounted_for", asset=PAIR_FILTERED, blocking=True, description="Curated = kept + rejected.")],
+)
+def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResource, pair_filters: PairFilterResource) -> MaterializeResult:
+    """SPEC §1's optional pair filters on the original web images (BLIP ITM >= 0.8, CLIP cosine >= 0.28).
+    Off by default: every curated caption passes through unscored."""
+    root = storage.root()
+    settings = pair_filters.settings()
+    scorer = PairScorer.load(settings, pair_filters.cache_dir, storage.s3_endpoint_url) if settings.enabled else None
+    out = pair_filter_shard(root, context.partition_key, settings, scorer, context.run.run_id)
+    table = out.table
+    reasons = pc.value_counts(table.column("reject_reason").drop_null()).to_pylist() if table.num_rows else []
+    metadata = {"enabled": settings.enabled, "captions_in": table.num_rows, "kept": out.kept,
+                "rejected_by": md_table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons])}  # fmt: skip
+    if settings.enabled:
+        metadata["models"] = f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= {settings.clip_cosine_min})"
+        metadata["score_histograms"] = histograms(
+            [("itm_probability", [v for v in table.column("itm_probability").to_pylist() if v is not None], [settings.itm_probability_min]),
+             ("clip_cosine", [v for v in table.column("clip_cosine").to_pylist() if v is not None], [settings.clip_cosine_min])],
+            f"{context.partition_key} (dashed: thresholds)",
+        )  # fmt: skip
+        metadata["rejected_sample"] = md_table(
+            ["caption_id", "reason", "detail", "caption"],
+            sample_rows(table.filter(pc.is_valid(table.column("reject_reason"))), ["caption_id", "reject_reason", "reject_detail", "caption"]),
+        )
+    n_curated = root.read_partition(f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]).num_rows
+    return MaterializeResult(
+        metadata=metadata,
+        check_results=[AssetCheckResult(check_name="rows_accounted_for", passed=table.num_rows == n_curated, metadata={"curated": n_curated})],
+    )
+
+
+@asset(
+    deps=[pair_filtered_captions],
+    partitions_def=caption_shards,
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    group_name="captions",
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
-        AssetCheckSpec("every_caption_judged", asset=ASSET, blocking=True, description="One verdict per curated caption."),
+        AssetCheckSpec("every_caption_judged", asset=ASSET, blocking=True, description="One verdict per caption that passed the pair filters."),
         AssetCheckSpec("only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."),
     ],
 )
 def judged_captions(context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource) -> MaterializeResult:
-    """Curated captions the LLM judge finds fit for image generation (SPEC §1). Every caption keeps its
+    """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1). Every caption keeps its
     verdict (yes / no / parse_failure / too long), p_yes, raw token, model and prompt version."""
     root = storage.root()
     shard = context.partition_key
@@ -34,7 +73,7 @@ def judged_captions(context: AssetExecutionContext, storage: StorageResource, ju
     judged = out.judged
     counts = verdict_counts(judged)
     prompts_per_s, tokens_per_s = timed_rate(out.stats)
-    curated = root.read_partition(f"curated_captions/{shard}", "kept", columns=["caption_id"]).column("caption_id").to_pylist()
+    curated = root.read_partition(f"{PAIR_FILTERED}/{shard}", "kept", columns=["caption_id"]).column("caption_id").to_pylist()
     kept_ids = [r["caption_id"] for r in judged.select(["caption_id", "verdict"]).to_pylist() if r["verdict"] == "yes"]
     columns = ["verdict", "p_yes", "raw_token", "caption"]
     examples = [row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)]

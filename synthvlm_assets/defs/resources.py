@@ -7,6 +7,7 @@ from pydantic import Field
 
 from synthvlm_assets.captions.filters import PerplexityModel, RuleFilterSettings
 from synthvlm_assets.captions.judge.stage import JudgeSettings
+from synthvlm_assets.captions.pair_filters import PairFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
@@ -116,6 +117,25 @@ class SynthesisResource(ConfigurableResource):
         from synthvlm_assets.synthesis.sdxl import SDXLGenerator
 
         return lambda: SDXLGenerator.load(self.settings(), self.cache_dir, s3_endpoint_url)
+
+
+_PAIR = PairFilterSettings()
+
+
+class PairFilterResource(ConfigurableResource):
+    """SPEC §1's optional image-text filters on the captions' original web images (off by default)."""
+
+    enabled: bool = Field(default=_PAIR.enabled, description="Score (original image, caption) pairs; off: every caption passes.")
+    blip_model: str = Field(default=_PAIR.blip_model, description='BLIP ITM: HF id, local folder, s3:// prefix, or "tiny".')
+    clip_model: str = Field(default=_PAIR.clip_model, description='CLIP (transformers): HF id, local folder, s3:// prefix, or "tiny".')
+    itm_probability_min: float = _PAIR.itm_probability_min
+    clip_cosine_min: float = _PAIR.clip_cosine_min
+    image_root: str | None = Field(default=None, description="Folder or s3:// prefix that relative image references are under.")
+    batch_size: int = _PAIR.batch_size
+    cache_dir: str | None = None
+
+    def settings(self) -> PairFilterSettings:
+        return PairFilterSettings(**{k: v for k, v in self.model_dump().items() if k != "cache_dir"})
 
 
 _JUDGE = JudgeSettings()

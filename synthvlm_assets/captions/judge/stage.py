@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from synthvlm_assets.captions.judge.backends import BackendStats, FirstToken, HTTPJudge, JudgeBackend, TransformersJudge, VLLMJudge
 from synthvlm_assets.captions.judge.prompt import NO, PARSE_FAILURE, YES, JudgePrompt, Unjudgeable, p_yes, parse_verdict
 from synthvlm_assets.captions.normalize import dedup_key
-from synthvlm_assets.captions.stages import CURATED
+from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.models.sources import TINY, load_error, resolve_model
 from synthvlm_assets.storage import StorageRoot
 
@@ -185,10 +185,12 @@ class VerdictCache:
             self.storage.write_parquet(f"{self.folder}/chunk-{chunk}.parquet", pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
 
 
-def judge_shard(storage: StorageRoot, shard: str, judge: Judge, settings: JudgeSettings, run_id: str = "") -> JudgedShard:
-    """Judge the shard's curated captions (cached ones are not judged again) and publish
+def judge_shard(
+    storage: StorageRoot, shard: str, judge: Judge, settings: JudgeSettings, run_id: str = "", captions_from: str = PAIR_FILTERED
+) -> JudgedShard:
+    """Judge the shard's kept captions of `captions_from` (cached ones are not judged again) and publish
     `judged_captions/<shard>/{judged,kept}.parquet`."""
-    curated = storage.read_partition(f"{CURATED}/{shard}", "kept", columns=["caption_id", "caption"])
+    curated = storage.read_partition(f"{captions_from}/{shard}", "kept", columns=["caption_id", "caption"])
     captions = curated.column("caption").to_pylist()
     keys = [dedup_key(c) for c in captions]
     cache = VerdictCache(storage, judge, shard)
