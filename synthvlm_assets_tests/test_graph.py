@@ -143,15 +143,15 @@ def test_sensor_registers_new_files_once(tmp_path, coco_path):
         (inbox / "broken.json").write_text("[{")
         (inbox / ".partial.jsonl").write_text("{}")  # hidden: an upload in progress
         result = tick()
-        keys = [r.partition_key for r in result.run_requests]
-        assert len(keys) == 4 and all(k.startswith("a-") for k in keys)
+        keys = list(result.dynamic_partitions_requests[0].partition_keys)
+        assert not result.run_requests and len(keys) == 4 and all(k.startswith("a-") for k in keys)
         assert set(instance.get_dynamic_partitions(caption_shards.name)) == set(keys)
         assert "broken.json" in result.cursor
         again = tick(result.cursor)
         assert isinstance(again, SkipReason)  # nothing new; the broken file is not rescanned
         coco_subset_jsonl(coco_path, inbox / "b.jsonl", n=100)
         third = tick(result.cursor)
-        assert [r.partition_key for r in third.run_requests] == [s.key for s in resources["storage"].registry().shards()][4:]
+        assert list(third.dynamic_partitions_requests[0].partition_keys) == [s.key for s in resources["storage"].registry().shards()][4:]
 
 
 def test_definitions_load():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
+from synthvlm_assets.defs.automation import PER_SHARD, SELECTION, automation_sensor, code_versions, nightly_schedule
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
 from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
 from synthvlm_assets.defs.resources import (
@@ -20,6 +21,7 @@ from synthvlm_assets.defs.resources import (
     SynthesisResource,
 )
 from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
+from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.storage import local_or_absolute
@@ -91,9 +93,17 @@ def build_definitions(settings: Settings) -> Definitions:
         selection=AssetSelection.assets(raw_caption_pool, curated_captions),
         description="The CPU part per caption shard: load the raw pool and curate it.",
     )
+    resources = settings.resources()
+    versions = code_versions(resources)
+    conditions = {a.key: SELECTION if a is synthvlm_100k else PER_SHARD for a in assets}
+    assets = [
+        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()], automation_condition=conditions[spec.key]))
+        for a in assets
+    ]
     return Definitions(
         assets=assets,
         jobs=[main_job, curation_job, dataset_job],
-        sensors=[caption_file_sensor],
-        resources=settings.resources(),
+        sensors=[caption_file_sensor, automation_sensor],
+        schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
+        resources=resources,
     )

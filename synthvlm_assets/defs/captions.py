@@ -15,6 +15,7 @@ from dagster import (
 
 from synthvlm_assets.captions.filters import FILTER_NAMES
 from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw_shard
+from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
@@ -48,6 +49,7 @@ def raw_caption_pool(
     reasons = Counter(malformed.column("reason").to_pylist())
     lengths = pc.utf8_length(captions.column("caption")).to_pylist()
     return MaterializeResult(
+        data_version=partition_data_version(root, prefix),
         metadata={
             "source_file": MetadataValue.path(shard.uri),
             "rows": shard.rows,
@@ -119,6 +121,7 @@ def curated_captions(
     ]
     n_in = out.raw_rows
     return MaterializeResult(
+        data_version=partition_data_version(root, prefix),
         metadata={
             "captions_in": n_in,
             "kept": result.kept.num_rows,

@@ -7,6 +7,7 @@ from synthvlm_assets.captions.judge.prompt import INSTRUCTION
 from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
 from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_shard
+from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.captions import curated_captions
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
@@ -45,6 +46,7 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
         )
     n_curated = root.read_partition(f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]).num_rows
     return MaterializeResult(
+        data_version=partition_data_version(root, out.prefix),
         metadata=metadata,
         check_results=[AssetCheckResult(check_name="rows_accounted_for", passed=table.num_rows == n_curated, metadata={"curated": n_curated})],
     )
@@ -79,6 +81,7 @@ def judged_captions(context: AssetExecutionContext, storage: StorageResource, ju
     examples = [row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)]
     model = settings.model if not settings.is_tiny else "tiny (random weights: the verdicts are meaningless)"
     return MaterializeResult(
+        data_version=partition_data_version(root, out.prefix),
         metadata={
             "model": model,
             "revision": judged.column("judge_revision")[0].as_py() if judged.num_rows else "",

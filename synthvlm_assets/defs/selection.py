@@ -1,16 +1,21 @@
 """SPEC §3-§5 as assets: image_scores per shard, then synthvlm_100k over all scored shards."""
 
+import hashlib
+import json
+
 import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
@@ -50,6 +55,7 @@ def image_scores(
     )
     t = result.scores
     return MaterializeResult(
+        data_version=partition_data_version(root, result.prefix),
         metadata={
             "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}" + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
             "images_scored": t.num_rows,
@@ -109,6 +115,7 @@ def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, sele
              ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))]]  # fmt: skip
     means += [[name, c, s, w if w is not None else "-"] for name, (c, s, w) in PAPER_TABLE_4.items()]
     return MaterializeResult(
+        data_version=DataVersion(hashlib.sha256(json.dumps([[r["caption_id"], r["candidate"], r["rank"]] for r in rows]).encode()).hexdigest()[:12]),
         metadata={
             "records": len(rows),
             "captions_scored": n_captions,

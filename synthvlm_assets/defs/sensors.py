@@ -3,9 +3,7 @@
 import json
 
 from dagster import (
-    AssetSelection,
     DefaultSensorStatus,
-    RunRequest,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -13,7 +11,6 @@ from dagster import (
 )
 
 from synthvlm_assets.captions.sources import SourceFormatError, list_caption_files
-from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, StorageResource
 from synthvlm_assets.shards import ShardRegistry, ShardRegistryError, fingerprint
@@ -51,10 +48,10 @@ def register_new_files(registry: ShardRegistry, input_uri: str, shard_rows: int,
 
 
 @sensor(
-    asset_selection=AssetSelection.assets(raw_caption_pool, curated_captions),
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Registers each new caption file under the input location as shards and curates them.",
+    description="Registers each new caption file under the input location as shards (new partitions); "
+    "the automation sensor then runs each new shard's chain.",
 )
 def caption_file_sensor(
     context: SensorEvaluationContext, storage: StorageResource, caption_source: CaptionSourceResource
@@ -70,8 +67,9 @@ def caption_file_sensor(
     missing = [s.key for s in registry.shards() if s.key not in existing]
     if not missing and not new_keys:
         return SkipReason(f"no new caption files under {caption_source.input_uri}")
+    # No run requests here: a new partition is `newly_missing` for every per-shard asset's automation
+    # condition, so the automation sensor runs its whole chain (and nothing runs twice).
     return SensorResult(
-        run_requests=[RunRequest(partition_key=k, run_key=k) for k in new_keys],
         dynamic_partitions_requests=[caption_shards.build_add_request(missing)] if missing else [],
         cursor=json.dumps(failures, sort_keys=True),
     )

@@ -16,6 +16,7 @@ from PIL import Image
 
 from synthvlm_assets.captions.judge.stage import ASSET as JUDGED
 from synthvlm_assets.defs.judge import judged_captions
+from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, md_table
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
@@ -81,6 +82,7 @@ def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthe
     covered = {(r["caption_id"], r["candidate"]) for r in rows if r["key"] in sizes or r["flag"]}
     missing = [(w.caption_id, w.candidate) for w in wanted if (w.caption_id, w.candidate) not in covered]
     return MaterializeResult(
+        data_version=partition_data_version(root, result.prefix),
         metadata=metadata,
         check_results=[
             AssetCheckResult(

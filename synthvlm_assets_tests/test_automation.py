@@ -1,0 +1,98 @@
+"""Scheduled incremental regeneration, decided by Dagster's own automation evaluation: a growing pool,
+a threshold change that admits new captions, a lambda change, with the work counted at each step."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from dagster import AssetKey, evaluate_automation_conditions, instance_for_test, materialize
+
+from synthvlm_assets.cli import register
+from synthvlm_assets.defs.build import Settings, build_definitions
+
+
+
+def captions_jsonl(coco_path, path, start: int, n: int, prefix: str = "") -> None:
+    anns = json.loads(coco_path.read_text())["annotations"][start : start + n]
+    path.write_text("".join(json.dumps({"id": a["id"], "caption": prefix + a["caption"]}) + "\n" for a in anns))
+
+PER_SHARD = ["raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores"]
+
+
+class Automation:
+    """Ticks the automation conditions like the automation sensor does, and runs what each tick
+    requests (one run per partition), counting materializations and generated images."""
+
+    def __init__(self, instance) -> None:
+        self.instance, self.cursor = instance, None
+
+    def run_until_quiet(self, defs) -> tuple[Counter, int]:
+        done: Counter = Counter()
+        generated = 0
+        for _ in range(15):
+            result = evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)
+            self.cursor = result.cursor
+            if result.total_requested == 0:
+                return done, generated
+            by_partition: dict[str | None, list[str]] = {}
+            for name in [*PER_SHARD, "synthvlm_100k"]:
+                for partition in result.get_requested_partitions(AssetKey(name)):
+                    by_partition.setdefault(partition, []).append(name)
+            for partition, names in by_partition.items():
+                r = materialize(list(defs.assets), selection=names, partition_key=partition, instance=self.instance, resources=defs.resources)
+                assert r.success
+                done.update(names)
+                for m in r.asset_materializations_for_node("sdxl_images"):
+                    generated += m.metadata["generated"].value
+        raise AssertionError("automation did not settle")
+
+
+def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
+    base = dict(storage_root=str(tmp_path / "root"), shard_rows=20, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2},
+                scoring={"clip_model": "tiny", "batch_size": 16, "workers": 0}, selection={"k": 10})  # fmt: skip
+    settings = Settings(**base)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    captions_jsonl(coco_path, a, 0, 40)
+    with instance_for_test() as instance:
+        auto = Automation(instance)
+        defs = build_definitions(settings)
+        assert auto.run_until_quiet(defs) == (Counter(), 0)  # the sensor is on before files arrive
+        register([str(a)], settings, instance)
+        shards_a = instance.get_dynamic_partitions("caption_shards")
+        done, generated = auto.run_until_quiet(defs)
+        assert done == Counter({**dict.fromkeys(PER_SHARD, len(shards_a)), "synthvlm_100k": 1})
+        root = settings.resources()["storage"].root()
+        def kept_ids() -> set[str]:
+            return {cid for k in instance.get_dynamic_partitions("caption_shards") if root.manifest(f"judged_captions/{k}")
+                    for cid in root.read_partition(f"judged_captions/{k}", "kept").column("caption_id").to_pylist()}  # fmt: skip
+
+        kept = lambda: len(kept_ids())  # noqa: E731
+        assert generated == kept() > 0
+
+        # A second file: only its shard and the selection run.
+        captions_jsonl(coco_path, b, 40, 20)
+        register([str(b)], settings, instance)
+        assert len(instance.get_dynamic_partitions("caption_shards")) == len(shards_a) + 1
+        before = kept()
+        done, generated = auto.run_until_quiet(defs)
+        assert done == Counter({**dict.fromkeys(PER_SHARD, 1), "synthvlm_100k": 1})
+        assert generated == kept() - before
+
+        # A looser rule threshold admits captions: curation reruns everywhere (new code version); images
+        # are generated for exactly the newly admitted captions that the judge keeps.
+        before_ids = kept_ids()
+        looser = build_definitions(Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}}))
+        done, generated = auto.run_until_quiet(looser)
+        new = kept_ids() - before_ids
+        assert new and before_ids <= kept_ids() and generated == len(new)
+        assert done["curated_captions"] == len(shards_a) + 1 and done["synthvlm_100k"] == 1
+        assert done["raw_caption_pool"] == 0  # its settings did not change
+
+        # lambda: only the selection reruns.
+        lam = build_definitions(Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}, "selection": {"k": 10, "lam": 0.9}}))
+        done, generated = auto.run_until_quiet(lam)
+        assert done == Counter({"synthvlm_100k": 1}) and generated == 0
+
+        # Nothing changed: nothing runs.
+        assert auto.run_until_quiet(lam) == (Counter(), 0)
