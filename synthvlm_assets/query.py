@@ -9,6 +9,7 @@ import duckdb
 import pyarrow as pa
 
 from synthvlm_assets.captions.curation import CURATED_SCHEMA
+from synthvlm_assets.captions.filters import FILTER_NAMES
 from synthvlm_assets.captions.judge.stage import JUDGED_SCHEMA
 from synthvlm_assets.captions.sources import MALFORMED_SCHEMA, RAW_SCHEMA
 from synthvlm_assets.scoring.stage import SCORES_SCHEMA
@@ -78,3 +79,43 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
         "synthvlm_100k": selected[0] if selected else None,
         "run_ids": runs,
     }
+
+
+STEPS = ("raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores")
+
+
+def lineage_table(storage: StorageRoot, selection: pa.Table, selection_run_id: str = "") -> pa.Table:
+    """Per-image provenance, one row per candidate image of every scored shard: source file and row,
+    caption ids, raw and normalised caption, rule-filter values, judge verdict and p_yes with the prompt
+    version, seed, generator model, revision and settings hash, clip_score, ssim, score, rank in the
+    selection (null if not selected), and the Dagster run id of every step."""
+    con = connect(storage)
+    shards = [r[0] for r in con.sql("SELECT DISTINCT shard FROM image_scores").fetchall()]
+    runs = pa.table(
+        {"shard": pa.array(shards, pa.string()),
+         **{f"run_{step}": pa.array([(storage.manifest(f"{step}/{s}") or {}).get("run_id") for s in shards], pa.string()) for step in STEPS}}
+    )  # fmt: skip
+    con.register("step_runs", runs)
+    con.register("selection", selection.select(["caption_id", "candidate", "rank"]))
+    filters = ", ".join(f"c.{name}" for name in FILTER_NAMES)
+    return con.sql(
+        f"""
+        SELECT m.caption_id, m.candidate, r.source_file, r.source_row, r.source_id, r.shard,
+               r.caption AS caption_raw, r.caption_normalized, {filters},
+               j.verdict AS judge_verdict, j.p_yes AS judge_p_yes, j.prompt_version AS judge_prompt_version,
+               j.judge_model, j.judge_revision,
+               m.seed, m.key AS image_key, m.model AS generator_model, m.model_revision AS generator_revision,
+               substr(sha256(m.settings), 1, 16) AS generator_settings_hash, m.flag AS image_flag,
+               s.clip_score, s.ssim, s.score, s.lambda, sel.rank,
+               {", ".join(f"sr.run_{step}" for step in STEPS)}, $selection_run AS run_synthvlm_100k
+        FROM image_scores s
+        JOIN sdxl_images m USING (caption_id, candidate)
+        JOIN raw_captions r ON r.caption_id = m.caption_id
+        LEFT JOIN curated_captions c ON c.caption_id = m.caption_id
+        LEFT JOIN judged_captions j ON j.caption_id = m.caption_id
+        LEFT JOIN selection sel ON sel.caption_id = m.caption_id AND sel.candidate = m.candidate
+        LEFT JOIN step_runs sr ON sr.shard = r.shard
+        ORDER BY sel.rank NULLS LAST, m.caption_id, m.candidate
+        """,
+        params={"selection_run": selection_run_id},
+    ).to_arrow_table()

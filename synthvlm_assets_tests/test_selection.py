@@ -174,6 +174,16 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     (image,) = chain["images"]
     assert image["seed"] == seed_for(records[0]["id"], 0) and image["score"] == pytest.approx(scores[0]["score"])
     assert all(chain["run_ids"].values())
+
+    # The per-image provenance table the dataset card links, read with DuckDB in place.
+    import duckdb
+
+    prov = duckdb.sql(f"SELECT * FROM '{folder / 'lineage.parquet'}' ORDER BY rank NULLS LAST").to_arrow_table().to_pylist()
+    assert "lineage.parquet" in card and len(prov) == root.read_parquet(f"{base}/selection.parquet").num_rows + sum(r["rank"] is None for r in prov)
+    top = prov[0]
+    assert top["rank"] == 1 and top["caption_id"] == records[0]["id"] and top["judge_verdict"] == "yes" and top["seed"] == image["seed"]
+    assert top["source_file"] == str(src) and top["special_character_ratio"] is not None and top["generator_settings_hash"]
+    assert all(top[f"run_{step}"] for step in ("raw_caption_pool", "curated_captions", "judged_captions", "sdxl_images", "image_scores", "synthvlm_100k"))
     with pytest.raises(KeyError, match="no materialized raw_caption_pool"):
         lineage(root, "nope:1")
 

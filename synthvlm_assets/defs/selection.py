@@ -27,6 +27,7 @@ from synthvlm_assets.formats.llava import image_path
 from synthvlm_assets.scoring.clip_score import ClipScorer
 from synthvlm_assets.scoring.stage import ASSET as SCORES
 from synthvlm_assets.scoring.stage import score_shard
+from synthvlm_assets.query import lineage_table
 from synthvlm_assets.selection import select
 
 
@@ -99,7 +100,8 @@ def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, sele
     tiny = any("tiny" in str(v) for v in set(scores.column("clip_model").to_pylist()))
     info = {"settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction}, "captions_scored": n_captions,
             "shards": len(passed), "excluded_shards": excluded, "tiny": tiny, "run_id": context.run.run_id}  # fmt: skip
-    manifest, rows = publish_dataset(root, selected, lambda sel: dataset_card(sel, scores, info), info)
+    lineage = lineage_table(root, selected, context.run.run_id)
+    manifest, rows = publish_dataset(root, selected, lambda sel: dataset_card(sel, scores, info), info, lineage)
     base = manifest["prefix"]
     readable = 0
     for r in rows:
@@ -133,6 +135,7 @@ def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, sele
             ),
             "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
             "dataset_card": MetadataValue.path(root.uri(f"{base}/README.md")),
+            "lineage_parquet": MetadataValue.path(root.uri(f"{base}/lineage.parquet")),
             "version": manifest["version"],
         },
         check_results=[

@@ -29,7 +29,7 @@ PAPER_TABLE_4 = {"SynthVLM-100K (paper)": (0.36, 0.86, 0.79), "ShareGPT4V (paper
 
 
 def publish_dataset(
-    storage: StorageRoot, selected: pa.Table, card: Callable[[pa.Table], str], info: dict
+    storage: StorageRoot, selected: pa.Table, card: Callable[[pa.Table], str], info: dict, lineage: pa.Table | None = None
 ) -> tuple[dict, list[dict]]:
     """Write every format of the selection and switch the current version to it; returns the
     manifest and the selected rows with their captions."""
@@ -62,6 +62,8 @@ def publish_dataset(
         storage.write_bytes(f"{base}/wds/shard-{i // SAMPLES_PER_SHARD:05d}.tar", webdataset_shard(samples))
         storage.write_bytes(f"{base}/hf/train-{i // SAMPLES_PER_SHARD:05d}.parquet", hf_parquet(samples))
     storage.write_parquet(f"{base}/selection.parquet", pa.Table.from_pylist(rows))
+    if lineage is not None:
+        storage.write_parquet(f"{base}/lineage.parquet", lineage)
     storage.write_bytes(f"{base}/README.md", card(pa.Table.from_pylist(rows)).encode())
 
     previous = storage.manifest(ASSET)
@@ -106,7 +108,11 @@ def dataset_card(selected: pa.Table, all_scores: pa.Table, info: dict) -> str:
         "## Files",
         "- `synthvlm_100k.json`: LLaVA pretraining format; `images/` (at most 10,000 per folder)",
         "- `wds/shard-*.tar`: WebDataset (`.jpg`, `.txt`, `.json`); `hf/train-*.parquet`: `datasets.load_dataset('parquet', ...)`",
-        "- `selection.parquet`: the selected rows with rank, scores, shard and image key (lineage)",
+        "- `selection.parquet`: the selected rows with rank, scores, shard and image key",
+        "- [`lineage.parquet`](lineage.parquet): per-image provenance of every candidate (source file and row, raw and"
+        " normalised caption, rule-filter values, judge verdict and p_yes with the prompt version, seed, generator model,"
+        " revision and settings hash, clip_score, ssim, score, rank, and the Dagster run id of every step);"
+        " `duckdb -c \"SELECT * FROM 'lineage.parquet' WHERE rank = 1\"`",
         "",
         "## Settings",
         "```json",
