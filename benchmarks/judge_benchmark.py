@@ -23,7 +23,7 @@ import torch
 
 from synthvlm_assets.captions.judge.backends import TransformersJudge
 from synthvlm_assets.captions.judge.prompt import INSTRUCTION, JudgePrompt
-from synthvlm_assets.models.tiny import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, tiny_llama, tiny_llama_tokenizer
+from synthvlm_assets.models.tiny import tiny_llama, tiny_llama_tokenizer, trained_llama_tokenizer
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_captions_val2017.json"
 # Meta-Llama-3-8B-Instruct's architecture (config.json), vocabulary size included.
@@ -31,22 +31,6 @@ LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )  # fmt: skip
-
-
-def trained_tokenizer(captions: list[str], vocab_size: int):
-    """A byte-level BPE with Llama 3's specials and chat template, trained here on the captions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(captions + [INSTRUCTION] * 50 + ["Yes No yes no YES NO"] * 50, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
-    fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
-    fast.chat_template = LLAMA3_CHAT_TEMPLATE
-    return fast
 
 
 def main() -> None:
@@ -67,7 +51,7 @@ def main() -> None:
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tokenizer = trained_tokenizer(captions, 32000)
+        tokenizer = trained_llama_tokenizer(captions + [INSTRUCTION] * 50 + ["Yes No yes no YES NO"] * 50, 32000)
         with torch.device(device):
             model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa")).to(torch.bfloat16)
     prompt = JudgePrompt.build(tokenizer)

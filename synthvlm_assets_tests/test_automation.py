@@ -6,46 +6,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from dagster import AssetKey, evaluate_automation_conditions, instance_for_test, materialize
+from dagster import instance_for_test
 
 from synthvlm_assets.cli import register
+from synthvlm_assets.defs.automation import AutomationDriver
 from synthvlm_assets.defs.build import Settings, build_definitions
-
 
 
 def captions_jsonl(coco_path, path, start: int, n: int, prefix: str = "") -> None:
     anns = json.loads(coco_path.read_text())["annotations"][start : start + n]
     path.write_text("".join(json.dumps({"id": a["id"], "caption": prefix + a["caption"]}) + "\n" for a in anns))
 
+
 PER_SHARD = ["raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores"]
-
-
-class Automation:
-    """Ticks the automation conditions like the automation sensor does, and runs what each tick
-    requests (one run per partition), counting materializations and generated images."""
-
-    def __init__(self, instance) -> None:
-        self.instance, self.cursor = instance, None
-
-    def run_until_quiet(self, defs) -> tuple[Counter, int]:
-        done: Counter = Counter()
-        generated = 0
-        for _ in range(15):
-            result = evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)
-            self.cursor = result.cursor
-            if result.total_requested == 0:
-                return done, generated
-            by_partition: dict[str | None, list[str]] = {}
-            for name in [*PER_SHARD, "synthvlm_100k"]:
-                for partition in result.get_requested_partitions(AssetKey(name)):
-                    by_partition.setdefault(partition, []).append(name)
-            for partition, names in by_partition.items():
-                r = materialize(list(defs.assets), selection=names, partition_key=partition, instance=self.instance, resources=defs.resources)
-                assert r.success
-                done.update(names)
-                for m in r.asset_materializations_for_node("sdxl_images"):
-                    generated += m.metadata["generated"].value
-        raise AssertionError("automation did not settle")
 
 
 def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
@@ -55,12 +28,17 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     captions_jsonl(coco_path, a, 0, 40)
     with instance_for_test() as instance:
-        auto = Automation(instance)
+        auto = AutomationDriver(instance)
+
+        def run(defs):
+            done, images = auto.run_until_quiet(defs)
+            return done, images["generated"]
+
         defs = build_definitions(settings)
-        assert auto.run_until_quiet(defs) == (Counter(), 0)  # the sensor is on before files arrive
+        assert auto.run_until_quiet(defs)[0] == Counter()  # the sensor is on before files arrive
         register([str(a)], settings, instance)
         shards_a = instance.get_dynamic_partitions("caption_shards")
-        done, generated = auto.run_until_quiet(defs)
+        done, generated = run(defs)
         assert done == Counter({**dict.fromkeys(PER_SHARD, len(shards_a)), "synthvlm_100k": 1})
         root = settings.resources()["storage"].root()
         def kept_ids() -> set[str]:
@@ -75,7 +53,7 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
         register([str(b)], settings, instance)
         assert len(instance.get_dynamic_partitions("caption_shards")) == len(shards_a) + 1
         before = kept()
-        done, generated = auto.run_until_quiet(defs)
+        done, generated = run(defs)
         assert done == Counter({**dict.fromkeys(PER_SHARD, 1), "synthvlm_100k": 1})
         assert generated == kept() - before
 
@@ -83,7 +61,7 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
         # are generated for exactly the newly admitted captions that the judge keeps.
         before_ids = kept_ids()
         looser = build_definitions(Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}}))
-        done, generated = auto.run_until_quiet(looser)
+        done, generated = run(looser)
         new = kept_ids() - before_ids
         assert new and before_ids <= kept_ids() and generated == len(new)
         assert done["curated_captions"] == len(shards_a) + 1 and done["synthvlm_100k"] == 1
@@ -91,8 +69,8 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
 
         # lambda: only the selection reruns.
         lam = build_definitions(Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}, "selection": {"k": 10, "lam": 0.9}}))
-        done, generated = auto.run_until_quiet(lam)
+        done, generated = run(lam)
         assert done == Counter({"synthvlm_100k": 1}) and generated == 0
 
         # Nothing changed: nothing runs.
-        assert auto.run_until_quiet(lam) == (Counter(), 0)
+        assert run(lam) == (Counter(), 0)

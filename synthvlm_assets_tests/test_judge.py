@@ -16,7 +16,7 @@ from synthvlm_assets.captions.judge.prompt import INSTRUCTION, JudgePrompt, Unju
 from synthvlm_assets.captions.judge.server import make_server
 from synthvlm_assets.captions.judge.stage import Judge, JudgeSettings, judge_shard, load_judge, verdict_counts
 from synthvlm_assets.models.sources import ModelWeightsError
-from synthvlm_assets.models.tiny import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, tiny_llama, tiny_llama_tokenizer
+from synthvlm_assets.models.tiny import LLAMA3_CHAT_TEMPLATE, tiny_llama, tiny_llama_tokenizer, trained_llama_tokenizer
 from synthvlm_assets.storage import StorageRoot
 
 
@@ -31,20 +31,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(coco_path):
-    """A byte-level BPE with real merges (trained on COCO in code), Llama 3's specials and template:
-    merges are what could make a caption's tokens depend on the text around it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=list(LLAMA3_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(coco_captions(coco_path) + [INSTRUCTION, "Yes No yes no"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
-    fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
-    fast.chat_template = LLAMA3_CHAT_TEMPLATE
-    return fast
+    """A BPE with real merges (trained on COCO in code): merges are what could make a caption's tokens
+    depend on the text around it."""
+    return trained_llama_tokenizer(coco_captions(coco_path) + [INSTRUCTION, "Yes No yes no"], 1500)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 
+from collections import Counter
+
 from dagster import (
     AssetKey,
     AssetSelection,
@@ -18,6 +20,8 @@ from dagster import (
     RunRequest,
     ScheduleEvaluationContext,
     SkipReason,
+    evaluate_automation_conditions,
+    materialize,
     schedule,
 )
 
@@ -121,3 +125,36 @@ def nightly_schedule(job_name: str, partitions_name: str, last_asset: str):
         return [RunRequest(partition_key=k, run_key=f"{k}-{context.scheduled_execution_time:%Y%m%d}") for k in todo]
 
     return _nightly
+
+
+class AutomationDriver:
+    """Dagster's automation evaluation ticked by hand, as the automation sensor ticks it, with what each
+    tick requests executed in process (one run per partition). For tests and the incrementality
+    benchmark: the decisions are Dagster's; only the run launcher is replaced."""
+
+    def __init__(self, instance) -> None:
+        self.instance, self.cursor = instance, None
+
+    def run_until_quiet(self, defs, max_ticks: int = 15) -> tuple[Counter, dict]:
+        """Materializations per asset, and the sdxl_images totals (generated, reused, gpu_seconds)."""
+        done: Counter = Counter()
+        images = {"generated": 0, "reused": 0, "gpu_seconds": 0.0}
+        keys = [spec.key for a in defs.assets for spec in a.specs]
+        for _ in range(max_ticks):
+            result = evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)
+            self.cursor = result.cursor
+            if result.total_requested == 0:
+                return done, images
+            by_partition: dict[str | None, list[AssetKey]] = {}
+            for key in keys:
+                for partition in result.get_requested_partitions(key):
+                    by_partition.setdefault(partition, []).append(key)
+            for partition, selected in by_partition.items():
+                run = materialize(list(defs.assets), selection=selected, partition_key=partition, instance=self.instance, resources=defs.resources)
+                if not run.success:
+                    raise RuntimeError(f"automation run for {partition} {selected} failed")
+                done.update(k.to_user_string() for k in selected)
+                for m in run.asset_materializations_for_node("sdxl_images"):
+                    for name in images:
+                        images[name] += m.metadata[name].value
+        raise RuntimeError(f"automation did not settle in {max_ticks} ticks")

@@ -174,3 +174,20 @@ def tiny_hf_clip(seed: int = 0):
     )  # fmt: skip
     image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_PAIR_IMAGE_SIZE}, crop_size={"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE})
     return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def trained_llama_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE trained here on `corpus`, with Llama 3's special tokens and chat template: real
+    merges (so token boundaries can depend on context) without downloading Llama 3's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    return fast
