@@ -66,8 +66,9 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
     ],
 )
 def judged_captions(context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource) -> MaterializeResult:
-    """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1). Every caption keeps its
-    verdict (yes / no / parse_failure / too long), p_yes, raw token, model and prompt version."""
+    """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1).
+    Every caption keeps its verdict (yes / no / parse_failure / unjudgeable), p_yes, raw token, model
+    and prompt version."""
     root = storage.root()
     shard = context.partition_key
     settings = judge.settings()
