@@ -69,15 +69,15 @@ def main() -> None:
             rows.append((step, step * args.captions_per_step, inc, full))
             print(f"step {step}: incremental {inc['generated']} images in {inc['wall_s']:.1f}s, full {full['generated']} in {full['wall_s']:.1f}s", flush=True)
 
-    print("\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL s (incr / full) | wall s (incr / full) |")
+    print("\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL generation s (incr / full) | wall s (incr / full) |")
     print("|---|---|---|---|---|---|")
     totals = {"inc": [0, 0.0, 0.0], "full": [0, 0.0, 0.0]}
     for step, n, inc, full in rows:
         print(f"| {step} | {n} | {inc['materializations']} / {full['materializations']} | {inc['generated']} / {full['generated']} | "
-              f"{inc['gpu_seconds']:.1f} / {full['gpu_seconds']:.1f} | {inc['wall_s']:.1f} / {full['wall_s']:.1f} |")  # fmt: skip
+              f"{inc['generation_seconds']:.1f} / {full['generation_seconds']:.1f} | {inc['wall_s']:.1f} / {full['wall_s']:.1f} |")  # fmt: skip
         for k, r in (("inc", inc), ("full", full)):
             totals[k][0] += r["generated"]
-            totals[k][1] += r["gpu_seconds"]
+            totals[k][1] += r["generation_seconds"]
             totals[k][2] += r["wall_s"]
     (gi, si, wi), (gf, sf, wf) = totals["inc"], totals["full"]
     print(f"\nover {args.steps} steps: images {gi} vs {gf} ({1 - gi / gf:.0%} saved), SDXL seconds {si:.1f} vs {sf:.1f}, wall {wi:.1f} vs {wf:.1f} s")

@@ -136,9 +136,9 @@ class AutomationDriver:
         self.instance, self.cursor = instance, None
 
     def run_until_quiet(self, defs, max_ticks: int = 15) -> tuple[Counter, dict]:
-        """Materializations per asset, and the sdxl_images totals (generated, reused, gpu_seconds)."""
+        """Materializations per asset, and the sdxl_images totals (generated, reused, generation seconds)."""
         done: Counter = Counter()
-        images = {"generated": 0, "reused": 0, "gpu_seconds": 0.0}
+        images = {"generated": 0, "reused": 0, "generation_seconds": 0.0}
         keys = [spec.key for a in defs.assets for spec in a.specs]
         for _ in range(max_ticks):
             result = evaluate_automation_conditions(defs=defs, instance=self.instance, cursor=self.cursor)

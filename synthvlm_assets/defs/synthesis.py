@@ -68,6 +68,7 @@ def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthe
         "reused": result.reused,
         "skipped_already_complete": result.skipped,
         "images_per_second": stats.get("images_per_second", 0.0),
+        "generation_seconds": stats.get("generation_seconds", 0.0),
         "gpu_seconds": stats.get("gpu_seconds", 0.0),
         "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib", 0.0),
         "redecoded_in_fp32": stats.get("redecoded_fp32", 0),
@@ -122,7 +123,8 @@ def _generation_stats(gen) -> dict:
     """images/s, GPU-seconds and peak GPU memory of this materialization's generation."""
     if gen is None or not gen.stats.images:
         return {}
-    out = {"images_per_second": gen.stats.images / gen.stats.seconds, "redecoded_fp32": gen.stats.redecoded_fp32}
+    out = {"images_per_second": gen.stats.images / gen.stats.seconds, "redecoded_fp32": gen.stats.redecoded_fp32,
+           "generation_seconds": gen.stats.seconds}  # fmt: skip
     if gen.device == "cuda":
         import torch
 
