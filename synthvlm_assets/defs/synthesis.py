@@ -18,6 +18,7 @@ from synthvlm_assets.captions.stages import CURATED
 from synthvlm_assets.defs.captions import curated_captions
 from synthvlm_assets.defs.metadata import contact_sheet, md_table
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
 
@@ -28,6 +29,7 @@ GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": 
 @asset(
     deps=[curated_captions],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "webdataset"},
     group_name="synthesis",
