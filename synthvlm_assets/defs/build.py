@@ -47,7 +47,7 @@ class Settings:
             s3_endpoint_url=env.get("SYNTHVLM_S3_ENDPOINT_URL") or None,
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
-            synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
+            synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL"), "steps": int(env.get("SYNTHVLM_SDXL_STEPS") or 0)}.items() if v},
             scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
             selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
         )
