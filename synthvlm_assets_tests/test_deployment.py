@@ -78,7 +78,6 @@ class Deployment:
             "SYNTHVLM_INPUT_URI": f"s3://{self.bucket}/inbox",
             "SYNTHVLM_SHARD_ROWS": str(SHARD_ROWS),
             "SYNTHVLM_SDXL_MODEL": "tiny",
-            "SYNTHVLM_SDXL_STEPS": "4",
             "SYNTHVLM_CLIP_MODEL": "tiny",
             "SYNTHVLM_SELECT_K": "10",
         }

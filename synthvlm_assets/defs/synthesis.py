@@ -22,8 +22,14 @@ from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
 
-# On Kubernetes each run of this asset gets a GPU; the `gpu` pool caps how many run at once.
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+# On Kubernetes (k8s_job_executor: a pod per step) each step of this asset gets a GPU, also on GPU
+# nodes tainted for GPU work only; the `gpu` pool caps how many run at once (deploy/helm/values.yaml).
+GPU_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    }
+}
 
 
 @asset(
