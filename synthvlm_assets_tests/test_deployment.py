@@ -151,7 +151,12 @@ class Deployment:
             try:
                 self.daemon.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.daemon.pid, signal.SIGKILL)
+                pass
+        try:  # whatever of its session is left (a code server, a run worker of a failed test)
+            os.killpg(self.daemon.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.daemon.wait()
         self.daemon_log.close()
         self.instance.dispose()
 
@@ -164,11 +169,13 @@ def deployment(postgres, tmp_path_factory):
     ours = {"DAGSTER_PG_PASSWORD": postgres.password, "AWS_ACCESS_KEY_ID": store.access_key, "AWS_SECRET_ACCESS_KEY": store.secret_key}
     old = {k: os.environ.get(k) for k in ours}
     os.environ.update(ours)
-    dep = Deployment(tmp_path_factory.mktemp("dagster_home"), postgres, store)
+    dep = None
     try:
+        dep = Deployment(tmp_path_factory.mktemp("dagster_home"), postgres, store)
         yield dep
     finally:
-        dep.close()
+        if dep is not None:
+            dep.close()
         store.stop()
         for k, v in old.items():
             if v is None:
