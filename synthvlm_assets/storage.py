@@ -4,28 +4,117 @@ Writes are atomic: a single object becomes visible whole (local files go to a te
 renamed; an S3 PUT is atomic by itself). A partition of several files is published with a manifest
 written last, and removed first on rewrite, so a crashed run never leaves something a reader could
 take for a finished partition.
+
+Transient errors of an object store (throttling, timeouts, dropped or refused connections, 5xx) are
+retried with exponential backoff, a bounded number of times; every operation is idempotent (a PUT of
+the same bytes, a delete, a read), so a retry cannot duplicate anything. Other errors (not found,
+access denied, any other 4xx) fail at once. Either way the error names the object.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import io
 import json
+import logging
 import posixpath
+import random
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the object."""
+
+
+# S3 error codes and HTTP statuses that say "try again" (AWS's throttling and server-side errors;
+# SeaweedFS and MinIO answer with the same codes).
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "RequestLimitExceeded",
+     "TooManyRequestsException", "RequestTimeout", "RequestTimeoutException", "ServiceUnavailable", "InternalError",
+     "500", "502", "503", "504"}
+)  # fmt: skip
+# What s3fs turns those codes into (it maps SlowDown/503 to EBUSY and InternalError/500 to EREMOTEIO),
+# and what a dropped connection gives.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+     errno.ECONNABORTED, errno.EPIPE, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)  # fmt: skip
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def _client_error_is_transient(exc: BaseException) -> bool | None:
+    """botocore's ClientError: by S3 error code and HTTP status (429, 5xx); None for anything else."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    code = str(response["Error"].get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return code in TRANSIENT_S3_CODES or status == 429 or status >= 500
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: throttling, a timeout, a lost or refused connection,
+    a 5xx. Not found, access denied and other 4xx are not. Looks through the chain of causes, since
+    s3fs wraps botocore's errors in OSErrors."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _PERMANENT):
+            return False
+        if isinstance(e, (TimeoutError, ConnectionError, asyncio.TimeoutError)):  # builtins; FSTimeoutError too
+            return True
+        verdict = _client_error_is_transient(e)
+        if verdict is not None:
+            return verdict
+        module = type(e).__module__ or ""
+        if module.startswith("botocore") and any(c.__name__ in ("ConnectionError", "HTTPClientError") for c in type(e).__mro__):
+            return True  # EndpointConnectionError, Connect/ReadTimeoutError, ConnectionClosedError, ...
+        if module.startswith("aiohttp") and any(c.__name__ in ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError") for c in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@dataclass(frozen=True)
+class StorageRetry:
+    """How often and how patiently transient storage errors are retried (per operation).
+
+    The defaults wait 0.5, 1, 2, 4, 8, 8 s between 7 attempts (~24 s, plus jitter): enough for an
+    object store to restart or a throttling burst to pass, short enough that a store that is really
+    gone fails the step soon (Dagster's per-asset retry policy then retries the whole step later)."""
+
+    attempts: int = 7
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    jitter: float = 0.2  # +- this fraction of each delay, so that many workers do not retry in step
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_delay < 0 or self.max_delay < self.initial_delay or not 0 <= self.jitter < 1:
+            raise ValueError(f"invalid storage retry settings: {self}")
+
+    def delays(self) -> Iterator[float]:
+        """The wait before each retry (attempts - 1 of them)."""
+        for i in range(self.attempts - 1):
+            base = min(self.max_delay, self.initial_delay * 2**i)
+            yield base * (1 + random.uniform(-self.jitter, self.jitter))
 
 
 def split_protocol(uri: str) -> tuple[str, str]:
@@ -66,6 +155,7 @@ class StorageRoot:
     root_uri: str
     s3_endpoint_url: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
+    retry: StorageRetry = field(default_factory=StorageRetry)
 
     def __post_init__(self) -> None:
         self.root_uri = local_or_absolute(self.root_uri).rstrip("/")
@@ -85,12 +175,37 @@ class StorageRoot:
     def _fail(self, action: str, key: str, exc: BaseException) -> StorageError:
         return StorageError(f"cannot {action} {self.uri(key)}: {type(exc).__name__}: {exc}")
 
+    def retrying(self, action: str, key: str, operation: Callable[[], T]) -> T:
+        """Run an idempotent operation on one object, retrying transient errors with backoff.
+
+        FileNotFoundError passes through unchanged (callers decide what absence means); any other
+        error becomes a StorageError naming the object, after the retries when it was transient."""
+        started = time.monotonic()
+        delays = self.retry.delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return operation()
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear error
+                if not is_transient(exc):
+                    raise self._fail(action, key, exc) from exc
+                delay = next(delays, None)
+                if delay is None:
+                    waited = time.monotonic() - started
+                    raise StorageError(
+                        f"cannot {action} {self.uri(key)}: still failing after {attempt} attempts over {waited:.1f} s"
+                        f" (transient errors, retried with backoff): {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning("%s %s: %s: %s; retry %d/%d in %.1f s", action, self.uri(key), type(exc).__name__, exc,
+                            attempt, self.retry.attempts - 1, delay)  # fmt: skip
+                time.sleep(delay)
+
     # -- single objects ---------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        try:
-            return bool(self.fs.exists(self.path(key)))
-        except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear error
-            raise self._fail("check", key, exc) from exc
+        return self.retrying("check", key, lambda: bool(self.fs.exists(self.path(key))))
 
     def _publish_local(self, path: str, write) -> None:
         """Local files: write beside the target under a temporary name, then rename (atomic)."""
@@ -103,48 +218,55 @@ class StorageRoot:
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomically create or replace one object."""
         path = self.path(key)
-        try:
+
+        def write() -> None:
             if self.is_local:
                 self._publish_local(path, lambda tmp: self.fs.pipe_file(tmp, data))
             else:
                 self.fs.pipe_file(path, data)  # a PUT is atomic: readers see all or nothing
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("write", key, exc) from exc
+
+        self._write("write", key, write)
+
+    def _write(self, action: str, key: str, write: Callable[[], None]) -> None:
+        try:
+            self.retrying(action, key, write)
+        except FileNotFoundError as exc:  # e.g. the bucket does not exist
+            raise self._fail(action, key, exc) from exc
 
     def put_file(self, local_path: str, key: str) -> None:
         """Atomically create or replace one object from a local file (large outputs: not in memory)."""
         path = self.path(key)
-        try:
+
+        def write() -> None:
             if self.is_local:
                 self._publish_local(path, lambda tmp: self.fs.put_file(local_path, tmp))
             else:
                 self.fs.put_file(local_path, path)  # multipart upload: visible only once complete
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("write", key, exc) from exc
+
+        self._write("write", key, write)
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(key))
+            return self.retrying("read", key, lambda: self.fs.cat_file(self.path(key)))
         except FileNotFoundError as exc:
             raise StorageError(f"not found: {self.uri(key)}") from exc
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("read", key, exc) from exc
 
     def delete(self, key: str) -> None:
-        try:
-            if self.fs.exists(self.path(key)):
+        def delete() -> None:
+            try:
                 self.fs.rm(self.path(key), recursive=True)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("delete", key, exc) from exc
+            except FileNotFoundError:
+                pass  # already gone (also after a retried delete that had succeeded)
+
+        if self.exists(key):
+            self._write("delete", key, delete)
 
     def list(self, prefix: str) -> list[str]:
         """Keys directly under a prefix (files and folders), sorted; [] when the prefix is absent."""
         try:
-            entries = self.fs.ls(self.path(prefix), detail=False, refresh=True)
+            entries = self.retrying("list", prefix, lambda: self.fs.ls(self.path(prefix), detail=False, refresh=True))
         except FileNotFoundError:
             return []
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("list", prefix, exc) from exc
         base = self.path(prefix).rstrip("/") + "/"
         return sorted(posixpath.join(prefix, e[len(base) :] if e.startswith(base) else posixpath.basename(e)) for e in entries)
 
@@ -163,13 +285,14 @@ class StorageRoot:
         return data
 
     def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
-        try:
+        def read() -> pa.Table:
             with self.fs.open(self.path(key), "rb") as f:
                 return pq.read_table(f, columns=columns)
+
+        try:
+            return self.retrying("read", key, read)
         except FileNotFoundError as exc:
             raise StorageError(f"not found: {self.uri(key)}") from exc
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail("read", key, exc) from exc
 
     # -- partitions -------------------------------------------------------------------------
     def publish_partition(self, prefix: str, tables: dict[str, pa.Table], info: dict[str, Any]) -> dict[str, Any]:

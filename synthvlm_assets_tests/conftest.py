@@ -109,3 +109,94 @@ def seaweedfs(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def find_initdb() -> str | None:
+    """Debian's postgresql package keeps its binaries off PATH, under /usr/lib/postgresql/<major>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return str(candidates[-1]) if candidates else None
+
+
+class PostgreSQL:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (initdb into a temporary folder, pg_ctl start).
+
+    PostgreSQL refuses to run as root: as root, the cluster belongs to (and runs as) the `postgres`
+    user that Debian's package creates."""
+
+    user = "dagster"
+    password = "synthvlm-test-pg"
+    db = "dagster"
+
+    def __init__(self, initdb: str) -> None:
+        self.bin = Path(initdb).resolve().parent  # beside initdb: pg_ctl, createdb (a PATH link points there)
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            try:
+                import pwd
+
+                pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root, and there is no `postgres` user to run PostgreSQL as (install Debian's postgresql package)")
+            if runuser is None:
+                raise RuntimeError("running as root, and `runuser` is missing: cannot start PostgreSQL as the postgres user")
+            self.as_user = [runuser, "-u", "postgres", "--"]
+        # Not under pytest's tmp_path: that is private to root (mode 700) and postgres could not enter it.
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="synthvlm-pg-"))
+        self.data = self.dir / "data"
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+            shutil.chown(pwfile, "postgres")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"])  # fmt: skip
+        self.start()
+        try:
+            self._run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.db],
+                      env={"PGPASSWORD": self.password})  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+
+    def _run(self, args: list[str], env: dict | None = None) -> None:
+        done = subprocess.run(self.as_user + args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=self.dir)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def start(self) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=200"
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-o", opts, "-w", "-t", "60", "start"])
+
+    def stop(self) -> None:
+        try:
+            self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def dagster_storage(self) -> dict:
+        """dagster-postgres' storage config; the password comes from the environment, as deployed.
+        The scheme names psycopg2 (what dagster-postgres installs): SQLAlchemy 2.1 maps a bare
+        postgresql:// to psycopg 3."""
+        return {"postgres": {"postgres_db": {"username": self.user, "password": {"env": "DAGSTER_PG_PASSWORD"},
+                                             "hostname": "127.0.0.1", "db_name": self.db, "port": self.port,
+                                             "scheme": "postgresql+psycopg2"}}}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    initdb = find_initdb()
+    if initdb is None:
+        # CI (.ci/run) installs Debian's postgresql package, so there this never skips.
+        pytest.skip("PostgreSQL's initdb is not installed (apt-get install postgresql; .ci/run does)")
+    server = PostgreSQL(initdb)  # any failure to start it fails the tests that need it, with the reason
+    yield server
+    server.stop()

@@ -12,7 +12,7 @@ from synthvlm_assets.defs.build import Settings, build_definitions
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.query import connect
-from synthvlm_assets.storage import StorageError, StorageRoot
+from synthvlm_assets.storage import StorageError, StorageRetry, StorageRoot
 
 from .test_graph import coco_subset_jsonl, reference
 
@@ -29,7 +29,8 @@ def test_storage_root_on_s3_round_trip(seaweedfs):
 
 
 def test_unreachable_store_fails_clearly_naming_the_object():
-    root = StorageRoot("s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9")  # nothing listens on port 9
+    # nothing listens on port 9; a short retry budget (the default retries for ~25 s)
+    root = StorageRoot("s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(attempts=2, initial_delay=0.01))
     with pytest.raises(StorageError, match=r"cannot write s3://nowhere/prefix/x\.json"):
         root.write_json("x.json", {})
 

@@ -45,6 +45,7 @@ class Settings:
     synthesis: dict = field(default_factory=dict)  # SynthesisResource fields; {"model": "tiny"} offline
     scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
     selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
+    executor: str = "multiprocess"  # or "k8s": each step its own pod, GPU steps request a GPU (deploy/helm)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
@@ -58,7 +59,19 @@ class Settings:
             synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
             scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
             selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
+            executor=env.get("SYNTHVLM_EXECUTOR") or "multiprocess",
         )
+
+    def executor_def(self):
+        """The executor of every job: Dagster's default (steps as processes of the run), or on
+        Kubernetes one pod per step, so that only GPU steps hold a GPU (their `dagster-k8s/config` tags)."""
+        if self.executor == "multiprocess":
+            return None
+        if self.executor == "k8s":
+            from dagster_k8s import k8s_job_executor  # the deploy extra
+
+            return k8s_job_executor
+        raise ValueError(f"SYNTHVLM_EXECUTOR={self.executor!r}: expected 'multiprocess' or 'k8s'")
 
     def resources(self) -> dict:
         root = local_or_absolute(self.storage_root).rstrip("/")
@@ -106,4 +119,5 @@ def build_definitions(settings: Settings) -> Definitions:
         sensors=[caption_file_sensor, automation_sensor],
         schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
         resources=resources,
+        executor=settings.executor_def(),
     )

@@ -18,6 +18,7 @@ from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw
 from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
 
 
@@ -27,6 +28,7 @@ def _unique(column) -> bool:
 
 @asset(
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"parquet"},
     group_name="captions",
@@ -82,6 +84,7 @@ def raw_caption_pool(
 @asset(
     deps=[raw_caption_pool],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"parquet"},
     group_name="captions",

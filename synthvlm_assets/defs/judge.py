@@ -12,11 +12,13 @@ from synthvlm_assets.defs.captions import curated_captions
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import JudgeResource, PairFilterResource, StorageResource
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 
 
 @asset(
     deps=[curated_captions],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="captions",
@@ -55,6 +57,7 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
 @asset(
     deps=[pair_filtered_captions],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="captions",

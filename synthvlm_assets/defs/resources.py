@@ -10,7 +10,7 @@ from synthvlm_assets.captions.judge.stage import JudgeSettings
 from synthvlm_assets.captions.pair_filters import PairFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import ShardRegistry
-from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.storage import StorageRetry, StorageRoot
 from synthvlm_assets.scoring.clip_score import ClipSettings
 from synthvlm_assets.scoring.ssim import SSIMSettings
 from synthvlm_assets.selection import SelectionSettings
@@ -18,6 +18,7 @@ from synthvlm_assets.synthesis.settings import SynthesisSettings
 
 _RULES = RuleFilterSettings()
 _FIELDS = CaptionFields()
+_RETRY = StorageRetry()
 
 
 class StorageResource(ConfigurableResource):
@@ -25,9 +26,13 @@ class StorageResource(ConfigurableResource):
 
     root_uri: str = Field(description="Local folder or s3://bucket/prefix holding every artifact.")
     s3_endpoint_url: str | None = Field(default=None, description="Endpoint of an S3-compatible server (SeaweedFS, MinIO).")
+    retry_attempts: int = Field(default=_RETRY.attempts, description="Tries per storage operation on transient errors (throttling, timeouts, 5xx).")
+    retry_initial_delay: float = Field(default=_RETRY.initial_delay, description="Seconds before the first retry; doubles each time.")
+    retry_max_delay: float = Field(default=_RETRY.max_delay, description="Longest wait between two tries, in seconds.")
 
     def root(self) -> StorageRoot:
-        return StorageRoot(self.root_uri, self.s3_endpoint_url)
+        retry = StorageRetry(self.retry_attempts, self.retry_initial_delay, self.retry_max_delay)
+        return StorageRoot(self.root_uri, self.s3_endpoint_url, retry=retry)
 
     def registry(self) -> ShardRegistry:
         return ShardRegistry(self.root())

@@ -18,6 +18,7 @@ from dagster import (
 from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
 from synthvlm_assets.defs.partitions import GPU_TAGS
 from synthvlm_assets.defs.synthesis import sdxl_images
@@ -34,6 +35,7 @@ from synthvlm_assets.selection import select
 @asset(
     deps=[sdxl_images],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="selection",

@@ -20,11 +20,14 @@ from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, md_table
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
+
 
 @asset(
     deps=[judged_captions],
     partitions_def=caption_shards,
+    retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "webdataset"},
     group_name="synthesis",
