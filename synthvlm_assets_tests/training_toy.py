@@ -70,7 +70,14 @@ def save_tiny_parts(folder: str, captions: list[str], pretrain_steps: int = 150,
         opt.step()
         opt.zero_grad()
     vision_dir, llm_dir = f"{folder}/clip-vision", f"{folder}/llama"
-    vision.save_pretrained(vision_dir)
+    # Saved as a whole CLIP (text tower too), the way openai/clip-vit-large-patch14-336 is published.
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                             "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                                vision_config=vision.config.to_dict(), projection_dim=32))  # fmt: skip
+    clip.vision_model.load_state_dict(vision.state_dict())
+    clip.save_pretrained(vision_dir)
     image_processor.save_pretrained(vision_dir)
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)

@@ -99,16 +99,25 @@ def _pretrained_parts(settings: ModelSettings, dtype, cache_dir: str | None, s3_
     llm_src = resolve_model("llm", settings.llm, cache_dir, s3_endpoint_url)
     try:
         # A full CLIP checkpoint (openai/clip-vit-*) holds the vision tower under `vision_model.`: loaded alone.
-        vision = CLIPVisionModel.from_pretrained(vision_src, revision=settings.vision_revision, dtype=dtype)
+        vision, info = CLIPVisionModel.from_pretrained(vision_src, revision=settings.vision_revision, dtype=dtype, output_loading_info=True)
+        _no_missing_weights(info)
         image_processor = CLIPImageProcessor.from_pretrained(vision_src, revision=settings.vision_revision)
     except Exception as exc:  # noqa: BLE001 - any loading failure gets the one message naming the setting
         raise load_error("vision_tower", settings.vision_tower, exc) from exc
     try:
-        llm = AutoModelForCausalLM.from_pretrained(llm_src, revision=settings.llm_revision, dtype=dtype)
+        llm, info = AutoModelForCausalLM.from_pretrained(llm_src, revision=settings.llm_revision, dtype=dtype, output_loading_info=True)
+        _no_missing_weights(info)
         tokenizer = AutoTokenizer.from_pretrained(llm_src, revision=settings.llm_revision)
     except Exception as exc:  # noqa: BLE001
         raise load_error("llm", settings.llm, exc) from exc
     return vision, image_processor, llm, tokenizer
+
+
+def _no_missing_weights(info: dict) -> None:
+    """from_pretrained initialises missing weights at random and only warns: a wrong folder must fail."""
+    missing = list(info.get("missing_keys", ()))
+    if missing:
+        raise ValueError(f"{len(missing)} weights missing from the checkpoint, e.g. {sorted(missing)[:3]}")
 
 
 def build_processor(image_processor, tokenizer, patch_size: int, strategy: str = "default"):
