@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"samples/s {row['samples_per_second']:.1f} gpu_mem {row['gpu_memory_gib']:.1f} GiB")  # fmt: skip
             if pipes is not None:
                 pipes.log.info(line)
-                pipes.report_custom_message({"training_step": row})
             else:
                 print(json.dumps(row), flush=True)
 
