@@ -15,7 +15,8 @@ from synthvlm_assets_tests.training_toy import publish_toy_dataset
 def test_training_job_two_processes_through_pipes(tmp_path):
     root = StorageRoot(str(tmp_path / "root"))
     publish_toy_dataset(root, 100)
-    settings = Settings(storage_root=root.root_uri, training={"vision_tower": "tiny", "llm": "tiny", "processes": 2, "micro_batch": 4})
+    settings = Settings(storage_root=root.root_uri, training={"vision_tower": "tiny", "llm": "tiny", "processes": 2, "micro_batch": 4,
+                                                            "eval_max_records": 16, "eval_retrieval_size": 6})
     job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
     with instance_for_test() as instance:
         result = job.execute_in_process(instance=instance)

@@ -277,30 +277,7 @@ def train_stage1(
             while plan_pos < len(plan) and plan[plan_pos][0] == step:
                 micro.append(next(batches))
                 plan_pos += 1
-            # The loss of a global batch is the mean over all its caption tokens, across processes.
-            counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)),
-                                   float(sum(b["labels"].shape[0] for b in micro))], device=d.device)  # fmt: skip
-            d.sum_(counts)
-            tokens, step_samples = counts[0].item(), int(counts[1].item())
-            loss_sum = torch.zeros((), device=d.device, dtype=torch.float64)
-            for b in micro:
-                b = {k: v.to(d.device, non_blocking=True) for k, v in b.items()}
-                b["pixel_values"] = b["pixel_values"].to(dtype)
-                with torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = token_loss_sum(model, b)
-                (loss / tokens).backward()
-                loss_sum += loss.detach().double()
-            for p in params:  # data parallel: every process applies the same summed gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                d.sum_(p.grad)
-            d.sum_(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = (loss_sum / tokens).item()
+            step_loss, step_samples, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, d, dtype, settings.max_grad_norm)
             losses.append(step_loss)
             samples_done += step_samples
             dt = time.perf_counter() - t_step
@@ -343,6 +320,42 @@ class _Indexed:
 
     def __getitem__(self, i: int):
         return self.dataset[i]
+
+
+def optimizer_step(model, micro: list[dict], params: list, optimizer, scheduler, d: _Dist | None, dtype, max_grad_norm: float):
+    """One optimizer step over this process's micro-batches of a global batch. The loss is the mean
+    over all the global batch's caption tokens (across processes), so the result does not depend on how
+    the batch is split into processes and micro-batches. Returns (loss, samples, grad norm, lr)."""
+    import torch
+
+    device = params[0].device
+    counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)),
+                           float(sum(b["labels"].shape[0] for b in micro))], device=device)  # fmt: skip
+    if d is not None:
+        d.sum_(counts)
+    tokens, samples = counts[0].item(), int(counts[1].item())
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    for b in micro:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        b["pixel_values"] = b["pixel_values"].to(dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = token_loss_sum(model, b)
+        (loss / tokens).backward()
+        loss_sum += loss.detach().double()
+    for p in params:  # data parallel: every process applies the same summed gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if d is not None:
+            d.sum_(p.grad)
+    if d is not None:
+        d.sum_(loss_sum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (loss_sum / tokens).item(), samples, grad_norm, lr
 
 
 def token_loss_sum(model, batch: dict):
