@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import IGNORE_INDEX, PlainCollator, synthvlm_dataset
-from synthvlm_assets.training.model import ModelSettings, load_model, vision_token_count
+from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, vision_token_count
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,10 @@ def sanity_evaluation(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
-    model.to(device)
-    untrained = evaluate(model, processor, storage, settings, device, dtype)
-    model.model.multi_modal_projector.load_state_dict(projector)
-    trained = evaluate(model, processor, storage, settings, device, dtype)
+    with tiny_cpu_threads(model_settings):
+        model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+        model.to(device)
+        untrained = evaluate(model, processor, storage, settings, device, dtype)
+        model.model.multi_modal_projector.load_state_dict(projector)
+        trained = evaluate(model, processor, storage, settings, device, dtype)
     return {"trained": trained, "untrained": untrained}

@@ -4,6 +4,7 @@ projector (`mlp2x_gelu`). The `tiny` preset builds the same architecture at toy 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from synthvlm_assets.models.sources import TINY, ModelWeightsError, load_error, resolve_model
@@ -183,6 +184,21 @@ def load_model(settings: ModelSettings, dtype=None, cache_dir: str | None = None
     else:
         vision, image_processor, llm, tokenizer = _pretrained_parts(settings, dtype, cache_dir, s3_endpoint_url)
     return assemble(vision, image_processor, llm, tokenizer, settings)
+
+
+@contextmanager
+def tiny_cpu_threads(settings: ModelSettings):
+    """One intra-op thread for the tiny preset on a CPU: its matrices are so small that thread
+    hand-offs cost more than they save (and thrash on a shared machine). Restored on exit."""
+    import torch
+
+    before = torch.get_num_threads()
+    if settings.tiny and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def freeze_all_but_projector(model) -> list:

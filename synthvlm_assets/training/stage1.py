@@ -29,7 +29,14 @@ from dataclasses import asdict, dataclass, replace
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import IGNORE_INDEX, PlainCollator, synthvlm_dataset
-from synthvlm_assets.training.model import ModelSettings, freeze_all_but_projector, load_model, projector_state, vision_token_count
+from synthvlm_assets.training.model import (
+    ModelSettings,
+    freeze_all_but_projector,
+    load_model,
+    projector_state,
+    tiny_cpu_threads,
+    vision_token_count,
+)
 
 ASSET = "llava_stage1"
 COMPLETE = "_COMPLETE"
@@ -204,109 +211,117 @@ def train_stage1(
 ) -> Stage1Result:
     """Train (or resume, or find finished) one stage-1 run on the current `synthvlm_100k`.
     Every process of a torchrun launch calls this; only rank 0 writes the shared files."""
+    d = _Dist()
+    try:
+        with tiny_cpu_threads(model_settings):
+            return _train(storage, model_settings, settings, report, cache_dir, d)
+    finally:
+        d.close()
+
+
+def _train(
+    storage: StorageRoot, model_settings: ModelSettings, settings: Stage1Settings, report: Callable[[dict], None] | None,
+    cache_dir: str | None, d: _Dist,
+) -> Stage1Result:  # fmt: skip
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    d = _Dist()
-    try:
-        dataset, manifest = synthvlm_dataset(storage, "train", settings.holdout_fraction)
-        if len(dataset) == 0:
-            raise RuntimeError(f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}")
-        per_step = d.world * settings.micro_batch
-        if settings.global_batch % per_step:
-            raise ValueError(
-                f"global_batch={settings.global_batch} is not a multiple of processes ({d.world}) x micro_batch ({settings.micro_batch})"
-            )
-        accumulation = settings.global_batch // per_step
-        steps_per_epoch = math.ceil(len(dataset) / settings.global_batch)
-        total_steps = steps_per_epoch * settings.epochs
-        run_prefix = f"{ASSET}/{run_name(manifest['version'], model_settings, settings)}"
+    dataset, manifest = synthvlm_dataset(storage, "train", settings.holdout_fraction)
+    if len(dataset) == 0:
+        raise RuntimeError(f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}")
+    per_step = d.world * settings.micro_batch
+    if settings.global_batch % per_step:
+        raise ValueError(
+            f"global_batch={settings.global_batch} is not a multiple of processes ({d.world}) x micro_batch ({settings.micro_batch})"
+        )
+    accumulation = settings.global_batch // per_step
+    steps_per_epoch = math.ceil(len(dataset) / settings.global_batch)
+    total_steps = steps_per_epoch * settings.epochs
+    run_prefix = f"{ASSET}/{run_name(manifest['version'], model_settings, settings)}"
 
-        finished = storage.exists(f"{run_prefix}/{RESULT}")
-        if finished:  # a complete run with the same data and recipe: nothing to train
-            summary = storage.read_json(f"{run_prefix}/{RESULT}")
-            return Stage1Result(run_prefix, summary["steps"], summary["samples"], summary["steps"], summary["losses"],
-                                summary["samples_per_second"], summary["peak_memory_gib"], summary)  # fmt: skip
+    finished = storage.exists(f"{run_prefix}/{RESULT}")
+    if finished:  # a complete run with the same data and recipe: nothing to train
+        summary = storage.read_json(f"{run_prefix}/{RESULT}")
+        return Stage1Result(run_prefix, summary["steps"], summary["samples"], summary["steps"], summary["losses"],
+                            summary["samples_per_second"], summary["peak_memory_gib"], summary)  # fmt: skip
 
-        cuda = d.device.type == "cuda"
-        dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[settings.dtype]
-        model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
-        # Frozen parts in the compute dtype (half the memory of fp32 + autocast), the projector in fp32.
-        model.to(d.device)
-        model.model.vision_tower.to(dtype)
-        model.model.language_model.to(dtype)
-        model.lm_head.to(dtype)
-        params = freeze_all_but_projector(model)
-        if settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.train()
-        collator = PlainCollator(processor, vision_token_count(model), settings.max_length)
+    cuda = d.device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[settings.dtype]
+    model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+    # Frozen parts in the compute dtype (half the memory of fp32 + autocast), the projector in fp32.
+    model.to(d.device)
+    model.model.vision_tower.to(dtype)
+    model.model.language_model.to(dtype)
+    model.lm_head.to(dtype)
+    params = freeze_all_but_projector(model)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    collator = PlainCollator(processor, vision_token_count(model), settings.max_length)
 
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
-        start, losses = 0, []
-        checkpoints = complete_checkpoints(storage, run_prefix)
-        if checkpoints:
-            start, ckpt = checkpoints[-1]
-            model.model.multi_modal_projector.load_state_dict(load_projector(storage, f"{ckpt}/projector.safetensors"))
-            state = _torch_load(storage.read_bytes(f"{ckpt}/trainer_state.pt"))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            losses = state["losses"]
-            rng_key = f"{ckpt}/rng-rank{d.rank}.pt"
-            if storage.exists(rng_key):
-                _set_rng_state(_torch_load(storage.read_bytes(rng_key)))
-        resumed_from = start
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
+    start, losses = 0, []
+    checkpoints = complete_checkpoints(storage, run_prefix)
+    if checkpoints:
+        start, ckpt = checkpoints[-1]
+        model.model.multi_modal_projector.load_state_dict(load_projector(storage, f"{ckpt}/projector.safetensors"))
+        state = _torch_load(storage.read_bytes(f"{ckpt}/trainer_state.pt"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        losses = state["losses"]
+        rng_key = f"{ckpt}/rng-rank{d.rank}.pt"
+        if storage.exists(rng_key):
+            _set_rng_state(_torch_load(storage.read_bytes(rng_key)))
+    resumed_from = start
 
-        end = total_steps if settings.stop_after_steps is None else min(total_steps, settings.stop_after_steps)
-        plan = [(s, mb) for s in range(start, end) for mb in rank_micro_batches(
-            step_indices(len(dataset), settings, s, steps_per_epoch), d.rank, d.world, settings.micro_batch)]  # fmt: skip
-        loader = torch.utils.data.DataLoader(
-            _Indexed(dataset), batch_sampler=[mb for _, mb in plan], collate_fn=collator, num_workers=settings.num_workers,
-            pin_memory=cuda, persistent_workers=False,
-        )  # fmt: skip
-        batches = iter(loader)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(d.device)
-        t_start, samples_done = time.perf_counter(), 0
-        plan_pos = 0
-        for step in range(start, end):
-            t_step = time.perf_counter()
-            micro = []  # this process's micro-batches of the step (none when the last batch is small)
-            while plan_pos < len(plan) and plan[plan_pos][0] == step:
-                micro.append(next(batches))
-                plan_pos += 1
-            step_loss, step_samples, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, d, dtype, settings.max_grad_norm)
-            losses.append(step_loss)
-            samples_done += step_samples
-            dt = time.perf_counter() - t_step
-            row = {"step": step + 1, "total_steps": total_steps, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                   "samples": step_samples, "samples_per_second": step_samples / dt if dt > 0 else 0.0,
-                   "gpu_memory_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0}  # fmt: skip
-            if d.rank == 0:
-                storage.write_bytes(f"{run_prefix}/metrics/step-{step + 1:07d}.json", json.dumps(row).encode())
-                if report:
-                    report(row)
-            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
-                _checkpoint(storage, d, run_prefix, step + 1, model, optimizer, scheduler, losses, settings.keep_checkpoints)
-        elapsed = time.perf_counter() - t_start
-        peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0
-        sps = samples_done / elapsed if elapsed > 0 else 0.0
-        summary = {"steps": end, "total_steps": total_steps, "samples": sum(
-            len(step_indices(len(dataset), settings, s, steps_per_epoch)) for s in range(end)),  # fmt: skip
-            "losses": losses, "samples_per_second": sps, "peak_memory_gib": peak, "processes": d.world,
-            "accumulation": accumulation, "device": str(d.device) if not cuda else torch.cuda.get_device_name(d.device),
-            "dataset_version": manifest["version"], "dataset_records": manifest["records"], "train_records": len(dataset),
-            "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
-            "resumed_from_step": resumed_from, "tiny": model_settings.tiny}  # fmt: skip
-        if end == total_steps and d.rank == 0:
-            _save_projector(storage, f"{run_prefix}/projector.safetensors", projector_state(model))
-            storage.write_json(f"{run_prefix}/{RESULT}", summary)  # written last: the run is complete
-        d.barrier()
-        return Stage1Result(run_prefix, end, summary["samples"], resumed_from, losses, sps, peak, summary)
-    finally:
-        d.close()
+    end = total_steps if settings.stop_after_steps is None else min(total_steps, settings.stop_after_steps)
+    plan = [(s, mb) for s in range(start, end) for mb in rank_micro_batches(
+        step_indices(len(dataset), settings, s, steps_per_epoch), d.rank, d.world, settings.micro_batch)]  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        _Indexed(dataset), batch_sampler=[mb for _, mb in plan], collate_fn=collator, num_workers=settings.num_workers,
+        pin_memory=cuda, persistent_workers=False,
+    )  # fmt: skip
+    batches = iter(loader)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(d.device)
+    t_start, samples_done = time.perf_counter(), 0
+    plan_pos = 0
+    for step in range(start, end):
+        t_step = time.perf_counter()
+        micro = []  # this process's micro-batches of the step (none when the last batch is small)
+        while plan_pos < len(plan) and plan[plan_pos][0] == step:
+            micro.append(next(batches))
+            plan_pos += 1
+        step_loss, step_samples, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, d, dtype, settings.max_grad_norm)
+        losses.append(step_loss)
+        samples_done += step_samples
+        dt = time.perf_counter() - t_step
+        row = {"step": step + 1, "total_steps": total_steps, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+               "samples": step_samples, "samples_per_second": step_samples / dt if dt > 0 else 0.0,
+               "gpu_memory_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0}  # fmt: skip
+        if d.rank == 0:
+            storage.write_bytes(f"{run_prefix}/metrics/step-{step + 1:07d}.json", json.dumps(row).encode())
+            if report:
+                report(row)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
+            _checkpoint(storage, d, run_prefix, step + 1, model, optimizer, scheduler, losses, settings.keep_checkpoints)
+    elapsed = time.perf_counter() - t_start
+    peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0
+    sps = samples_done / elapsed if elapsed > 0 else 0.0
+    summary = {"steps": end, "total_steps": total_steps, "samples": sum(
+        len(step_indices(len(dataset), settings, s, steps_per_epoch)) for s in range(end)),  # fmt: skip
+        "losses": losses, "samples_per_second": sps, "peak_memory_gib": peak, "processes": d.world,
+        "accumulation": accumulation, "device": str(d.device) if not cuda else torch.cuda.get_device_name(d.device),
+        "dataset_version": manifest["version"], "dataset_records": manifest["records"], "train_records": len(dataset),
+        "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
+        "resumed_from_step": resumed_from, "tiny": model_settings.tiny}  # fmt: skip
+    if end == total_steps and d.rank == 0:
+        _save_projector(storage, f"{run_prefix}/projector.safetensors", projector_state(model))
+        storage.write_json(f"{run_prefix}/{RESULT}", summary)  # written last: the run is complete
+    d.barrier()
+    return Stage1Result(run_prefix, end, summary["samples"], resumed_from, losses, sps, peak, summary)
 
 
 class _Indexed:
