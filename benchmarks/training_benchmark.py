@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset == "tiny" and device.type == "cpu":
+        torch.set_num_threads(1)  # as training does for the tiny preset: threads only add hand-off cost
     if args.preset == "7b" and device.type != "cuda":
         raise SystemExit("the 7b preset needs a GPU (about 60 GB); use --preset tiny on a CPU")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -80,8 +80,11 @@ def test_plain_template_labels_mask_bos_image_tokens_and_padding():
         assert mask[:length].all() and not mask[length:].any()
     assert (batch["input_ids"][0] == tok.pad_token_id).sum() > 0  # the short caption was padded
     # The collator's expansion agrees with transformers' LlavaProcessor and the model's own placeholder check.
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape
+    # The training loss (LM head on caption positions only) equals transformers' own labels= loss.
+    n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(token_loss_sum(model, batch) / n_tokens, out.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_vision_tokens_at_336_px_are_576():

@@ -374,14 +374,20 @@ def optimizer_step(model, micro: list[dict], params: list, optimizer, scheduler,
 
 
 def token_loss_sum(model, batch: dict):
-    """Summed cross-entropy over the caption tokens (next-token prediction), in fp32."""
+    """Summed cross-entropy over the caption tokens (next-token prediction), in fp32. The LM head runs
+    only from the first caption position on (the plain template puts the image tokens first), so the
+    576 image positions never make vocabulary-sized logits."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    # Only caption positions go through the fp32 cross-entropy (the image tokens are most of the sequence).
-    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    labels = batch["labels"]
+    valid = labels != IGNORE_INDEX
+    first = int(valid.int().argmax(1)[valid.any(1)].min()) if valid.any() else labels.shape[1] - 1
+    start = max(first - 1, 0)  # the position whose logits predict the first caption token
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                   logits_to_keep=labels.shape[1] - start).logits  # fmt: skip
+    target = labels[:, start + 1 :]
+    keep = target != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
 
 
 def _checkpoint(storage: StorageRoot, d: _Dist, run_prefix: str, step: int, model, optimizer, scheduler, losses: list, keep: int) -> None:
