@@ -11,7 +11,7 @@ resumes):
     llava_stage1/<run>/checkpoints/step-0000040/trainer_state.pt        optimizer, scheduler, step, RNG
     llava_stage1/<run>/checkpoints/step-0000040/rng-rank<r>.pt          each process's RNG state
     llava_stage1/<run>/checkpoints/step-0000040/_COMPLETE               written last
-    llava_stage1/<run>/metrics.jsonl                                    one row per optimizer step
+    llava_stage1/<run>/metrics/step-0000040.json                        one row per optimizer step (watchable)
     llava_stage1/<run>/projector.safetensors                            the trained projector
     llava_stage1/<run>/_result.json                                     written last: the run is complete
 """
