@@ -5,6 +5,7 @@
     synthvlm materialize --missing                                    # every shard not yet curated
     synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
     synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
+    (the demo ends with a stage-1 LLaVA checkpoint trained on its SynthVLM-style dataset: llava_training_job)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, Settings, build_definitions
+from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
 
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -90,6 +91,14 @@ def materialize_dataset(settings: Settings, instance) -> int:
     return 0 if result.success else 1
 
 
+def materialize_training(settings: Settings, instance) -> int:
+    """Run LLaVA stage 1, its export and the sanity evaluation (llava_training_job). Returns 1 on failure."""
+    job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
+    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
+    print(f"llava_stage1_checkpoint: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+    return 0 if result.success else 1
+
+
 def summary(settings: Settings) -> str:
     from synthvlm_assets.query import connect
 
@@ -112,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="register the input file(s) and materialize every shard (the main job)")
     p.add_argument("--input", nargs="+", required=True, help="caption files (local paths or s3:// URIs)")
     p.add_argument("--image-shards", type=int, default=1, help="how many shards get SDXL images (the rest: curation only)")
+    p.add_argument("--no-training", action="store_true", help="stop at SynthVLM-100K (skip the stage-1 LLaVA checkpoint)")
     p = sub.add_parser("register", help="register caption files as shards")
     p.add_argument("uris", nargs="+")
     p = sub.add_parser("materialize", help="run the main job for shards")
@@ -169,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.judge["model"] = "tiny"
     if args.command == "demo" and "clip_model" not in settings.scoring:
         settings.scoring["clip_model"] = "tiny"
+    if args.command == "demo" and "llm" not in settings.training:
+        print("demo: SYNTHVLM_LLAVA_LLM is not set, so stage 1 trains the tiny preset (random weights, meaningless)")
+        settings.training.update(vision_tower="tiny", llm="tiny")
     instance = _instance()
     if args.command in ("demo", "register"):
         uris = args.input if args.command == "demo" else args.uris
@@ -181,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failures = materialize(settings, instance, missing_only=True, image_shards=args.image_shards)
         if args.image_shards and not failures:
             failures += materialize_dataset(settings, instance)
+        if args.image_shards and not failures and not args.no_training:
+            failures += materialize_training(settings, instance)
         print(summary(settings))
         print(f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev")
         return 1 if failures else 0

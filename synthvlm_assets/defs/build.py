@@ -19,16 +19,19 @@ from synthvlm_assets.defs.resources import (
     SelectionResource,
     StorageResource,
     SynthesisResource,
+    TrainingResource,
 )
 from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
+from synthvlm_assets.defs.training import llava_stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
 CURATION_JOB = "caption_curation_job"
 DATASET_JOB = "synthvlm_100k_job"
+TRAINING_JOB = "llava_training_job"
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Settings:
     scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
     selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
     executor: str = "multiprocess"  # or "k8s": each step its own pod, GPU steps request a GPU (deploy/helm)
+    training: dict = field(default_factory=dict)  # TrainingResource fields; {"vision_tower": "tiny", "llm": "tiny"} offline
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
@@ -60,6 +64,10 @@ class Settings:
             scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
             selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
             executor=env.get("SYNTHVLM_EXECUTOR") or "multiprocess",
+            training={k: int(v) if k in ("processes", "micro_batch") else v for k, v in {
+                "vision_tower": env.get("SYNTHVLM_LLAVA_VISION_TOWER"), "vision_revision": env.get("SYNTHVLM_LLAVA_VISION_REVISION"),
+                "llm": env.get("SYNTHVLM_LLAVA_LLM"), "llm_revision": env.get("SYNTHVLM_LLAVA_LLM_REVISION"),
+                "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH")}.items() if v},  # fmt: skip
         )
 
     def executor_def(self):
@@ -87,12 +95,15 @@ class Settings:
             "synthesis": SynthesisResource(**self.synthesis),
             "scoring": ScoringResource(**self.scoring),
             "selection": SelectionResource(**self.selection),
+            "training": TrainingResource(**self.training),
         }
 
 
 def build_definitions(settings: Settings) -> Definitions:
     per_shard = [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
     assets = [*per_shard, synthvlm_100k]
+    # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
+    training = [llava_stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval]
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*per_shard),
@@ -113,9 +124,14 @@ def build_definitions(settings: Settings) -> Definitions:
         a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()], automation_condition=conditions[spec.key]))
         for a in assets
     ]
+    training_job = define_asset_job(
+        TRAINING_JOB,
+        selection=AssetSelection.assets(*training),
+        description="LLaVA-1.5 stage 1 on the current SynthVLM-100K, its Hugging Face export and a sanity evaluation (SPEC §6).",
+    )
     return Definitions(
-        assets=assets,
-        jobs=[main_job, curation_job, dataset_job],
+        assets=[*assets, *training],
+        jobs=[main_job, curation_job, dataset_job, training_job],
         sensors=[caption_file_sensor, automation_sensor],
         schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
         resources=resources,

@@ -213,3 +213,62 @@ class SelectionResource(ConfigurableResource):
 
     def settings(self) -> SelectionSettings:
         return SelectionSettings(lam=self.lam, k=None if self.fraction is not None else self.k, fraction=self.fraction)
+
+
+class TrainingResource(ConfigurableResource):
+    """SPEC §6, stage 1: the two pretrained parts (HF id, local folder or s3:// prefix at a pinned
+    revision; both "tiny" for the small random test preset) and LLaVA-1.5's recipe. Batch and
+    schedule fields left unset take LLaVA-1.5's values (the tiny preset's smaller batches)."""
+
+    vision_tower: str = Field(default="openai/clip-vit-large-patch14-336", description='CLIP vision tower, or "tiny".')
+    vision_revision: str | None = Field(default=None, description="Pinned revision (commit) of the vision tower.")
+    llm: str = Field(default="lmsys/vicuna-7b-v1.5", description='The LLM (Vicuna-1.5 7B or 13B), or "tiny".')
+    llm_revision: str | None = Field(default=None, description="Pinned revision (commit) of the LLM.")
+    global_batch: int | None = Field(default=None, description="256 (LLaVA-1.5) = processes x micro_batch x accumulation.")
+    micro_batch: int | None = Field(default=None, description="Per process and forward pass: 16 fits an 80 GB GPU at 7B.")
+    lr: float | None = None
+    epochs: int | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
+    max_length: int | None = None
+    dtype: str | None = Field(default=None, description='"auto" (bf16 on GPUs), "bf16" or "fp32".')
+    seed: int = 0
+    holdout_fraction: float | None = Field(default=None, description="Records kept out of training for the sanity evaluation.")
+    checkpoint_every: int | None = Field(default=None, description="Optimizer steps between checkpoints.")
+    gradient_checkpointing: bool = False
+    num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
+    processes: int | None = Field(default=None, description="Training processes (torchrun); default: one per visible GPU, else 1.")
+    export_dtype: str | None = Field(default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).')
+    eval_max_records: int = 256
+    eval_retrieval_size: int = 16
+    cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
+
+    def model_settings(self):
+        from synthvlm_assets.training.model import ModelSettings
+
+        return ModelSettings(self.vision_tower, self.vision_revision, self.llm, self.llm_revision, seed=self.seed)
+
+    def stage1_settings(self):
+        from synthvlm_assets.training.stage1 import Stage1Settings
+
+        names = ("global_batch", "micro_batch", "lr", "epochs", "warmup_ratio", "weight_decay", "max_length", "dtype",
+                 "holdout_fraction", "checkpoint_every", "num_workers")  # fmt: skip
+        given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        given.update(seed=self.seed, gradient_checkpointing=self.gradient_checkpointing)
+        if self.model_settings().tiny:
+            return Stage1Settings.tiny_preset(**given)
+        if self.num_workers is None:
+            given["num_workers"] = 4
+        return Stage1Settings(**given)
+
+    def eval_settings(self):
+        from synthvlm_assets.training.evaluate import EvalSettings
+
+        return EvalSettings(self.stage1_settings().holdout_fraction, self.eval_max_records, self.eval_retrieval_size)
+
+    def process_count(self) -> int:
+        if self.processes is not None:
+            return self.processes
+        import torch
+
+        return max(1, torch.cuda.device_count())

@@ -1,0 +1,161 @@
+"""Stage-1 training step: this project's step (frozen parts stored in bf16, projector in fp32 under bf16
+autocast, cross-entropy on the caption positions only, loss per caption token of the global batch)
+against a plain transformers step (the whole model in fp32 under bf16 autocast, `labels=` loss over
+all logits: BASELINES.md's reference), side by side in one run on the same batches and the same
+initial projector. Reports samples/s, TFLOP/s (counted with torch's FlopCounterMode) and peak memory,
+and the two losses of the first step.
+
+    .venv/bin/python benchmarks/training_benchmark.py                          # GPU: the LLaVA-1.5-7B shape
+    .venv/bin/python benchmarks/training_benchmark.py --micro-batch 16 24 32   # several micro-batches
+    .venv/bin/python benchmarks/training_benchmark.py --preset tiny            # CPU: the tiny preset
+
+Random weights of the real shapes (CLIP ViT-L/14-336 tower, Llama-7B = Vicuna-1.5-7B, mlp2x_gelu):
+speed does not depend on the weights. 576 image tokens + 48 caption tokens per sample (BASELINES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+
+import torch
+
+from synthvlm_assets.training.data import IGNORE_INDEX
+from synthvlm_assets.training.model import ModelSettings, _tiny_parts, assemble, freeze_all_but_projector, tiny_llama_tokenizer, vision_token_count
+from synthvlm_assets.training.stage1 import optimizer_step
+
+CAPTION_TOKENS = 48
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype):
+    """(model, processor) of the preset with random weights, built on the device in `dtype`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    if preset == "tiny":
+        vision, image_processor, llm, tokenizer = _tiny_parts(0)
+    else:
+        tokenizer = tiny_llama_tokenizer()  # only its <image> id matters: the batches are synthetic
+        with torch.device(device):
+            torch.set_default_dtype(dtype)
+            try:
+                vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                                          patch_size=14, image_size=336, projection_dim=768, attn_implementation="sdpa"))  # fmt: skip
+                llm = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                                                   attn_implementation="sdpa"))  # fmt: skip
+            finally:
+                torch.set_default_dtype(torch.float32)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    model, processor = assemble(vision, image_processor, llm, tokenizer, ModelSettings(seed=0))
+    return model.to(device), processor
+
+
+def batch(model, processor, n: int, seed: int) -> dict:
+    """n samples of the plain template: BOS, the image tokens, CAPTION_TOKENS caption tokens."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = vision_token_count(model)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    vocab = min(model.config.text_config.vocab_size, image_id)  # caption ids below the <image> id
+    caption = torch.randint(3, vocab, (n, CAPTION_TOKENS), generator=g)
+    ids = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.full((n, n_img), image_id), caption], 1)
+    labels = ids.clone()
+    labels[:, : 1 + n_img] = IGNORE_INDEX
+    size = model.config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": torch.randn(n, 3, size, size, generator=g)}
+
+
+def plain_step(model, b: dict, optimizer, device, dtype) -> float:
+    b = {k: v.to(device) for k, v in b.items()}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(**b).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = device.type == "cuda"
+    compute = torch.bfloat16 if cuda else torch.float32
+    # The plain step keeps the whole model in fp32 (autocast casts per op); ours stores the frozen parts in bf16.
+    model, processor = build(preset, device, torch.float32 if path == "plain" else compute)
+    model.model.multi_modal_projector.float()
+    params = freeze_all_but_projector(model)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 1)]
+
+    def run(b):
+        if path == "plain":
+            return plain_step(model, b, optimizer, device, compute)
+        return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0)[0]
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+        first_loss = run(batches[0])
+    flops = counter.get_total_flops()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in batches[1:]:
+        run(b)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    del model, optimizer, params
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"path": path, "micro_batch": micro_batch, "samples_per_second": micro_batch / dt, "step_seconds": dt,
+            "tflop_per_step": flops / 1e12, "tflops": flops / dt / 1e12, "peak_memory_gib": peak, "first_step_loss": first_loss}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["7b", "tiny"], default="7b")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="default: 16 (7b), 8 (tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)")
+    parser.add_argument("--paths", nargs="+", choices=["plain", "project"], default=["plain", "project"])
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset == "tiny" and device.type == "cpu":
+        torch.set_num_threads(1)  # as training does for the tiny preset: threads only add hand-off cost
+    if args.preset == "7b" and device.type != "cuda":
+        raise SystemExit("the 7b preset needs a GPU (about 60 GB); use --preset tiny on a CPU")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    steps = args.steps or (5 if device.type == "cuda" else 3)
+    rows = []
+    for mb in args.micro_batch or ([16] if args.preset == "7b" else [8]):
+        for path in args.paths:
+            try:
+                rows.append(measure(path, args.preset, mb, steps, device))
+            except torch.OutOfMemoryError:
+                rows.append({"path": path, "micro_batch": mb, "samples_per_second": None, "note": "out of memory"})
+                gc.collect()
+                torch.cuda.empty_cache()
+    print(f"stage-1 step, preset {args.preset}, device: {device_name}, torch {torch.__version__}")
+    print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("samples_per_second") is None:
+            print(f"| {r['path']} | {r['micro_batch']} | out of memory | | | | | |")
+            continue
+        print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
+              f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device_name, "preset": args.preset, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

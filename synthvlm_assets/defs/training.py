@@ -1,0 +1,183 @@
+"""SPEC §6 as assets: the stage-1 training run (through Dagster Pipes, so a long GPU job streams its
+loss, samples/s and GPU memory into the run's log), its Hugging Face export, and a sanity evaluation."""
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    PipesSubprocessClient,
+    asset,
+)
+
+from synthvlm_assets.defs.metadata import md_table, png_markdown
+from synthvlm_assets.defs.resources import StorageResource, TrainingResource
+from synthvlm_assets.defs.selection import synthvlm_100k
+from synthvlm_assets.defs.synthesis import GPU_TAGS
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.training.export import EXPORT
+from synthvlm_assets.training.launch import config_json
+from synthvlm_assets.training.stage1 import ASSET as STAGE1
+from synthvlm_assets.training.stage1 import RESULT
+
+CHECKPOINT = "llava_stage1_checkpoint"
+SANITY = "llava_stage1_sanity_eval"
+TINY_LABEL = " (tiny preset: random weights, meaningless)"
+
+
+def training_curve(losses: list[float], title: str) -> MetadataValue:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(1, len(losses) + 1), losses, color="#4C78A8")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("caption loss (per token)")
+    ax.set_title(title, fontsize=9)
+    return png_markdown(fig)
+
+
+def _current_run(root: StorageRoot) -> dict:
+    manifest = root.manifest(STAGE1)
+    if manifest is None:
+        raise RuntimeError(f"{root.uri(STAGE1)} has no finished training run: materialize {CHECKPOINT} first")
+    return manifest
+
+
+def _package_parent() -> str:
+    import synthvlm_assets
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(synthvlm_assets.__file__)))
+
+
+@asset(
+    deps=[synthvlm_100k],
+    code_version="1",
+    kinds={"pytorch", "safetensors"},
+    group_name="training",
+    op_tags=GPU_TAGS,
+    check_specs=[
+        AssetCheckSpec("loss_finite", asset=CHECKPOINT, blocking=True, description="Every step's loss is finite."),
+        AssetCheckSpec("loss_falling", asset=CHECKPOINT, description="Mean loss of the last tenth of the steps below the first tenth's."),
+    ],
+)
+def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
+    materialization per training run; it runs as a subprocess (under torchrun with several processes)
+    through Dagster Pipes and resumes from the newest complete checkpoint of the same run."""
+    root = storage.root()
+    model, settings = training.model_settings(), training.stage1_settings()
+    with tempfile.TemporaryDirectory(prefix="synthvlm-train-") as tmp:
+        cfg = os.path.join(tmp, "config.json")
+        with open(cfg, "w") as f:
+            f.write(config_json(root.root_uri, storage.s3_endpoint_url, model, settings, training.cache_dir))
+        processes = training.process_count()
+        launch = ["-m", "synthvlm_assets.training.launch", cfg]
+        command = [sys.executable, *launch] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *launch]  # fmt: skip
+        context.log.info(f"training with {processes} process(es): {' '.join(command)}")
+        pythonpath = os.pathsep.join(p for p in (_package_parent(), os.environ.get("PYTHONPATH")) if p)
+        invocation = PipesSubprocessClient().run(context=context, command=command, env={"PYTHONPATH": pythonpath})
+        reported = invocation.get_materialize_result()
+    run_prefix = reported.metadata["run_prefix"].value
+    run_prefix = run_prefix[len(root.uri()) + 1 :] if run_prefix.startswith(root.uri()) else run_prefix
+    summary = root.read_json(f"{run_prefix}/{RESULT}")
+    root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
+        k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
+    losses = summary["losses"]
+    tenth = max(1, len(losses) // 10)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    label = TINY_LABEL if summary["tiny"] else ""
+    return MaterializeResult(
+        metadata={
+            **reported.metadata,
+            "training_curve": training_curve(losses, f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}"),
+            "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
+            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
+                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),  # fmt: skip
+            "first_tenth_mean_loss": first,
+            "last_tenth_mean_loss": last,
+            "projector": MetadataValue.path(root.uri(f"{run_prefix}/projector.safetensors")),
+            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+        },
+        data_version=reported.data_version,
+        check_results=[
+            AssetCheckResult(check_name="loss_finite", passed=bool(losses) and all(math.isfinite(x) for x in losses)),
+            AssetCheckResult(check_name="loss_falling", passed=last < first, metadata={"first_tenth": first, "last_tenth": last}),
+        ],
+    )
+
+
+@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
+def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """The trained stage-1 model in Hugging Face format (`LlavaForConditionalGeneration` + processor)
+    plus LLaVA's `mm_projector.bin`, under `llava_stage1_export/<run>/`."""
+    from synthvlm_assets.training.export import export_model
+
+    root = storage.root()
+    run = _current_run(root)
+    dest = f"{EXPORT}/{run['run_prefix'].rsplit('/', 1)[-1]}"
+    manifest = export_model(root, run["run_prefix"], training.model_settings(), dest, {"run_id": context.run.run_id},
+                            training.cache_dir, training.export_dtype)  # fmt: skip
+    root.write_json(f"{EXPORT}/_manifest.json", {"prefix": dest, "run_prefix": run["run_prefix"]})
+    return MaterializeResult(
+        metadata={
+            "export": MetadataValue.path(root.uri(dest)),
+            "mm_projector_bin": MetadataValue.path(root.uri(f"{dest}/mm_projector.bin")),
+            "files": md_table(["file", "bytes"], sorted(manifest["files"].items())),
+            "dtype": manifest["dtype"],
+            "load_with": MetadataValue.md("`AutoModelForImageTextToText.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)`"
+                                          + (TINY_LABEL if run.get("tiny") else "")),  # fmt: skip
+        }
+    )
+
+
+@asset(
+    deps=[llava_stage1_checkpoint],
+    code_version="1",
+    kinds={"pytorch"},
+    group_name="training",
+    op_tags=GPU_TAGS,
+    check_specs=[
+        AssetCheckSpec("heldout_loss_below_untrained", asset=SANITY, description="Held-out caption loss below the untrained model's."),
+        AssetCheckSpec("retrieval_above_chance", asset=SANITY, description="Image->caption retrieval from likelihoods beats chance."),
+    ],
+)
+def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """Held-out caption loss and image->caption retrieval from the model's likelihoods, trained vs
+    untrained (the same assembly with the fresh projector). A sanity check, not a benchmark."""
+    from synthvlm_assets.training.evaluate import sanity_evaluation
+    from synthvlm_assets.training.stage1 import load_projector
+
+    root = storage.root()
+    run = _current_run(root)
+    projector = load_projector(root, f"{run['run_prefix']}/projector.safetensors")
+    result = sanity_evaluation(root, training.model_settings(), projector, training.eval_settings(), training.cache_dir)
+    root.write_bytes(f"{run['run_prefix']}/sanity_eval.json", json.dumps(result, indent=1).encode())
+    t, u = result["trained"], result["untrained"]
+    rows = [[name, r["heldout_loss"], r["retrieval_accuracy"], r["retrieval_chance"]] for name, r in (("trained", t), ("untrained", u))]
+    return MaterializeResult(
+        metadata={
+            "results": md_table(["model", "held-out loss", f"retrieval accuracy ({t['retrieval_size']} images)", "chance"], rows),
+            "heldout_records": t["heldout_records"],
+            "heldout_loss": t["heldout_loss"],
+            "untrained_heldout_loss": u["heldout_loss"],
+            "retrieval_accuracy": t["retrieval_accuracy"],
+            "note": "tiny preset: random weights, meaningless" if run.get("tiny") else "pretrained weights",
+        },
+        check_results=[
+            AssetCheckResult(check_name="heldout_loss_below_untrained", passed=t["heldout_loss"] < u["heldout_loss"],
+                             metadata={"trained": t["heldout_loss"], "untrained": u["heldout_loss"]}),  # fmt: skip
+            AssetCheckResult(check_name="retrieval_above_chance", passed=t["retrieval_accuracy"] > t["retrieval_chance"],
+                             metadata={"accuracy": t["retrieval_accuracy"], "chance": t["retrieval_chance"]}),  # fmt: skip
+        ],
+    )

@@ -1,0 +1,76 @@
+"""The process a training run executes (`python -m synthvlm_assets.training.launch CONFIG.json`, under
+torchrun for several processes). When Dagster launched it through Pipes, rank 0 streams every step's
+loss, samples/s and GPU memory to the run's log and reports the materialization; without Pipes it
+prints the same rows as JSON lines. (`dagster_pipes` is the small standalone protocol package, not
+Dagster itself.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.training.model import ModelSettings
+from synthvlm_assets.training.stage1 import Stage1Settings, train_stage1
+
+
+def config_json(storage_root: str, s3_endpoint_url: str | None, model: ModelSettings, settings: Stage1Settings, cache_dir: str | None) -> str:
+    return json.dumps({"storage_root": storage_root, "s3_endpoint_url": s3_endpoint_url, "model": asdict(model),
+                       "stage1": asdict(settings), "cache_dir": cache_dir})  # fmt: skip
+
+
+def _pipes():
+    """The Pipes context on rank 0 of a Pipes launch, else None."""
+    if os.environ.get("RANK", "0") != "0" or "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return None
+    from dagster_pipes import open_dagster_pipes
+
+    return open_dagster_pipes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="JSON file written by the asset (storage root, model and stage-1 settings)")
+    args = parser.parse_args(argv)
+    with open(args.config) as f:
+        cfg = json.load(f)
+    storage = StorageRoot(cfg["storage_root"], cfg.get("s3_endpoint_url"))
+    model, settings = ModelSettings(**cfg["model"]), Stage1Settings(**cfg["stage1"])
+    pipes = _pipes()
+    try:
+        def report(row: dict) -> None:
+            line = (f"step {row['step']}/{row['total_steps']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                    f"samples/s {row['samples_per_second']:.1f} gpu_mem {row['gpu_memory_gib']:.1f} GiB")  # fmt: skip
+            if pipes is not None:
+                pipes.log.info(line)
+            else:
+                print(json.dumps(row), flush=True)
+
+        result = train_stage1(storage, model, settings, report=report, cache_dir=cfg.get("cache_dir"))
+        if pipes is not None:
+            s = result.summary
+            pipes.report_asset_materialization(
+                metadata={
+                    "run_prefix": {"raw_value": storage.uri(result.run_prefix), "type": "path"},
+                    "steps": {"raw_value": result.steps, "type": "int"},
+                    "samples": {"raw_value": result.samples, "type": "int"},
+                    "resumed_from_step": {"raw_value": result.resumed_from_step, "type": "int"},
+                    "final_loss": {"raw_value": result.losses[-1] if result.losses else float("nan"), "type": "float"},
+                    "samples_per_second": {"raw_value": result.samples_per_second, "type": "float"},
+                    "peak_gpu_memory_gib": {"raw_value": result.peak_memory_gib, "type": "float"},
+                    "processes": {"raw_value": s["processes"], "type": "int"},
+                    "device": {"raw_value": s["device"], "type": "text"},
+                },
+                data_version=result.run_prefix.rsplit("/", 1)[-1],
+            )
+    finally:
+        if pipes is not None:
+            pipes.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The training assets through Dagster: a Pipes-launched torchrun with 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import torch
+from dagster import AssetKey, instance_for_test
+
+from synthvlm_assets.defs.build import TRAINING_JOB, Settings, build_definitions
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.training.model import ModelSettings
+from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, load_projector, train_stage1
+from synthvlm_assets_tests.training_toy import publish_toy_dataset
+
+
+def test_training_job_two_processes_through_pipes(tmp_path):
+    root = StorageRoot(str(tmp_path / "root"))
+    publish_toy_dataset(root, 100)
+    settings = Settings(storage_root=root.root_uri, training={"vision_tower": "tiny", "llm": "tiny", "processes": 2, "micro_batch": 4,
+                                                            "eval_max_records": 16, "eval_retrieval_size": 6})
+    job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
+    with instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance)
+        assert result.success
+        events = {m.asset_key.path[-1]: m for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+        assert set(events) == {"llava_stage1_checkpoint", "llava_stage1_export", "llava_stage1_sanity_eval"}
+        meta = events["llava_stage1_checkpoint"].metadata
+        # Reported from the subprocess through Pipes, then completed by the asset.
+        summary = root.read_json(f"{root.manifest('llava_stage1')['run_prefix']}/_result.json")
+        assert meta["processes"].value == 2 and meta["steps"].value == 6 == summary["total_steps"]
+        assert meta["samples"].value == summary["train_records"] and 80 < summary["train_records"] < 100
+        assert meta["samples_per_second"].value > 0 and "training_curve" in meta and "peak_gpu_memory_gib" in meta
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks["loss_finite"] and set(checks) == {"loss_finite", "loss_falling", "heldout_loss_below_untrained", "retrieval_above_chance"}
+        # Streamed step logs reached the run's event log.
+        logs = [e.message for e in instance.all_logs(result.run_id) if e.message and "samples/s" in e.message and "step " in e.message]
+        assert len(logs) >= 6
+        assert len(instance.fetch_materializations(AssetKey("llava_stage1_checkpoint"), limit=10).records) == 1
+
+    run_prefix = root.manifest("llava_stage1")["run_prefix"]
+    export = root.read_json("llava_stage1_export/_manifest.json")["prefix"]
+    assert root.exists(f"{export}/{COMPLETE}") and root.exists(f"{export}/mm_projector.bin")
+    # Two data-parallel processes train the same projector as one process (up to summation order).
+    single_root = StorageRoot(str(tmp_path / "single"))
+    publish_toy_dataset(single_root, 100)
+    single = train_stage1(single_root, ModelSettings.tiny_preset(), Stage1Settings.tiny_preset(micro_batch=4))
+    assert single.run_prefix == run_prefix
+    a, b = load_projector(root, f"{run_prefix}/projector.safetensors"), load_projector(single_root, f"{run_prefix}/projector.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
