@@ -245,8 +245,8 @@ class Flow:
 def flow(deployment) -> Flow:
     """One production-like pass with nobody clicking: a caption file lands in the inbox; the daemon's
     file sensor registers it as two shards; the automation sensor requests one run per shard (the whole
-    per-shard chain); while the first sdxl_images step runs, SeaweedFS is stopped for 6 s and started
-    again; runs that failed are launched again by hand; the automation sensor then refreshes the
+    per-shard chain); while the first sdxl_images step runs, SeaweedFS is stopped (6-20 s, until a step
+    has met the outage) and started again; runs that failed are launched again by hand; the automation sensor then refreshes the
     selection. Timings print with -s."""
     dep = deployment
     rows = captions(2 * SHARD_ROWS, seed=1)
@@ -260,10 +260,16 @@ def flow(deployment) -> Flow:
     while not any(e.step_key == "sdxl_images" for r in main for e in dep.events(r, DagsterEventType.STEP_START)):
         assert time.time() < deadline, f"no sdxl_images step started\n{dep.log_tail()}"
         time.sleep(0.2)
-    time.sleep(1.0)  # into the step: its reads and first staged batches meet the outage
+    time.sleep(1.0)  # into the step, past its first reads
     down = time.time()
     dep.store.stop()
-    time.sleep(6.0)
+    # Down for at least 6 s and until a GPU step has met the outage (a storage retry in its logs, or a
+    # failed step): a step busy generating in memory may not touch storage for a while, and an outage it
+    # never sees tests nothing. Capped at 20 s, inside the storage layer's ~24 s of retries.
+    while time.time() - down < 20 and (
+        time.time() - down < 6 or not any("retry 1/" in _step_logs(dep, r) or dep.failure_messages(r) for r in main)
+    ):
+        time.sleep(0.5)
     dep.store.start()
     outage = (down, time.time())
     statuses = dep.wait(main, timeout=900)
