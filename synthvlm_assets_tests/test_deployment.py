@@ -356,12 +356,16 @@ def test_object_store_restarted_mid_run(deployment, flow):
         if status == DagsterRunStatus.FAILURE:
             assert "s3://" in dep.failure_messages(run_id), dep.failure_messages(run_id)
     logs = "".join(_step_logs(dep, r) for r in hit)
-    retried = "retry 1/" in logs
-    assert retried or any(flow.statuses[r] == DagsterRunStatus.FAILURE for r in hit), "neither retried nor failed: no outage seen"
+    retried = "retry 1/" in logs  # our storage layer's retries (s3fs/botocore retry quietly below it)
+    # Or a step that was running before the store went down and finished after it came back, successfully:
+    # it rode the outage out (s3fs's own retries absorb a short one without a log line of ours).
+    rode_out = [r for r in hit if flow.statuses[r] == DagsterRunStatus.SUCCESS and any(s < down and e > up for s, e, _ in _intervals(dep, [r], GPU_STEPS))]
+    failed = [r for r in hit if flow.statuses[r] == DagsterRunStatus.FAILURE]
+    assert retried or failed or rode_out, "no GPU step was running through the outage: it tested nothing"
     assert len(flow.reruns) == sum(s != DagsterRunStatus.SUCCESS for s in flow.statuses.values())
     root = dep.settings.resources()["storage"].root()
     assert len(root.list("registry/files")) == 1
-    print(f"storage retries logged: {retried}; first GPU runs: {[s.value for s in flow.statuses.values()]}")
+    print(f"storage retries logged: {retried}; rode out: {len(rode_out)}; first GPU runs: {[s.value for s in flow.statuses.values()]}")
 
 
 def _run_span(dep: Deployment, run_id: str) -> tuple[float, float]:
