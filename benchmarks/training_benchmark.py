@@ -24,7 +24,7 @@ import time
 import torch
 
 from synthvlm_assets.training.data import IGNORE_INDEX
-from synthvlm_assets.training.model import ModelSettings, _tiny_parts, assemble, freeze_all_but_projector, tiny_llama_tokenizer, vision_token_count
+from synthvlm_assets.training.model import ModelSettings, _tiny_parts, assemble, freeze_all_but_projector, tiny_vicuna_tokenizer, vision_token_count
 from synthvlm_assets.training.stage1 import optimizer_step
 
 CAPTION_TOKENS = 48
@@ -37,7 +37,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     if preset == "tiny":
         vision, image_processor, llm, tokenizer = _tiny_parts(0)
     else:
-        tokenizer = tiny_llama_tokenizer()  # only its <image> id matters: the batches are synthetic
+        tokenizer = tiny_vicuna_tokenizer()  # only its <image> id matters: the batches are synthetic
         with torch.device(device):
             torch.set_default_dtype(dtype)
             try:

@@ -19,7 +19,7 @@ from synthvlm_assets.training.model import (
     freeze_all_but_projector,
     load_model,
     projector_state,
-    tiny_llama_tokenizer,
+    tiny_vicuna_tokenizer,
     vision_token_count,
 )
 from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, complete_checkpoints, load_projector, token_loss_sum, train_stage1
@@ -94,7 +94,7 @@ def test_vision_tokens_at_336_px_are_576():
 
     clip_l_336 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                   patch_size=14, image_size=336, projection_dim=768)  # fmt: skip
-    tokenizer = tiny_llama_tokenizer()
+    tokenizer = tiny_vicuna_tokenizer()
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(
             LlavaConfig(vision_config=clip_l_336.to_dict(), text_config={"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 1,

@@ -44,8 +44,8 @@ class ModelSettings:
         }  # fmt: skip
 
 
-def tiny_llama_tokenizer(with_image_token: bool = True):
-    """A byte-level tokenizer with no merges (one token per byte), Llama's special tokens and (unless
+def tiny_vicuna_tokenizer(with_image_token: bool = True):
+    """A byte-level tokenizer with no merges (one token per byte), Llama 2 / Vicuna's special tokens and (unless
     asked not to, as a plain LLM's tokenizer) `<image>`, built in code. Any text tokenizes; BOS is
     prepended as Llama's tokenizer does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -80,7 +80,7 @@ def _tiny_parts(seed: int, with_image_token: bool = True):
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tokenizer = tiny_llama_tokenizer(with_image_token)
+    tokenizer = tiny_vicuna_tokenizer(with_image_token)
     vision = CLIPVisionModel(
         CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=32)
