@@ -23,7 +23,7 @@ from PIL import Image
 
 from synthvlm_assets.scoring.clip_score import ClipScorer, ClipSettings
 from synthvlm_assets.scoring.ssim import SSIMSettings, ssim_reference
-from synthvlm_assets.scoring.stage import SSIM_CHUNK, decode_pool, prepare, score_images
+from synthvlm_assets.scoring.stage import decode_pool, prepare, score_images, score_prepared
 
 
 def make_jpegs(n: int, size: int = 1024, seed: int = 0) -> list[bytes]:
@@ -108,18 +108,13 @@ def sync(gpu: bool) -> None:
 
 def device_only(prepared: list, captions: list[str], scorer: ClipScorer, ssim: SSIMSettings, gpu: bool) -> float:
     """images/s of the device work alone (CLIP towers + SSIM) on already prepared inputs."""
-    from synthvlm_assets.scoring.ssim import ssim_torch
-
     b = scorer.settings.batch_size
     t = time.perf_counter()
     for i in range(0, len(prepared), b):
-        chunk = prepared[i : i + b]
-        scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in chunk])), captions[i : i + b])
-        for j in range(0, len(chunk), SSIM_CHUNK):
-            part = chunk[j : j + SSIM_CHUNK]
-            ssim_torch(torch.from_numpy(np.stack([p[1] for p in part])).to(scorer.device), torch.from_numpy(np.stack([p[2] for p in part])).to(scorer.device), ssim).cpu()
+        score_prepared(prepared[i : i + b], captions[i : i + b], scorer, ssim)
     sync(gpu)
     return len(prepared) / (time.perf_counter() - t)
+
 
 if __name__ == "__main__":
     main()

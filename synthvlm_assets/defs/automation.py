@@ -61,7 +61,7 @@ def code_versions(resources: Mapping) -> dict[str, str]:
         "pair_filtered_captions": {k: v for k, v in pair.items() if k not in _PAIR_EXECUTION} if pair["enabled"] else {"enabled": False},
         "judged_captions": {k: judge[k] for k in _JUDGE_OUTPUT},
         "sdxl_images": resources["synthesis"].settings().image_settings(),
-        "image_scores": {"clip": asdict(scoring.clip_settings()) | {"batch_size": None}, "ssim": asdict(scoring.ssim_settings())},
+        "image_scores": {"clip": {k: v for k, v in asdict(scoring.clip_settings()).items() if k != "batch_size"}, "ssim": asdict(scoring.ssim_settings())},
         "synthvlm_100k": asdict(resources["selection"].settings()),
     }
     return {name: f"{CODE_REVISIONS[name]}.{_digest(doc)}" for name, doc in docs.items()}

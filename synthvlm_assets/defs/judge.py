@@ -46,11 +46,20 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
             ["caption_id", "reason", "detail", "caption"],
             sample_rows(table.filter(pc.is_valid(table.column("reject_reason"))), ["caption_id", "reject_reason", "reject_detail", "caption"]),
         )
+    # Against what was published: every curated caption in `pairs`, and kept + rejected = curated.
     n_curated = root.read_partition(f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]).num_rows
+    files = root.manifest(out.prefix)["files"]
+    n_rejected = sum(r["counts"] for r in reasons)
     return MaterializeResult(
         data_version=partition_data_version(root, out.prefix),
         metadata=metadata,
-        check_results=[AssetCheckResult(check_name="rows_accounted_for", passed=table.num_rows == n_curated, metadata={"curated": n_curated})],
+        check_results=[
+            AssetCheckResult(
+                check_name="rows_accounted_for",
+                passed=files["pairs"]["rows"] == n_curated == files["kept"]["rows"] + n_rejected,
+                metadata={"curated": n_curated, "kept": files["kept"]["rows"], "rejected": n_rejected},
+            )
+        ],
     )
 
 

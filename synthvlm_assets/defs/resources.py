@@ -17,6 +17,13 @@ from synthvlm_assets.selection import SelectionSettings
 from synthvlm_assets.synthesis.settings import SynthesisSettings
 
 _RULES = RuleFilterSettings()
+
+
+def _preset_settings(resource: ConfigurableResource, cls):
+    """The domain settings of a resource whose `model` may be "tiny": unset (None) fields take the
+    preset's defaults (the tiny preset has its own sizes and dtype); `cache_dir` is not a setting."""
+    given = {k: v for k, v in resource.model_dump().items() if k != "cache_dir" and v is not None}
+    return cls.tiny(**given) if resource.model == "tiny" else cls(**given)
 _FIELDS = CaptionFields()
 _RETRY = StorageRetry()
 
@@ -114,8 +121,7 @@ class SynthesisResource(ConfigurableResource):
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
 
     def settings(self) -> SynthesisSettings:
-        given = {k: v for k, v in self.model_dump().items() if k != "cache_dir" and v is not None}
-        return SynthesisSettings.tiny(**given) if self.model == "tiny" else SynthesisSettings(**given)
+        return _preset_settings(self, SynthesisSettings)
 
     def generator_factory(self, s3_endpoint_url: str | None = None):
         """A callable that loads the pipeline (only called when an image must be generated)."""
@@ -167,8 +173,7 @@ class JudgeResource(ConfigurableResource):
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
 
     def settings(self) -> JudgeSettings:
-        given = {k: v for k, v in self.model_dump().items() if k != "cache_dir" and v is not None}
-        return JudgeSettings.tiny(**given) if self.model == "tiny" else JudgeSettings(**given)
+        return _preset_settings(self, JudgeSettings)
 
 
 _CLIP, _SSIM, _SEL = ClipSettings(), SSIMSettings(), SelectionSettings()

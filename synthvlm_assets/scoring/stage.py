@@ -98,6 +98,27 @@ def _batches(samples: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def score_prepared(
+    prepared: list[tuple[np.ndarray, np.ndarray, np.ndarray]], captions: list[str], scorer: ClipScorer, ssim_settings: SSIMSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """The device side of one batch: CLIPScore and SSIM of `prepare`d images."""
+    import torch
+
+    clip = scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in prepared])), captions)
+    ssim = np.concatenate(
+        [
+            # float64 maps of 768² are 4.7 MB each and SSIM keeps ~10 of them: chunk the batch.
+            ssim_torch(
+                torch.from_numpy(np.stack([p[1] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
+                torch.from_numpy(np.stack([p[2] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
+                ssim_settings,
+            ).cpu().numpy()
+            for i in range(0, len(prepared), SSIM_CHUNK)
+        ]
+    )
+    return clip, ssim
+
+
 def decode_pool(scorer: ClipScorer, ssim_settings: SSIMSettings, workers: int) -> ProcessPoolExecutor | None:
     """Worker processes for `prepare` (None for workers=0). Starting them costs seconds (each imports
     torch): make one per shard or session and pass it to every score_images call."""
@@ -120,8 +141,6 @@ def score_images(
     """(key, clip_score, ssim) of (key, jpeg, caption) samples, in batches of `scorer.settings.batch_size`:
     decoding and the defining PIL resizes in worker processes (`pool`, or `workers` new ones), the
     models and SSIM on the device."""
-    import torch
-
     _init(scorer.preprocess, ssim_settings)
     own_pool = pool is None and workers > 0
     if own_pool:
@@ -140,18 +159,7 @@ def score_images(
             batch, results = ahead.pop()
             prepared = list(results)
             ahead.extend(submit(b) for b in itertools.islice(batches, 1))
-            clip = scorer.clip_scores(torch.from_numpy(np.stack([p[0] for p in prepared])), [c for _, _, c in batch])
-            ssim = np.concatenate(
-                [
-                    # float64 maps of 768² are 4.7 MB each and SSIM keeps ~10 of them: chunk the batch.
-                    ssim_torch(
-                        torch.from_numpy(np.stack([p[1] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
-                        torch.from_numpy(np.stack([p[2] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
-                        ssim_settings,
-                    ).cpu().numpy()
-                    for i in range(0, len(prepared), SSIM_CHUNK)
-                ]
-            )
+            clip, ssim = score_prepared(prepared, [c for _, _, c in batch], scorer, ssim_settings)
             for (key, _, _), c, s_ in zip(batch, clip, ssim):
                 yield key, float(c), float(s_)
     finally:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 import urllib.error
 import urllib.request
@@ -192,14 +191,3 @@ class HTTPJudge:
         no = [v for k, v in top.items() if parse_verdict(k) == NO]
         return FirstToken(choice.get("text", ""), logsumexp(yes), logsumexp(no))
 
-
-def first_token_text_logprobs(logprobs_row, tokenizer, k: int) -> dict[str, float]:
-    """The top-k of a log-prob vector keyed by decoded token text (the completions API's format)."""
-    import torch
-
-    values, ids = torch.topk(logprobs_row, k)
-    out: dict[str, float] = {}
-    for v, i in zip(values.tolist(), ids.tolist()):
-        text = tokenizer.decode([i])
-        out[text] = max(out.get(text, -math.inf), v)
-    return out

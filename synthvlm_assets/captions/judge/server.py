@@ -8,10 +8,11 @@ answers only what the judge asks (max_tokens=1 with log-probs).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from synthvlm_assets.captions.judge.backends import TransformersJudge, first_token_text_logprobs
+from synthvlm_assets.captions.judge.backends import TransformersJudge
 
 
 def make_server(backend: TransformersJudge, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
@@ -68,3 +69,15 @@ def make_server(backend: TransformersJudge, model_name: str, host: str = "127.0.
             })  # fmt: skip
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+def first_token_text_logprobs(logprobs_row, tokenizer, k: int) -> dict[str, float]:
+    """The top-k of a log-prob vector keyed by decoded token text (the completions API's format)."""
+    import torch
+
+    values, ids = torch.topk(logprobs_row, k)
+    out: dict[str, float] = {}
+    for v, i in zip(values.tolist(), ids.tolist()):
+        text = tokenizer.decode([i])
+        out[text] = max(out.get(text, -math.inf), v)
+    return out
