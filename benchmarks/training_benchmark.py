@@ -25,7 +25,7 @@ import torch
 
 from synthvlm_assets.training.data import IGNORE_INDEX
 from synthvlm_assets.training.model import ModelSettings, _tiny_parts, assemble, freeze_all_but_projector, tiny_vicuna_tokenizer, vision_token_count
-from synthvlm_assets.training.stage1 import optimizer_step
+from synthvlm_assets.training.stage1 import optimizer_step, token_loss_sum
 
 CAPTION_TOKENS = 48
 
@@ -94,7 +94,7 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     def run(b):
         if path == "plain":
             return plain_step(model, b, optimizer, device, compute)
-        return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0)[0]
+        return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0, token_loss_sum)[0]
 
     if cuda:
         torch.cuda.synchronize()

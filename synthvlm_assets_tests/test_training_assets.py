@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from dagster import AssetKey, instance_for_test
 
-from synthvlm_assets.defs.build import TRAINING_JOB, Settings, build_definitions
+from synthvlm_assets.defs.build import STAGE2_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.model import ModelSettings
 from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, load_projector, train_stage1
-from synthvlm_assets_tests.training_toy import publish_toy_dataset
+from synthvlm_assets_tests.training_toy import publish_toy_dataset, publish_toy_instructions
 
 
 def test_training_job_two_processes_through_pipes(tmp_path):
@@ -35,6 +35,24 @@ def test_training_job_two_processes_through_pipes(tmp_path):
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message and "samples/s" in e.message and "step " in e.message]
         assert len(logs) >= 6
         assert len(instance.fetch_materializations(AssetKey("llava_stage1_checkpoint"), limit=10).records) == 1
+
+        # Stage 2 from that stage-1 run, FSDP over the same 2 processes, on a toy LLaVA-665K.
+        instruct = publish_toy_instructions(root, 32)
+        stage2 = Settings(storage_root=root.root_uri, training={**settings.training, "instruct_json": root.uri(instruct),
+                                                                "instruct_image_folder": root.uri("instruct/images")})  # fmt: skip
+        result = build_definitions(stage2).resolve_job_def(STAGE2_JOB).execute_in_process(instance=instance)
+        assert result.success
+        events = {m.asset_key.path[-1]: m for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+        assert set(events) == {"llava_stage2_checkpoint", "llava_stage2_export"}
+        meta = events["llava_stage2_checkpoint"].metadata
+        assert meta["processes"].value == 2 and meta["steps"].value == 4 and "training_curve" in meta
+        run2 = root.manifest("llava_stage2")
+        assert run2["stage1_run_prefix"] == root.manifest("llava_stage1")["run_prefix"] and run2["steps"] == 4
+        assert root.read_json(f"{run2['run_prefix']}/_result.json")["fsdp"] is True
+        export2 = root.read_json("llava_stage2_export/_manifest.json")["prefix"]
+        assert root.exists(f"{export2}/{COMPLETE}") and root.exists(f"{export2}/model.safetensors")
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks["loss_finite"] and set(checks) == {"loss_finite", "loss_falling"}
 
     run_prefix = root.manifest("llava_stage1")["run_prefix"]
     export = root.read_json("llava_stage1_export/_manifest.json")["prefix"]

@@ -82,3 +82,25 @@ def save_tiny_parts(folder: str, captions: list[str], pretrain_steps: int = 150,
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
     return vision_dir, llm_dir
+
+
+def publish_toy_instructions(storage: StorageRoot, n: int = 48, text_only_every: int = 4) -> str:
+    """A toy LLaVA-665K: questions about the shapes' colour and kind (one or two turns), every
+    `text_only_every`-th record a text-only conversation, in `instruct/toy_665k.json` with images
+    under `instruct/images/`. Returns the JSON's key."""
+    pairs = list(itertools.product(COLOURS, SHAPES))
+    records = []
+    for i in range(n):
+        colour, shape = pairs[i % len(pairs)]
+        if text_only_every and i % text_only_every == text_only_every - 1:
+            records.append({"id": f"text-{i}", "conversations": [
+                {"from": "human", "value": f"Name a {shape}-shaped thing."}, {"from": "gpt", "value": f"A {shape} is a {shape}."}]})  # fmt: skip
+            continue
+        image = f"coco/{i:06d}.jpg"
+        storage.write_bytes(f"instruct/images/{image}", shape_image(colour, shape, i // len(pairs)))
+        turns = [{"from": "human", "value": "What colour is the shape?\n<image>"}, {"from": "gpt", "value": f"It is {colour}."}]
+        if i % 2:
+            turns += [{"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": f"A {shape}."}]
+        records.append({"id": f"q-{i}", "image": image, "conversations": turns})
+    storage.write_json("instruct/toy_665k.json", records)
+    return "instruct/toy_665k.json"

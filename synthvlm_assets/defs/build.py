@@ -25,13 +25,20 @@ from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
-from synthvlm_assets.defs.training import llava_stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval
+from synthvlm_assets.defs.training import (
+    llava_stage1_checkpoint,
+    llava_stage1_export,
+    llava_stage1_sanity_eval,
+    llava_stage2_checkpoint,
+    llava_stage2_export,
+)
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
 CURATION_JOB = "caption_curation_job"
 DATASET_JOB = "synthvlm_100k_job"
 TRAINING_JOB = "llava_training_job"
+STAGE2_JOB = "llava_stage2_job"
 
 
 @dataclass
@@ -67,7 +74,9 @@ class Settings:
             training={k: int(v) if k in ("processes", "micro_batch") else v for k, v in {
                 "vision_tower": env.get("SYNTHVLM_LLAVA_VISION_TOWER"), "vision_revision": env.get("SYNTHVLM_LLAVA_VISION_REVISION"),
                 "llm": env.get("SYNTHVLM_LLAVA_LLM"), "llm_revision": env.get("SYNTHVLM_LLAVA_LLM_REVISION"),
-                "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH")}.items() if v},  # fmt: skip
+                "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH"),
+                "instruct_json": env.get("SYNTHVLM_LLAVA_INSTRUCT_JSON"),
+                "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES")}.items() if v},  # fmt: skip
         )
 
     def executor_def(self):
@@ -104,6 +113,7 @@ def build_definitions(settings: Settings) -> Definitions:
     assets = [*per_shard, synthvlm_100k]
     # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
     training = [llava_stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval]
+    stage2 = [llava_stage2_checkpoint, llava_stage2_export]
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*per_shard),
@@ -129,9 +139,14 @@ def build_definitions(settings: Settings) -> Definitions:
         selection=AssetSelection.assets(*training),
         description="LLaVA-1.5 stage 1 on the current SynthVLM-100K, its Hugging Face export and a sanity evaluation (SPEC §6).",
     )
+    stage2_job = define_asset_job(
+        STAGE2_JOB,
+        selection=AssetSelection.assets(*stage2),
+        description="LLaVA-1.5 stage 2 (optional): instruction tuning on your LLaVA-665K-format JSON from the current stage-1 run, and its export.",
+    )
     return Definitions(
-        assets=[*assets, *training],
-        jobs=[main_job, curation_job, dataset_job, training_job],
+        assets=[*assets, *training, *stage2],
+        jobs=[main_job, curation_job, dataset_job, training_job, stage2_job],
         sensors=[caption_file_sensor, automation_sensor],
         schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
         resources=resources,

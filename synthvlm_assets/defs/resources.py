@@ -221,7 +221,7 @@ class SelectionResource(ConfigurableResource):
 
 
 class TrainingResource(ConfigurableResource):
-    """SPEC §6, stage 1: the two pretrained parts (HF id, local folder or s3:// prefix at a pinned
+    """SPEC §6: the two pretrained parts (HF id, local folder or s3:// prefix at a pinned
     revision; both "tiny" for the small random test preset) and LLaVA-1.5's recipe. Batch and
     schedule fields left unset take LLaVA-1.5's values (the tiny preset's smaller batches)."""
 
@@ -244,6 +244,15 @@ class TrainingResource(ConfigurableResource):
     num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
     processes: int | None = Field(default=None, description="Training processes (torchrun); default: one per visible GPU, else 1.")
     export_dtype: str | None = Field(default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).')
+    # Stage 2 (optional): instruction tuning on a LLaVA-665K-format JSON; unset fields take LLaVA-1.5's finetune values.
+    instruct_json: str | None = Field(default=None, description="Stage 2's LLaVA-665K-format JSON (local path or s3:// URI).")
+    instruct_image_folder: str | None = Field(default=None, description="The folder the JSON's image paths are relative to.")
+    stage2_global_batch: int | None = Field(default=None, description="128 (LLaVA-1.5) = processes x micro_batch x accumulation.")
+    stage2_micro_batch: int | None = None
+    stage2_lr: float | None = None
+    stage2_epochs: int | None = None
+    fsdp: bool = Field(default=True, description="Stage 2: shard the model over the processes (FSDP).")
+    stage2_gradient_checkpointing: bool | None = Field(default=None, description="Stage 2: on by default, as LLaVA's finetune.")
     eval_max_records: int = 256
     eval_retrieval_size: int = 16
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
@@ -265,6 +274,19 @@ class TrainingResource(ConfigurableResource):
         if self.num_workers is None:
             given["num_workers"] = 4
         return Stage1Settings(**given)
+
+    def stage2_settings(self):
+        from synthvlm_assets.training.stage2 import Stage2Settings
+
+        own = {"global_batch": self.stage2_global_batch, "micro_batch": self.stage2_micro_batch, "lr": self.stage2_lr,
+               "epochs": self.stage2_epochs, "gradient_checkpointing": self.stage2_gradient_checkpointing,
+               "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay, "max_length": self.max_length,
+               "dtype": self.dtype, "checkpoint_every": self.checkpoint_every, "num_workers": self.num_workers}  # fmt: skip
+        given = {k: v for k, v in own.items() if v is not None}
+        given.update(instruct_json=self.instruct_json or "", image_folder=self.instruct_image_folder or "", seed=self.seed, fsdp=self.fsdp)
+        if self.model_settings().tiny:
+            return Stage2Settings.tiny_preset(**given)
+        return Stage2Settings(**{"num_workers": 4, **given})
 
     def eval_settings(self):
         from synthvlm_assets.training.evaluate import EvalSettings

@@ -1,5 +1,6 @@
 """SPEC §6 as assets: the stage-1 training run (through Dagster Pipes, so a long GPU job streams its
-loss, samples/s and GPU memory into the run's log), its Hugging Face export, and a sanity evaluation."""
+loss, samples/s and GPU memory into the run's log), its Hugging Face export and a sanity evaluation;
+the optional stage-2 run (instruction tuning on the user's LLaVA-665K-format JSON) and its export."""
 
 import json
 import math
@@ -22,12 +23,16 @@ from synthvlm_assets.defs.resources import StorageResource, TrainingResource
 from synthvlm_assets.defs.selection import synthvlm_100k
 from synthvlm_assets.defs.synthesis import GPU_TAGS
 from synthvlm_assets.storage import StorageRoot
-from synthvlm_assets.training.export import EXPORT
+from synthvlm_assets.training.export import EXPORT, STAGE2_EXPORT
 from synthvlm_assets.training.launch import config_json
+from synthvlm_assets.training.loop import RESULT
 from synthvlm_assets.training.stage1 import ASSET as STAGE1
-from synthvlm_assets.training.stage1 import RESULT
+from synthvlm_assets.training.stage1 import PROJECTOR
+from synthvlm_assets.training.stage2 import ASSET as STAGE2
+from synthvlm_assets.training.stage2 import TRAINABLE
 
 CHECKPOINT = "llava_stage1_checkpoint"
+STAGE2_CHECKPOINT = "llava_stage2_checkpoint"
 SANITY = "llava_stage1_sanity_eval"
 TINY_LABEL = " (tiny preset: random weights, meaningless)"
 
@@ -46,10 +51,11 @@ def training_curve(losses: list[float], title: str) -> MetadataValue:
     return png_markdown(fig)
 
 
-def _current_run(root: StorageRoot) -> dict:
-    manifest = root.manifest(STAGE1)
+def _current_run(root: StorageRoot, stage: str = STAGE1) -> dict:
+    manifest = root.manifest(stage)
     if manifest is None:
-        raise RuntimeError(f"{root.uri(STAGE1)} has no finished training run: materialize {CHECKPOINT} first")
+        asset_name = CHECKPOINT if stage == STAGE1 else STAGE2_CHECKPOINT
+        raise RuntimeError(f"{root.uri(stage)} has no finished training run: materialize {asset_name} first")
     return manifest
 
 
@@ -59,27 +65,16 @@ def _package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(synthvlm_assets.__file__)))
 
 
-@asset(
-    deps=[synthvlm_100k],
-    code_version="1",
-    kinds={"pytorch", "safetensors"},
-    group_name="training",
-    op_tags=GPU_TAGS,
-    check_specs=[
-        AssetCheckSpec("loss_finite", asset=CHECKPOINT, blocking=True, description="Every step's loss is finite."),
-        AssetCheckSpec("loss_falling", asset=CHECKPOINT, description="Mean loss of the last tenth of the steps below the first tenth's."),
-    ],
-)
-def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
-    """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
-    materialization per training run; it runs as a subprocess (under torchrun with several processes)
-    through Dagster Pipes and resumes from the newest complete checkpoint of the same run."""
+def _launch(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, settings,
+            stage1_run_prefix: str | None = None) -> tuple[dict, str, dict]:  # fmt: skip
+    """Run one training run as a subprocess (under torchrun for several processes) through Dagster
+    Pipes; returns (reported metadata, run prefix, the run's _result.json)."""
     root = storage.root()
-    model, settings = training.model_settings(), training.stage1_settings()
     with tempfile.TemporaryDirectory(prefix="synthvlm-train-") as tmp:
         cfg = os.path.join(tmp, "config.json")
         with open(cfg, "w") as f:
-            f.write(config_json(root.root_uri, storage.s3_endpoint_url, model, settings, training.cache_dir))
+            f.write(config_json(root.root_uri, storage.s3_endpoint_url, training.model_settings(), settings, training.cache_dir,
+                                stage1_run_prefix))  # fmt: skip
         processes = training.process_count()
         launch = ["-m", "synthvlm_assets.training.launch", cfg]
         command = [sys.executable, *launch] if processes == 1 else [
@@ -90,25 +85,23 @@ def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageReso
         reported = invocation.get_materialize_result()
     run_prefix = reported.metadata["run_prefix"].value
     run_prefix = run_prefix[len(root.uri()) + 1 :] if run_prefix.startswith(root.uri()) else run_prefix
-    summary = root.read_json(f"{run_prefix}/{RESULT}")
-    root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
-        k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
-    losses = summary["losses"]
+    return reported, run_prefix, root.read_json(f"{run_prefix}/{RESULT}")
+
+
+def _loss_checks(asset_key: str) -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec("loss_finite", asset=asset_key, blocking=True, description="Every step's loss is finite."),
+        AssetCheckSpec("loss_falling", asset=asset_key, description="Mean loss of the last tenth of the steps below the first tenth's."),
+    ]
+
+
+def _training_result(reported, losses: list[float], title: str, metadata: dict) -> MaterializeResult:
+    """The materialization of a training run: what the subprocess reported, its curve, and the checks."""
     tenth = max(1, len(losses) // 10)
     first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
-    label = TINY_LABEL if summary["tiny"] else ""
     return MaterializeResult(
-        metadata={
-            **reported.metadata,
-            "training_curve": training_curve(losses, f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}"),
-            "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
-            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
-                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),  # fmt: skip
-            "first_tenth_mean_loss": first,
-            "last_tenth_mean_loss": last,
-            "projector": MetadataValue.path(root.uri(f"{run_prefix}/projector.safetensors")),
-            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
-        },
+        metadata={**reported.metadata, "training_curve": training_curve(losses, title), **metadata,
+                  "first_tenth_mean_loss": first, "last_tenth_mean_loss": last},  # fmt: skip
         data_version=reported.data_version,
         check_results=[
             AssetCheckResult(check_name="loss_finite", passed=bool(losses) and all(math.isfinite(x) for x in losses)),
@@ -117,18 +110,58 @@ def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageReso
     )
 
 
-@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
-def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
-    """The trained stage-1 model in Hugging Face format (`LlavaForConditionalGeneration` + processor)
-    plus LLaVA's `mm_projector.bin`, under `llava_stage1_export/<run>/`."""
+@asset(deps=[synthvlm_100k], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training", op_tags=GPU_TAGS,
+       check_specs=_loss_checks(CHECKPOINT))  # fmt: skip
+def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
+    materialization per training run; it runs as a subprocess (under torchrun with several processes)
+    through Dagster Pipes and resumes from the newest complete checkpoint of the same run."""
+    root = storage.root()
+    reported, run_prefix, summary = _launch(context, storage, training, training.stage1_settings())
+    root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
+        k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
+    label = TINY_LABEL if summary["tiny"] else ""
+    return _training_result(reported, summary["losses"], f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}", {
+        "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
+        "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
+                           + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),
+        "projector": MetadataValue.path(root.uri(f"{run_prefix}/{PROJECTOR}")),
+        "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+    })  # fmt: skip
+
+
+@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
+       op_tags=GPU_TAGS, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
+def llava_stage2_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """LLaVA-1.5 stage 2 (optional): instruction tuning of the projector and the LLM on a LLaVA-665K-format
+    JSON you provide (`instruct_json`, `instruct_image_folder`), starting from the current stage-1 run;
+    FSDP over several processes. Launched like stage 1 (Pipes, resumable)."""
+    root = storage.root()
+    stage1 = _current_run(root)
+    reported, run_prefix, summary = _launch(context, storage, training, training.stage2_settings(), stage1["run_prefix"])
+    root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
+        k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
+    label = TINY_LABEL if summary["tiny"] else ""
+    loop = summary["loop"]
+    return _training_result(reported, summary["losses"], f"stage 2 on {summary['records']} conversations{label}", {
+        "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
+                           + [["micro_batch", summary["micro_batch"]], ["accumulation", loop["accumulation"]], ["fsdp", summary["fsdp"]]]),
+        "instruct_json": MetadataValue.path(summary["data"]),
+        "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
+        "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),
+        "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+    })  # fmt: skip
+
+
+def _export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, stage: str, export: str) -> MaterializeResult:
     from synthvlm_assets.training.export import export_model
 
     root = storage.root()
-    run = _current_run(root)
-    dest = f"{EXPORT}/{run['run_prefix'].rsplit('/', 1)[-1]}"
+    run = _current_run(root, stage)
+    dest = f"{export}/{run['run_prefix'].rsplit('/', 1)[-1]}"
     manifest = export_model(root, run["run_prefix"], training.model_settings(), dest, {"run_id": context.run.run_id},
                             training.cache_dir, training.export_dtype)  # fmt: skip
-    root.write_json(f"{EXPORT}/_manifest.json", {"prefix": dest, "run_prefix": run["run_prefix"]})
+    root.write_json(f"{export}/_manifest.json", {"prefix": dest, "run_prefix": run["run_prefix"]})
     return MaterializeResult(
         metadata={
             "export": MetadataValue.path(root.uri(dest)),
@@ -139,6 +172,20 @@ def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource
                                           + (TINY_LABEL if run.get("tiny") else "")),  # fmt: skip
         }
     )
+
+
+@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
+def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """The trained stage-1 model in Hugging Face format (`LlavaForConditionalGeneration` + processor)
+    plus LLaVA's `mm_projector.bin`, under `llava_stage1_export/<run>/`."""
+    return _export(context, storage, training, STAGE1, EXPORT)
+
+
+@asset(deps=[llava_stage2_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
+def llava_stage2_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    """The instruction-tuned model in Hugging Face format, under `llava_stage2_export/<run>/`: what
+    lmms-eval's `llava_hf` evaluates."""
+    return _export(context, storage, training, STAGE2, STAGE2_EXPORT)
 
 
 @asset(
@@ -160,7 +207,7 @@ def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageRes
 
     root = storage.root()
     run = _current_run(root)
-    projector = load_projector(root, f"{run['run_prefix']}/projector.safetensors")
+    projector = load_projector(root, f"{run['run_prefix']}/{PROJECTOR}")
     result = sanity_evaluation(root, training.model_settings(), projector, training.eval_settings(), training.cache_dir)
     root.write_bytes(f"{run['run_prefix']}/sanity_eval.json", json.dumps(result, indent=1).encode())
     t, u = result["trained"], result["untrained"]

@@ -1,10 +1,12 @@
-"""SynthVLM-100K as training samples: the LLaVA JSON and its images read through the storage root, and
-the collator of stage 1's "plain" template."""
+"""Training samples: SynthVLM-100K (the LLaVA JSON and its images read through the storage root) with
+the collator of stage 1's "plain" template, and a LLaVA-665K-format instruction JSON with stage 2's
+"vicuna_v1" conversation collator."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 from synthvlm_assets.formats.dataset import ASSET as DATASET
@@ -129,3 +131,168 @@ class PlainCollator:
             labels[i, : len(lab)] = torch.tensor(lab)
             attention_mask[i, : len(r)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+
+
+# Stage 2: LLaVA-1.5's instruction tuning (conversation template "vicuna_v1", as in LLaVA's conversation.py).
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+
+
+class InstructDataset:
+    """A LLaVA-665K-format JSON (`{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}`)
+    and its image folder, each read through its own storage root (a local folder or an s3:// prefix).
+    Records without "image" are text-only conversations (LLaVA-665K has ~41K). Item i is
+    (PIL image or None, conversations, id)."""
+
+    def __init__(self, json_storage: StorageRoot, json_key: str, image_storage: StorageRoot | None, image_prefix: str = ""):
+        self.json_uri = json_storage.uri(json_key)
+        try:
+            raw = json_storage.read_bytes(json_key)
+            records = json.loads(raw)
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"cannot read the instruction JSON {self.json_uri}: {exc}") from exc
+        self.version = hashlib.sha256(raw).hexdigest()[:12]  # the data's identity in the run's name
+        if not isinstance(records, list):
+            raise DatasetError(f"{self.json_uri}: expected a JSON list of LLaVA records, got {type(records).__name__}")
+        for i, r in enumerate(records):
+            problem = _conversation_problem(r)
+            if problem:
+                raise DatasetError(f"{self.json_uri}: record {i} ({str(r.get('id')) if isinstance(r, dict) else '?'}): {problem}")
+            if "image" in r and image_storage is None:
+                raise DatasetError(f"{self.json_uri}: record {i} has an image but no image folder is configured")
+        self.records, self.image_storage, self.image_prefix = records, image_storage, image_prefix.rstrip("/")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        r = self.records[i]
+        image = None
+        if "image" in r:
+            key = f"{self.image_prefix}/{r['image']}" if self.image_prefix else r["image"]
+            try:
+                image = Image.open(io.BytesIO(self.image_storage.read_bytes(key))).convert("RGB")
+            except Exception as exc:  # noqa: BLE001
+                raise DatasetError(f"record {r.get('id')!r}: cannot read image {self.image_storage.uri(key)}: {exc}") from exc
+        return image, r["conversations"], str(r.get("id", i))
+
+
+def _conversation_problem(r) -> str | None:
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    turns = r.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2:
+        return "needs a 'conversations' list of at least two turns"
+    for j, t in enumerate(turns):
+        if not (isinstance(t, dict) and t.get("from") in VICUNA_ROLES and isinstance(t.get("value"), str)):
+            return f"turn {j} is not {{'from': 'human'|'gpt', 'value': str}}: {str(t)[:120]}"
+    if any(t["from"] != ("human", "gpt")[j % 2] for j, t in enumerate(_from_first_human(turns))):
+        return "turns must alternate human, gpt"
+    n_images = sum(t["value"].count("<image>") for t in turns)
+    if "image" in r and n_images != 1:
+        return f"has an image but {n_images} '<image>' placeholders (one expected)"
+    if "image" not in r and n_images:
+        return "has an '<image>' placeholder but no 'image'"
+    return None
+
+
+def _from_first_human(turns: list[dict]) -> list[dict]:
+    """LLaVA skips a leading turn that is not the human's."""
+    return turns[1:] if turns and turns[0]["from"] != "human" else turns
+
+
+def vicuna_prompt(conversations: list[dict], image_token: str = "<image>") -> tuple[str, list[tuple[int, int]]]:
+    """LLaVA's "vicuna_v1" text of a conversation and the character spans the loss trains on (each
+    answer with its closing `</s>`). As LLaVA does, `<image>` is moved to the start of its turn."""
+    text = VICUNA_SYSTEM + " "
+    spans = []
+    for t in _from_first_human(conversations):
+        value = t["value"]
+        if image_token in value:
+            value = (image_token + "\n" + value.replace(image_token, "").strip()).strip()
+        role = VICUNA_ROLES[t["from"]]
+        text += role + ": "
+        if t["from"] == "gpt":
+            start = len(text)
+            text += value + "</s>"
+            spans.append((start, len(text)))
+        else:
+            text += value + " "
+    return text, spans
+
+
+@dataclass
+class ConversationCollator:
+    """Stage 2's batches: the vicuna_v1 prompt tokenised whole (as LLaVA does), `<image>` expanded to the
+    vision tokens, labels on the answer tokens only (a token is trained when it overlaps an answer's
+    characters), right padding, cut at `max_length`. A micro-batch of text-only conversations gets one
+    blank image flagged `dummy_image`, so every process runs the vision tower (FSDP's collectives
+    must match across processes); its features enter the loss multiplied by zero."""
+
+    processor: object
+    n_image_tokens: int
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        tok = self.processor.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids(self.processor.image_token)
+        self.fill = tuple(int(round(255 * m)) for m in self.processor.image_processor.image_mean)
+        if not getattr(tok, "is_fast", False):
+            raise ValueError("stage 2 needs a fast tokenizer (character offsets mark the answer tokens)")
+
+    def encode(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of one conversation, image tokens expanded, before truncation."""
+        tok = self.processor.tokenizer
+        text, spans = vicuna_prompt(conversations, self.processor.image_token)
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids, labels = [], []
+        for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if token == self.image_token_id:
+                ids += [token] * self.n_image_tokens
+                labels += [IGNORE_INDEX] * self.n_image_tokens
+                continue
+            trained = b > a and any(a < end and b > start for start, end in spans)
+            ids.append(token)
+            labels.append(token if trained else IGNORE_INDEX)
+        return ids, labels
+
+    def __call__(self, batch: list[tuple]) -> dict:
+        import torch
+        from PIL import Image
+
+        rows, label_rows, images = [], [], []
+        for image, conversations, _ in batch:
+            ids, labels = self.encode(conversations)
+            if len(ids) > self.max_length:
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+                kept = ids.count(self.image_token_id)
+                if image is not None and kept != self.n_image_tokens:  # the cut dropped the image or went through it
+                    if kept:
+                        first = ids.index(self.image_token_id)
+                        ids, labels = ids[:first], labels[:first]
+                    image = None
+            rows.append(ids)
+            label_rows.append(labels)
+            if image is not None:
+                images.append(expand_to_square(image, self.fill))
+        dummy = not images
+        if dummy:
+            size = self.processor.image_processor.crop_size["height"]
+            images = [Image.new("RGB", (size, size), self.fill)]
+        width = max(len(r) for r in rows)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, label_rows)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(r)] = 1
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels,
+                "dummy_image": torch.tensor(dummy)}  # fmt: skip

@@ -1,6 +1,7 @@
-"""Export a trained stage-1 model: the whole model and its processor in Hugging Face format (loads with
-`AutoModelForImageTextToText` / `LlavaForConditionalGeneration` and `AutoProcessor`), plus LLaVA's
-`mm_projector.bin` (what the LLaVA repository's stage 2 takes as `--pretrain_mm_mlp_adapter`)."""
+"""Export a trained model (stage 1 or 2): the whole model and its processor in Hugging Face format (loads
+with `AutoModelForImageTextToText` / `LlavaForConditionalGeneration` and `AutoProcessor`, and with
+lmms-eval's `llava_hf`), plus LLaVA's `mm_projector.bin` (what the LLaVA repository's stage 2 takes as
+`--pretrain_mm_mlp_adapter`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,22 @@ import tempfile
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.model import ModelSettings, llava_mm_projector_state, load_model
-from synthvlm_assets.training.stage1 import COMPLETE, load_projector
+from synthvlm_assets.training.loop import COMPLETE, load_weights
+from synthvlm_assets.training.stage1 import PROJECTOR
+from synthvlm_assets.training.stage2 import PROJECTOR_PREFIX, TRAINABLE
 
 EXPORT = "llava_stage1_export"
+STAGE2_EXPORT = "llava_stage2_export"
+
+
+def trained_weights(storage: StorageRoot, run_prefix: str) -> dict:
+    """A finished run's trained weights under LlavaForConditionalGeneration's names: stage 2's projector +
+    LLM, or stage 1's projector."""
+    if storage.exists(f"{run_prefix}/{TRAINABLE}"):
+        return load_weights(storage, f"{run_prefix}/{TRAINABLE}")
+    if storage.exists(f"{run_prefix}/{PROJECTOR}"):
+        return {PROJECTOR_PREFIX + k: v for k, v in load_weights(storage, f"{run_prefix}/{PROJECTOR}").items()}
+    raise FileNotFoundError(f"{storage.uri(run_prefix)} holds no trained weights ({TRAINABLE} or {PROJECTOR}): is the run finished?")
 
 
 def export_model(
@@ -28,7 +42,10 @@ def export_model(
         raise ValueError(f"export dtype must be 'bf16' or 'fp32', not {dtype!r}")
     dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
-    model.model.multi_modal_projector.load_state_dict(load_projector(storage, f"{run_prefix}/projector.safetensors"))
+    trained = trained_weights(storage, run_prefix)
+    unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{storage.uri(run_prefix)}: {len(unexpected)} trained weights the model does not have, e.g. {unexpected[:3]}")
     model.to(dtype)
     storage.delete(f"{dest_prefix}/{COMPLETE}")
     files = {}

@@ -15,11 +15,17 @@ from dataclasses import asdict
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.model import ModelSettings
 from synthvlm_assets.training.stage1 import Stage1Settings, train_stage1
+from synthvlm_assets.training.stage2 import Stage2Settings, train_stage2
 
 
-def config_json(storage_root: str, s3_endpoint_url: str | None, model: ModelSettings, settings: Stage1Settings, cache_dir: str | None) -> str:
+def config_json(
+    storage_root: str, s3_endpoint_url: str | None, model: ModelSettings, settings: Stage1Settings | Stage2Settings,
+    cache_dir: str | None, stage1_run_prefix: str | None = None,
+) -> str:  # fmt: skip
+    """The launch's configuration: stage 1, or stage 2 (which starts from a stage-1 run)."""
+    stage = "stage2" if isinstance(settings, Stage2Settings) else "stage1"
     return json.dumps({"storage_root": storage_root, "s3_endpoint_url": s3_endpoint_url, "model": asdict(model),
-                       "stage1": asdict(settings), "cache_dir": cache_dir})  # fmt: skip
+                       stage: asdict(settings), "stage1_run_prefix": stage1_run_prefix, "cache_dir": cache_dir})  # fmt: skip
 
 
 def _pipes():
@@ -33,12 +39,12 @@ def _pipes():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="JSON file written by the asset (storage root, model and stage-1 settings)")
+    parser.add_argument("config", help="JSON file written by the asset (storage root, model and stage-1 or stage-2 settings)")
     args = parser.parse_args(argv)
     with open(args.config) as f:
         cfg = json.load(f)
     storage = StorageRoot(cfg["storage_root"], cfg.get("s3_endpoint_url"))
-    model, settings = ModelSettings(**cfg["model"]), Stage1Settings(**cfg["stage1"])
+    model = ModelSettings(**cfg["model"])
     pipes = _pipes()
     try:
         def report(row: dict) -> None:
@@ -49,22 +55,29 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(json.dumps(row), flush=True)
 
-        result = train_stage1(storage, model, settings, report=report, cache_dir=cfg.get("cache_dir"))
+        if "stage2" in cfg:
+            r = train_stage2(storage, model, cfg["stage1_run_prefix"], Stage2Settings(**cfg["stage2"]), report, cfg.get("cache_dir"))
+            run_prefix, summary, loop = r.run_prefix, r.summary, r.loop
+            steps, samples, resumed, losses, sps, peak = (loop.steps, loop.samples, loop.resumed_from_step, loop.losses,
+                                                          loop.samples_per_second, loop.peak_memory_gib)  # fmt: skip
+        else:
+            r = train_stage1(storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir"))
+            run_prefix, summary = r.run_prefix, r.summary
+            steps, samples, resumed, losses, sps, peak = r.steps, r.samples, r.resumed_from_step, r.losses, r.samples_per_second, r.peak_memory_gib
         if pipes is not None:
-            s = result.summary
             pipes.report_asset_materialization(
                 metadata={
-                    "run_prefix": {"raw_value": storage.uri(result.run_prefix), "type": "path"},
-                    "steps": {"raw_value": result.steps, "type": "int"},
-                    "samples": {"raw_value": result.samples, "type": "int"},
-                    "resumed_from_step": {"raw_value": result.resumed_from_step, "type": "int"},
-                    "final_loss": {"raw_value": result.losses[-1] if result.losses else float("nan"), "type": "float"},
-                    "samples_per_second": {"raw_value": result.samples_per_second, "type": "float"},
-                    "peak_gpu_memory_gib": {"raw_value": result.peak_memory_gib, "type": "float"},
-                    "processes": {"raw_value": s["processes"], "type": "int"},
-                    "device": {"raw_value": s["device"], "type": "text"},
+                    "run_prefix": {"raw_value": storage.uri(run_prefix), "type": "path"},
+                    "steps": {"raw_value": steps, "type": "int"},
+                    "samples": {"raw_value": samples, "type": "int"},
+                    "resumed_from_step": {"raw_value": resumed, "type": "int"},
+                    "final_loss": {"raw_value": losses[-1] if losses else float("nan"), "type": "float"},
+                    "samples_per_second": {"raw_value": sps, "type": "float"},
+                    "peak_gpu_memory_gib": {"raw_value": peak, "type": "float"},
+                    "processes": {"raw_value": summary["processes"], "type": "int"},
+                    "device": {"raw_value": summary["device"], "type": "text"},
                 },
-                data_version=result.run_prefix.rsplit("/", 1)[-1],
+                data_version=run_prefix.rsplit("/", 1)[-1],
             )
     finally:
         if pipes is not None:

@@ -1,0 +1,272 @@
+"""Stage 2 of LLaVA-1.5 (SPEC §6): instruction tuning on a LLaVA-665K-format JSON the user provides.
+The projector (from a stage-1 run) and the whole LLM train, the vision tower stays frozen;
+"vicuna_v1" conversations with the loss on the answers; LLaVA-1.5's finetune recipe (global batch 128,
+lr 2e-5, 1 epoch, warm-up 3%, cosine, weight decay 0, bf16). With several processes the model is
+sharded with FSDP (PyTorch's `fully_shard`: each vision and decoder layer a unit, fp32
+master weights, bf16 compute); the shared loop (`loop.py`) runs it and checkpoints it.
+
+    llava_stage2/<run>/checkpoints/step-0000040/...   loop.py's checkpoint (weights: trainable.safetensors)
+    llava_stage2/<run>/metrics/step-0000040.json      one row per optimizer step
+    llava_stage2/<run>/trainable.safetensors          the trained projector + LLM (LlavaForConditionalGeneration names, fp32)
+    llava_stage2/<run>/_result.json                   written last: the run is complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+from synthvlm_assets.storage import StorageRoot
+from synthvlm_assets.training.data import ConversationCollator, DatasetError, InstructDataset
+from synthvlm_assets.training.loop import (
+    RESULT,
+    Distributed,
+    LoopResult,
+    Trainee,
+    compute_dtype,
+    first_label_position,
+    label_cross_entropy_sum,
+    load_weights,
+    local_state,
+    save_weights,
+    train_loop,
+)
+from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, vision_token_count
+
+ASSET = "llava_stage2"
+TRAINABLE = "trainable.safetensors"
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+
+
+@dataclass(frozen=True)
+class Stage2Settings:
+    """LLaVA-1.5's finetune recipe (scripts/v1_5/finetune.sh) plus where the data is and how it runs."""
+
+    instruct_json: str = ""  # LLaVA-665K-format JSON: a local path or an s3:// URI
+    image_folder: str = ""  # the folder its "image" paths are relative to (local or s3://)
+    global_batch: int = 128  # = processes x micro_batch x accumulation
+    micro_batch: int = 16  # per process and forward pass (execution only)
+    lr: float = 2e-5
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    dtype: str = "auto"  # bf16 compute on a GPU (fp32 master weights), fp32 on a CPU
+    seed: int = 0
+    fsdp: bool = True  # shard the model over the processes (else every process holds all of it)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = True  # LLaVA's finetune default: activations of 2048-token sequences
+    num_workers: int = 0
+    stop_after_steps: int | None = None
+
+    @classmethod
+    def tiny_preset(cls, **overrides) -> Stage2Settings:
+        """Small batches for the tiny model on a CPU; everything else as LLaVA-1.5."""
+        return replace(cls(global_batch=8, micro_batch=4, checkpoint_every=5, gradient_checkpointing=False), **overrides)
+
+    def recipe(self) -> dict:
+        skip = {"micro_batch", "fsdp", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers",
+                "stop_after_steps", "instruct_json"}  # fmt: skip
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def instruct_dataset(settings: Stage2Settings, s3_endpoint_url: str | None = None) -> InstructDataset:
+    if not settings.instruct_json:
+        raise DatasetError("stage 2 needs instruct_json: a LLaVA-665K-format JSON (local path or s3:// URI) and its image_folder")
+    parent, name = settings.instruct_json.rstrip("/").rsplit("/", 1) if "/" in settings.instruct_json else (".", settings.instruct_json)
+    images = StorageRoot(settings.image_folder, s3_endpoint_url) if settings.image_folder else None
+    return InstructDataset(StorageRoot(parent, s3_endpoint_url), name, images)
+
+
+def run_name(data_version: str, stage1_run: str, model: ModelSettings, settings: Stage2Settings) -> str:
+    digest = hashlib.sha256(json.dumps([model.describe(), stage1_run, settings.recipe()], sort_keys=True).encode()).hexdigest()[:10]
+    return f"{data_version}-{digest}"
+
+
+def llava_loss_module(llava):
+    """LLaVA's forward in one module whose output is the summed answer-token cross-entropy. FSDP hooks
+    the forward of the modules it shards: this root module runs the vision tower on every micro-batch
+    (a text-only one brings a blank image whose features count zero), so all processes issue the same
+    collectives, and the LM head only runs from the first label on."""
+    import torch
+
+    class _LlavaLoss(torch.nn.Module):
+        def __init__(self, llava) -> None:
+            super().__init__()
+            self.llava = llava
+
+        def forward(self, input_ids, attention_mask, pixel_values, labels, dummy_image):
+            m, cfg = self.llava.model, self.llava.config
+            embeds = m.language_model.get_input_embeddings()(input_ids)
+            hidden = m.vision_tower(pixel_values, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+            if cfg.vision_feature_select_strategy == "default":
+                hidden = hidden[:, 1:]  # drop CLS
+            features = m.multi_modal_projector(hidden).to(embeds.dtype)
+            if bool(dummy_image):
+                embeds = embeds + 0.0 * features.sum()
+            else:
+                mask = (input_ids == cfg.image_token_id).unsqueeze(-1).expand_as(embeds)
+                embeds = embeds.masked_scatter(mask, features)
+            out = m.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            start = first_label_position(labels)
+            return label_cross_entropy_sum(self.llava.lm_head(out[:, start:-1]), labels, start)
+
+    return _LlavaLoss(llava)
+
+
+def loss_sum(module, batch: dict):
+    return module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], batch.get("dummy_image", False))
+
+
+def stage2_trainable(model) -> list[str]:
+    """Stage 2 trains the projector and the whole LLM (embeddings and LM head included); the vision
+    tower stays frozen. Sets requires_grad and returns the trainable parameters' names."""
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("model.vision_tower."))
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+def _shard(module, model, dtype) -> None:
+    """FSDP (fully_shard): each vision and decoder layer a unit, the rest (embeddings, projector, norms,
+    LM head) the root's. Parameters stay fp32 (the optimizer's master
+    weights); compute runs in `dtype`, gradients are reduced in fp32."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    # The vision tower's layers, not the tower: transformers finds a model's output recorders by its
+    # class, which fully_shard replaces (the tower would return no hidden states).
+    for tower in (model.model.vision_tower, model.model.language_model):
+        for layer in _layers(tower):
+            fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+
+
+def _layers(tower) -> list:
+    """The transformer blocks of a tower (its `...layers` ModuleList)."""
+    import torch
+
+    for name, module in tower.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise ValueError(f"{type(tower).__name__} has no `layers` list to shard")
+
+
+def _sharded_state_functions(module, names: list[str], rank: int):
+    """Full (gathered) weights and optimizer state of a sharded module, written by rank 0 and
+    broadcast from it on resume."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    wanted = set(names)
+
+    def trainable_state() -> dict:
+        state = get_model_state_dict(module, options=gather)
+        return {k.removeprefix("llava."): v.float().contiguous() for k, v in state.items() if k.removeprefix("llava.") in wanted}
+
+    def load_trainable_state(read: Callable[[], dict]) -> None:
+        state = {f"llava.{k}": v for k, v in read().items()} if rank == 0 else {}
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+
+    def optimizer_state(optimizer) -> dict:
+        return get_optimizer_state_dict(module, optimizer, options=gather)
+
+    def load_optimizer_state(optimizer, state: dict) -> None:
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+    return trainable_state, load_trainable_state, optimizer_state, load_optimizer_state
+
+
+@dataclass
+class Stage2Result:
+    run_prefix: str
+    loop: LoopResult
+    summary: dict
+
+
+def train_stage2(
+    storage: StorageRoot, model_settings: ModelSettings, stage1_run_prefix: str, settings: Stage2Settings,
+    report: Callable[[dict], None] | None = None, cache_dir: str | None = None,
+) -> Stage2Result:  # fmt: skip
+    """Train (or resume, or find finished) one stage-2 run starting from the stage-1 run's projector.
+    Every process of a torchrun launch calls this; rank 0 writes the shared files."""
+    d = Distributed()
+    try:
+        with tiny_cpu_threads(model_settings):
+            return _train(storage, model_settings, stage1_run_prefix, settings, report, cache_dir, d)
+    finally:
+        d.close()
+
+
+def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_dir, d: Distributed) -> Stage2Result:
+    import torch
+
+    from synthvlm_assets.training.stage1 import PROJECTOR
+
+    dataset = instruct_dataset(settings, storage.s3_endpoint_url)
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset.json_uri} has no records")
+    stage1_run = stage1_run_prefix.rstrip("/").rsplit("/", 1)[-1]
+    run_prefix = f"{ASSET}/{run_name(dataset.version, stage1_run, model_settings, settings)}"
+    if storage.exists(f"{run_prefix}/{RESULT}"):
+        summary = storage.read_json(f"{run_prefix}/{RESULT}")
+        return Stage2Result(run_prefix, LoopResult(**summary["loop"]), summary)
+    projector_key = f"{stage1_run_prefix}/{PROJECTOR}"
+    if not storage.exists(projector_key):
+        raise FileNotFoundError(f"{storage.uri(projector_key)} does not exist: stage 2 starts from a finished stage-1 run")
+
+    dtype = compute_dtype(settings.dtype, d.device)
+    sharded = settings.fsdp and d.world > 1
+    # fp32 master weights for everything that trains; the frozen vision tower in the compute dtype.
+    model, processor = load_model(model_settings, dtype=torch.float32, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+    model.model.multi_modal_projector.load_state_dict(load_weights(storage, projector_key))
+    names = stage2_trainable(model)
+    if not sharded:
+        model.model.vision_tower.to(dtype)
+    if settings.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(d.device)
+    model.train()
+    module = llava_loss_module(model)
+    if sharded:
+        _shard(module, model, dtype)
+        state_fns = _sharded_state_functions(module, names, d.rank)
+    else:
+        def load_local(read: Callable[[], dict]) -> None:
+            state = read()
+            missing = sorted(set(names) - set(state))
+            if missing:
+                raise RuntimeError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+            model.load_state_dict(state, strict=False)
+
+        state_fns = (lambda: local_state(model, names), load_local,
+                     lambda optimizer: optimizer.state_dict(), lambda optimizer, state: optimizer.load_state_dict(state))  # fmt: skip
+    params = [p for p in module.parameters() if p.requires_grad]
+    trainee = Trainee(module, params, ConversationCollator(processor, vision_token_count(model), settings.max_length), loss_sum,
+                      TRAINABLE, *state_fns, sharded=sharded)  # fmt: skip
+    loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)
+    final = trainee.trainable_state() if loop.steps == loop.total_steps else None  # collective under FSDP
+    cuda = d.device.type == "cuda"
+    summary = {"loop": asdict(loop), "steps": loop.steps, "losses": loop.losses, "processes": d.world, "fsdp": sharded,
+               "device": torch.cuda.get_device_name(d.device) if cuda else str(d.device), "data": settings.instruct_json,
+               "data_version": dataset.version, "records": len(dataset), "stage1_run_prefix": stage1_run_prefix,
+               "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
+               "tiny": model_settings.tiny}  # fmt: skip
+    if final is not None and d.rank == 0:
+        save_weights(storage, f"{run_prefix}/{TRAINABLE}", final)
+        storage.write_json(f"{run_prefix}/{RESULT}", summary)  # written last: the run is complete
+    d.barrier()
+    return Stage2Result(run_prefix, loop, summary)
