@@ -124,8 +124,8 @@ def split_protocol(uri: str) -> tuple[str, str]:
     return "file", uri
 
 
-def filesystem_for(uri: str, s3_endpoint_url: str | None = None, **storage_options: Any) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for a URI; S3 gets the endpoint of S3-compatible servers when given."""
+def filesystem_options(uri: str, s3_endpoint_url: str | None = None, **storage_options: Any) -> tuple[str, dict[str, Any]]:
+    """(fsspec protocol, options) for a URI; S3 gets the endpoint of S3-compatible servers when given."""
     protocol, _ = split_protocol(uri)
     if protocol in ("s3", "s3a"):
         options = dict(storage_options)
@@ -135,8 +135,14 @@ def filesystem_for(uri: str, s3_endpoint_url: str | None = None, **storage_optio
         options.setdefault("use_listings_cache", False)
         # Fail in seconds, not minutes, when the store is unreachable.
         options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
-        return fsspec.filesystem("s3", **options)
-    return fsspec.filesystem(protocol, **storage_options)
+        return "s3", options
+    return protocol, dict(storage_options)
+
+
+def filesystem_for(uri: str, s3_endpoint_url: str | None = None, **storage_options: Any) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a URI."""
+    protocol, options = filesystem_options(uri, s3_endpoint_url, **storage_options)
+    return fsspec.filesystem(protocol, **options)
 
 
 def local_or_absolute(uri: str) -> str:
@@ -171,6 +177,11 @@ class StorageRoot:
     def uri(self, key: str = "") -> str:
         path = self.path(key)
         return path if self.is_local else f"{self.protocol}://{path}"
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """The options this root opens its filesystem with (for libraries that open their own, e.g.
+        torch.distributed.checkpoint's fsspec reader and writer)."""
+        return filesystem_options(self.root_uri, self.s3_endpoint_url, **self.storage_options)[1]
 
     def _fail(self, action: str, key: str, exc: BaseException) -> StorageError:
         return StorageError(f"cannot {action} {self.uri(key)}: {type(exc).__name__}: {exc}")

@@ -163,13 +163,15 @@ def _torchrun(tmp_path, root: StorageRoot, stage1_run: str, settings: Stage2Sett
         "from synthvlm_assets.training.model import ModelSettings\n"
         "from synthvlm_assets.training.stage2 import Stage2Settings, train_stage2\n"
         "cfg = json.load(open(sys.argv[1]))\n"
-        "r = train_stage2(StorageRoot(cfg['root']), ModelSettings.tiny_preset(), cfg['stage1'], Stage2Settings(**cfg['settings']))\n"
+        "root = StorageRoot(cfg['root'], cfg['endpoint'])\n"
+        "r = train_stage2(root, ModelSettings.tiny_preset(), cfg['stage1'], Stage2Settings(**cfg['settings']))\n"
         "if __import__('os').environ['RANK'] == '0':\n"
         "    json.dump({'run_prefix': r.run_prefix, 'losses': r.loop.losses, 'resumed': r.loop.resumed_from_step,\n"
         "               'fsdp': r.summary['fsdp'], 'steps': r.loop.steps}, open(sys.argv[2], 'w'))\n"
     )
     cfg, out = tmp_path / "cfg.json", tmp_path / "out.json"
-    cfg.write_text(json.dumps({"root": root.root_uri, "stage1": stage1_run, "settings": dataclasses.asdict(settings)}))
+    cfg.write_text(json.dumps({"root": root.root_uri, "endpoint": root.s3_endpoint_url, "stage1": stage1_run,
+                               "settings": dataclasses.asdict(settings)}))  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(cfg), str(out)],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
@@ -200,6 +202,8 @@ def test_fsdp_two_processes_equal_one_process_and_resume_bit_exact(stage1_root, 
     # Under FSDP: interrupted after step 3 (checkpoint 2 complete), resumed -> the same weights bit for bit.
     first = _torchrun(tmp_path, roots["interrupted"], stage1_run, dataclasses.replace(settings, stop_after_steps=3))
     assert first["steps"] == 3 and [s for s, _ in complete_checkpoints(roots["interrupted"], first["run_prefix"])] == [2]
+    checkpoint = f"{first['run_prefix']}/checkpoints/step-0000002"
+    assert roots["interrupted"].exists(f"{checkpoint}/shards/.metadata") and not roots["interrupted"].exists(f"{checkpoint}/{TRAINABLE}")
     resumed = _torchrun(tmp_path, roots["interrupted"], stage1_run, settings)
     assert resumed["resumed"] == 2 and resumed["losses"] == sharded["losses"]
     c = load_weights(roots["interrupted"], f"{single.run_prefix}/{TRAINABLE}")
@@ -223,3 +227,23 @@ def test_clear_errors_for_missing_or_malformed_instruction_data(stage1_root, tmp
         instruct_dataset(Stage2Settings(instruct_json=root.uri("instruct/bad.json")))
     with pytest.raises(FileNotFoundError, match="finished stage-1 run"):
         train_stage2(root, ModelSettings.tiny_preset(), "llava_stage1/none", _settings(root))
+
+
+def test_fsdp_sharded_checkpoints_and_data_on_s3(stage1_root, tmp_path, seaweedfs):
+    """Every process writes and reads its checkpoint shards on S3 (SeaweedFS); the instruction data and
+    the stage-1 projector are read from there too."""
+    template, stage1_run = stage1_root
+    root = StorageRoot(f"s3://{seaweedfs.make_bucket()}/run", s3_endpoint_url=seaweedfs.endpoint)
+    root.fs.put(template.path("instruct"), root.path("instruct"), recursive=True)
+    root.fs.put(template.path(stage1_run), root.path(stage1_run), recursive=True)
+    settings = _settings(root, checkpoint_every=2)
+    first = _torchrun(tmp_path, root, stage1_run, dataclasses.replace(settings, stop_after_steps=3))
+    assert root.exists(f"{first['run_prefix']}/checkpoints/step-0000002/shards/.metadata")
+    resumed = _torchrun(tmp_path, root, stage1_run, settings)
+    assert resumed["resumed"] == 2 and resumed["steps"] == 6 and resumed["fsdp"]
+    # The same losses as the straight run on a local copy (the data order does not depend on where it lives).
+    local = StorageRoot(str(tmp_path / "local"))
+    _copy(template, local)
+    straight = train_stage2(local, ModelSettings.tiny_preset(), stage1_run, _settings(template, checkpoint_every=2))
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight.loop.losses), rtol=1e-5, atol=1e-6)
+    assert root.exists(f"{resumed['run_prefix']}/{TRAINABLE}")

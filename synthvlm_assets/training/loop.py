@@ -10,7 +10,9 @@ projector's gradients itself, stage 2 lets FSDP shard the model and reduce its g
 Checkpoints, under the run's prefix in the storage root:
 
     <run>/checkpoints/step-0000040/<weights_file>      the trainable weights only (fp32 safetensors)
-    <run>/checkpoints/step-0000040/trainer_state.pt    optimizer, scheduler, step, losses
+    <run>/checkpoints/step-0000040/shards/             or, under FSDP, every process's shards of weights
+                                                       and optimizer state (torch.distributed.checkpoint)
+    <run>/checkpoints/step-0000040/trainer_state.pt    optimizer (unless sharded), scheduler, step, losses
     <run>/checkpoints/step-0000040/rng-rank<r>.pt      each process's RNG state
     <run>/checkpoints/step-0000040/_COMPLETE           written last
     <run>/metrics/step-0000040.json                    one row per optimizer step (watchable)
@@ -32,6 +34,7 @@ from synthvlm_assets.training.data import IGNORE_INDEX
 
 COMPLETE = "_COMPLETE"
 RESULT = "_result.json"
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint folder
 
 
 class Distributed:
@@ -168,10 +171,14 @@ class Trainee:
     loss_sum: Callable[[Any, dict], Any]
     weights_file: str
     trainable_state: Callable[[], dict]
-    load_trainable_state: Callable[[Callable[[], dict]], None]
+    load_trainable_state: Callable[[Callable[[], dict]], None] | None = None  # unused with sharded checkpoints
     optimizer_state: Callable[[Any], dict] = field(default=lambda optimizer: optimizer.state_dict())
     load_optimizer_state: Callable[[Any, dict | None], None] = field(default=lambda optimizer, state: optimizer.load_state_dict(state))
     sharded: bool = False  # FSDP reduces the gradients itself
+    # Sharded checkpoints (FSDP): every process writes and reads its own shards of the weights and the
+    # optimizer state at a URI (torch.distributed.checkpoint), instead of rank 0 writing them in full.
+    save_shards: Callable[[str, Any], None] | None = None  # (uri, optimizer)
+    load_shards: Callable[[str, Any], None] | None = None
 
 
 @dataclass
@@ -209,9 +216,12 @@ def train_loop(
     checkpoints = complete_checkpoints(storage, run_prefix)
     if checkpoints:
         start, ckpt = checkpoints[-1]
-        trainee.load_trainable_state(lambda: load_weights(storage, f"{ckpt}/{trainee.weights_file}"))
         state = torch_load(storage.read_bytes(f"{ckpt}/trainer_state.pt"))
-        trainee.load_optimizer_state(optimizer, state["optimizer"])
+        if trainee.load_shards is not None:
+            trainee.load_shards(storage.uri(f"{ckpt}/{SHARDS}"), optimizer)
+        else:
+            trainee.load_trainable_state(lambda: load_weights(storage, f"{ckpt}/{trainee.weights_file}"))
+            trainee.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         losses = state["losses"]
         rng_key = f"{ckpt}/rng-rank{d.rank}.pt"
@@ -335,12 +345,16 @@ def _checkpoint(storage: StorageRoot, d: Distributed, run_prefix: str, step: int
                 losses: list, keep: int) -> None:  # fmt: skip
     prefix = f"{run_prefix}/checkpoints/step-{step:07d}"
     storage.write_bytes(f"{prefix}/rng-rank{d.rank}.pt", torch_bytes(_rng_state()))
-    weights, opt_state = trainee.trainable_state(), trainee.optimizer_state(optimizer)  # collective under FSDP
-    d.barrier()  # every process's RNG is written before the marker
+    state = {"scheduler": scheduler.state_dict(), "step": step, "losses": list(losses)}
+    if trainee.save_shards is not None:
+        trainee.save_shards(storage.uri(f"{prefix}/{SHARDS}"), optimizer)  # every process its shards
+    else:
+        weights, state["optimizer"] = trainee.trainable_state(), trainee.optimizer_state(optimizer)
+    d.barrier()  # every process's files are written before the marker
     if d.rank == 0:
-        save_weights(storage, f"{prefix}/{trainee.weights_file}", weights)
-        storage.write_bytes(f"{prefix}/trainer_state.pt", torch_bytes(
-            {"optimizer": opt_state, "scheduler": scheduler.state_dict(), "step": step, "losses": list(losses)}))  # fmt: skip
+        if trainee.save_shards is None:
+            save_weights(storage, f"{prefix}/{trainee.weights_file}", weights)
+        storage.write_bytes(f"{prefix}/trainer_state.pt", torch_bytes(state))
         storage.write_json(f"{prefix}/{COMPLETE}", {"step": step, "world_size": d.world})
         for _, old in complete_checkpoints(storage, run_prefix)[:-keep]:
             storage.delete(old)

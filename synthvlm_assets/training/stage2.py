@@ -5,7 +5,7 @@ lr 2e-5, 1 epoch, warm-up 3%, cosine, weight decay 0, bf16). With several proces
 sharded with FSDP (PyTorch's `fully_shard`: each vision and decoder layer a unit, fp32
 master weights, bf16 compute); the shared loop (`loop.py`) runs it and checkpoints it.
 
-    llava_stage2/<run>/checkpoints/step-0000040/...   loop.py's checkpoint (weights: trainable.safetensors)
+    llava_stage2/<run>/checkpoints/step-0000040/...   loop.py's checkpoint (sharded under FSDP, else trainable.safetensors)
     llava_stage2/<run>/metrics/step-0000040.json      one row per optimizer step
     llava_stage2/<run>/trainable.safetensors          the trained projector + LLM (LlavaForConditionalGeneration names, fp32)
     llava_stage2/<run>/_result.json                   written last: the run is complete
@@ -159,35 +159,46 @@ def _layers(tower) -> list:
     raise ValueError(f"{type(tower).__name__} has no `layers` list to shard")
 
 
-def _sharded_state_functions(module, names: list[str], rank: int):
-    """Full (gathered) weights and optimizer state of a sharded module, written by rank 0 and
-    broadcast from it on resume."""
+def _sharded_checkpoints(module, storage_options: dict):
+    """Save and load a sharded module's checkpoint with torch.distributed.checkpoint: each process
+    writes its own shards of the weights and the optimizer state straight to the storage (local or
+    S3, through fsspec), so no process ever holds the whole 7B/13B state (fp32 weights + Adam's two
+    moments: 12 bytes a parameter)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # stable since torch 2.2, not re-exported
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def state(optimizer) -> dict:
+        return {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+
+    def save_shards(uri: str, optimizer) -> None:
+        dcp.save(state(optimizer), storage_writer=FsspecWriter(uri, **storage_options))
+
+    def load_shards(uri: str, optimizer) -> None:
+        target = state(optimizer)  # the shapes and placements to load into (also initialises Adam's state)
+        dcp.load(target, storage_reader=FsspecReader(uri, **storage_options))
+        set_model_state_dict(module, target["model"])
+        set_optimizer_state_dict(module, optimizer, target["optimizer"])
+
+    return save_shards, load_shards
+
+
+def _gathered_trainable(module, names: list[str]) -> Callable[[], dict]:
+    """The full trainable weights of a sharded module (every process takes part; rank 0 gets them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     wanted = set(names)
 
     def trainable_state() -> dict:
-        state = get_model_state_dict(module, options=gather)
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k.removeprefix("llava."): v.float().contiguous() for k, v in state.items() if k.removeprefix("llava.") in wanted}
 
-    def load_trainable_state(read: Callable[[], dict]) -> None:
-        state = {f"llava.{k}": v for k, v in read().items()} if rank == 0 else {}
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
-
-    def optimizer_state(optimizer) -> dict:
-        return get_optimizer_state_dict(module, optimizer, options=gather)
-
-    def load_optimizer_state(optimizer, state: dict) -> None:
-        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-    return trainable_state, load_trainable_state, optimizer_state, load_optimizer_state
+    return trainable_state
 
 
 @dataclass
@@ -243,7 +254,12 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
     module = llava_loss_module(model)
     if sharded:
         _shard(module, model, dtype)
-        state_fns = _sharded_state_functions(module, names, d.rank)
+    params = [p for p in module.parameters() if p.requires_grad]  # (sharded ones under FSDP)
+    collator = ConversationCollator(processor, vision_token_count(model), settings.max_length)
+    if sharded:
+        save_shards, load_shards = _sharded_checkpoints(module, storage.fsspec_options())
+        trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, _gathered_trainable(module, names), sharded=True,
+                          save_shards=save_shards, load_shards=load_shards)  # fmt: skip
     else:
         def load_local(read: Callable[[], dict]) -> None:
             state = read()
@@ -252,11 +268,7 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
                 raise RuntimeError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
             model.load_state_dict(state, strict=False)
 
-        state_fns = (lambda: local_state(model, names), load_local,
-                     lambda optimizer: optimizer.state_dict(), lambda optimizer, state: optimizer.load_state_dict(state))  # fmt: skip
-    params = [p for p in module.parameters() if p.requires_grad]
-    trainee = Trainee(module, params, ConversationCollator(processor, vision_token_count(model), settings.max_length), loss_sum,
-                      TRAINABLE, *state_fns, sharded=sharded)  # fmt: skip
+        trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, lambda: local_state(model, names), load_local)
     loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)
     final = trainee.trainable_state() if loop.steps == loop.total_steps else None  # collective under FSDP
     cuda = d.device.type == "cuda"
