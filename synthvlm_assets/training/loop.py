@@ -1,5 +1,7 @@
-"""The training loop both LLaVA-1.5 stages share (SPEC §6): a plain PyTorch loop (transformers 5's
-Trainer loses LLaVA's weights on resume) over torchrun's processes (NCCL on GPUs, gloo on CPUs).
+"""The training loop both LLaVA-1.5 stages share (SPEC §6): a plain PyTorch loop over torchrun's
+processes (NCCL on GPUs, gloo on CPUs). Not transformers' Trainer: in 5.x it saves LLaVA checkpoints
+under the legacy key names and resumes with a plain `load_state_dict`, so no weight is restored
+(test_trainer_resume_claim.py shows it and fails once that is fixed).
 
 Each optimizer step is one global batch: a seeded permutation per epoch cut into global batches,
 each process taking its share in micro-batches. The loss is the mean over all the global batch's
