@@ -9,6 +9,7 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.automation import PER_SHARD, SELECTION, automation_sensor, code_versions, nightly_schedule
 from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.evaluation import BenchmarkEvalResource, llava_benchmark_eval, llava_benchmark_job
 from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
 from synthvlm_assets.defs.resources import (
     CaptionSourceResource,
@@ -57,6 +58,7 @@ class Settings:
     selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
     executor: str = "multiprocess"  # or "k8s": each step its own pod, GPU steps request a GPU (deploy/helm)
     training: dict = field(default_factory=dict)  # TrainingResource fields; {"vision_tower": "tiny", "llm": "tiny"} offline
+    benchmark_eval: dict = field(default_factory=dict)  # BenchmarkEvalResource fields (llava_benchmark_job)
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> Settings:
@@ -77,6 +79,8 @@ class Settings:
                 "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH"),
                 "instruct_json": env.get("SYNTHVLM_LLAVA_INSTRUCT_JSON"),
                 "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES")}.items() if v},  # fmt: skip
+            benchmark_eval={k: v for k, v in {"model": env.get("SYNTHVLM_EVAL_MODEL"), "datasets_dir": env.get("SYNTHVLM_EVAL_DATASETS_DIR"),
+                                              "lmms_eval_python": env.get("SYNTHVLM_LMMS_EVAL_PYTHON")}.items() if v},  # fmt: skip
         )
 
     def executor_def(self):
@@ -105,6 +109,7 @@ class Settings:
             "scoring": ScoringResource(**self.scoring),
             "selection": SelectionResource(**self.selection),
             "training": TrainingResource(**self.training),
+            "benchmark_eval": BenchmarkEvalResource(**self.benchmark_eval),
         }
 
 
@@ -145,8 +150,8 @@ def build_definitions(settings: Settings) -> Definitions:
         description="LLaVA-1.5 stage 2 (optional): instruction tuning on your LLaVA-665K-format JSON from the current stage-1 run, and its export.",
     )
     return Definitions(
-        assets=[*assets, *training, *stage2],
-        jobs=[main_job, curation_job, dataset_job, training_job, stage2_job],
+        assets=[*assets, *training, *stage2, llava_benchmark_eval],
+        jobs=[main_job, curation_job, dataset_job, training_job, stage2_job, llava_benchmark_job],
         sensors=[caption_file_sensor, automation_sensor],
         schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
         resources=resources,
