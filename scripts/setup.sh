@@ -12,5 +12,3 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   rm -f .venv/.installed-* && touch "$stamp"
 fi
-# lmms-eval for the benchmark asset, in .venv-eval (its own environment: see the script).
-bash scripts/setup_eval_env.sh
