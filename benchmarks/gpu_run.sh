@@ -8,7 +8,8 @@
 #
 # then run it through the device tool with carry [".whl"] and a timeout of ~540 s:
 #   bash benchmarks/gpu_run.sh [scoring] [sdxl] [judge] [training]     (default: all four; ~15 min)
-# It writes <part>.log (and sdxl.json, judge.json) under $OUT. Next session: `bash benchmarks/gpu_run.sh judge training`.
+# It writes <part>.log (and sdxl.json, judge.json, training.json) under $OUT. Next session: `bash benchmarks/gpu_run.sh
+# training judge` (training first: it is issue 7's open item; ~7 min, the judge ~3 min).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,7 +30,8 @@ for part in $parts; do
     sdxl)     timeout 330 python3 benchmarks/sdxl_benchmark.py --validate --variant fuse_qkv=false --out "$OUT/sdxl.json" 2>&1 \
                 | grep -v "kept in float32" | tee "$OUT/sdxl.log" ;;
     judge)    timeout 200 python3 benchmarks/judge_benchmark.py --out "$OUT/judge.json" 2>&1 | tee "$OUT/judge.log" ;;
-    training) timeout 300 python3 benchmarks/training_benchmark.py 2>&1 | tee "$OUT/training.log" ;;
+    training) timeout 420 python3 benchmarks/training_benchmark.py --micro-batch 16 32 --paths plain project project-compiled \
+                --out "$OUT/training.json" 2>&1 | tee "$OUT/training.log" ;;
     *) echo "unknown part: $part (scoring sdxl judge training)"; exit 2 ;;
   esac
 done

@@ -7,7 +7,10 @@ and the two losses of the first step.
 
     .venv/bin/python benchmarks/training_benchmark.py                          # GPU: the LLaVA-1.5-7B shape
     .venv/bin/python benchmarks/training_benchmark.py --micro-batch 16 24 32   # several micro-batches
+    .venv/bin/python benchmarks/training_benchmark.py --paths plain project project-compiled   # + regional torch.compile
     .venv/bin/python benchmarks/training_benchmark.py --preset tiny            # CPU: the tiny preset
+
+Each row is printed as soon as it is measured (a run cut short by a time limit keeps what it measured).
 
 Random weights of the real shapes (CLIP ViT-L/14-336 tower, Llama-7B = Vicuna-1.5-7B, mlp2x_gelu):
 speed does not depend on the weights. 576 image tokens + 48 caption tokens per sample (BASELINES.md).
@@ -24,7 +27,15 @@ import time
 import torch
 
 from synthvlm_assets.training.data import IGNORE_INDEX
-from synthvlm_assets.training.model import ModelSettings, _tiny_parts, assemble, freeze_all_but_projector, tiny_vicuna_tokenizer, vision_token_count
+from synthvlm_assets.training.model import (
+    ModelSettings,
+    _tiny_parts,
+    assemble,
+    compile_layers,
+    freeze_all_but_projector,
+    tiny_vicuna_tokenizer,
+    vision_token_count,
+)
 from synthvlm_assets.training.stage1 import optimizer_step, token_loss_sum
 
 CAPTION_TOKENS = 48
@@ -87,9 +98,11 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     model, processor = build(preset, device, torch.float32 if path == "plain" else compute)
     model.model.multi_modal_projector.float()
     params = freeze_all_but_projector(model)
+    if path == "project-compiled":
+        compile_layers(model)  # what Stage1Settings(compile=True) does; compiled in the warm-up step
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 1)]
+    batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 2)]
 
     def run(b):
         if path == "plain":
@@ -102,10 +115,11 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     with FlopCounterMode(display=False) as counter:  # also the warm-up step
         first_loss = run(batches[0])
     flops = counter.get_total_flops()
+    run(batches[1])  # a second warm-up outside the counter: torch.compile compiles here, not under the counter's mode
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for b in batches[1:]:
+    for b in batches[2:]:
         run(b)
     if cuda:
         torch.cuda.synchronize()
@@ -124,7 +138,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=["7b", "tiny"], default="7b")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="default: 16 (7b), 8 (tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)")
-    parser.add_argument("--paths", nargs="+", choices=["plain", "project"], default=["plain", "project"])
+    parser.add_argument("--paths", nargs="+", choices=["plain", "project", "project-compiled"], default=["plain", "project"])
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,24 +148,22 @@ def main() -> None:
         raise SystemExit("the 7b preset needs a GPU (about 60 GB); use --preset tiny on a CPU")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     steps = args.steps or (5 if device.type == "cuda" else 3)
+    print(f"stage-1 step, preset {args.preset}, device: {device_name}, torch {torch.__version__}")
+    print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for mb in args.micro_batch or ([16] if args.preset == "7b" else [8]):
         for path in args.paths:
             try:
-                rows.append(measure(path, args.preset, mb, steps, device))
+                r = measure(path, args.preset, mb, steps, device)
+                print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
+                      f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |", flush=True)
             except torch.OutOfMemoryError:
-                rows.append({"path": path, "micro_batch": mb, "samples_per_second": None, "note": "out of memory"})
+                r = {"path": path, "micro_batch": mb, "samples_per_second": None, "note": "out of memory"}
+                print(f"| {path} | {mb} | out of memory | | | | | |", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache()
-    print(f"stage-1 step, preset {args.preset}, device: {device_name}, torch {torch.__version__}")
-    print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r.get("samples_per_second") is None:
-            print(f"| {r['path']} | {r['micro_batch']} | out of memory | | | | | |")
-            continue
-        print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
-              f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |")
+            rows.append(r)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device_name, "preset": args.preset, "rows": rows}, f, indent=1)

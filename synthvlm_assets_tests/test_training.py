@@ -197,3 +197,20 @@ def test_dataset_reads_the_current_version_and_splits_held_out(tmp_path):
     assert not {r["id"] for r in train.records} & {r["id"] for r in held.records}
     image, caption, rid = full[0]
     assert image.size == (48, 48) and caption == "a red circle" and rid == "toy-00000"
+
+
+def test_compiled_layers_train_like_eager(tmp_path):
+    """Stage1Settings.compile (regional torch.compile, an execution setting) changes speed, not the result:
+    the same run name and the same losses as eager."""
+    from torch._dynamo.utils import counters
+
+    model = ModelSettings.tiny_preset()
+    runs = []
+    counters.clear()
+    for name, compiled in (("eager", False), ("compiled", True)):
+        root = StorageRoot(str(tmp_path / name))
+        publish_toy_dataset(root, 40)
+        runs.append(train_stage1(root, model, Stage1Settings.tiny_preset(compile=compiled, stop_after_steps=2)))
+    assert runs[0].run_prefix == runs[1].run_prefix and len(runs[1].losses) == 2
+    assert counters["stats"]["unique_graphs"] >= 2  # the compiled run did compile (vision and decoder layers)
+    torch.testing.assert_close(torch.tensor(runs[1].losses), torch.tensor(runs[0].losses), rtol=1e-5, atol=1e-6)

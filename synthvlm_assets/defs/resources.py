@@ -241,6 +241,7 @@ class TrainingResource(ConfigurableResource):
     holdout_fraction: float | None = Field(default=None, description="Records kept out of training for the sanity evaluation.")
     checkpoint_every: int | None = Field(default=None, description="Optimizer steps between checkpoints.")
     gradient_checkpointing: bool = False
+    compile: bool = Field(default=False, description="Stage 1: regional torch.compile of the vision and decoder layers (execution only).")
     num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
     processes: int | None = Field(default=None, description="Training processes (torchrun); default: one per visible GPU, else 1.")
     export_dtype: str | None = Field(default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).')
@@ -268,7 +269,7 @@ class TrainingResource(ConfigurableResource):
         names = ("global_batch", "micro_batch", "lr", "epochs", "warmup_ratio", "weight_decay", "max_length", "dtype",
                  "holdout_fraction", "checkpoint_every", "num_workers")  # fmt: skip
         given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        given.update(seed=self.seed, gradient_checkpointing=self.gradient_checkpointing)
+        given.update(seed=self.seed, gradient_checkpointing=self.gradient_checkpointing, compile=self.compile)
         if self.model_settings().tiny:
             return Stage1Settings.tiny_preset(**given)
         if self.num_workers is None:

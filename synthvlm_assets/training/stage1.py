@@ -37,6 +37,7 @@ from synthvlm_assets.training.loop import (
 )
 from synthvlm_assets.training.model import (
     ModelSettings,
+    compile_layers,
     freeze_all_but_projector,
     load_model,
     projector_state,
@@ -70,6 +71,7 @@ class Stage1Settings:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False  # execution only: trades speed for memory
     num_workers: int = 0  # image decoding processes per training process
+    compile: bool = False  # execution only: regional torch.compile of the vision and decoder layers
     stop_after_steps: int | None = None  # stop early (the schedule is unchanged): for interruption tests
 
     @classmethod
@@ -79,7 +81,7 @@ class Stage1Settings:
 
     def recipe(self) -> dict:
         """The settings that change the result (not how it is executed)."""
-        skip = {"micro_batch", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers", "stop_after_steps"}
+        skip = {"micro_batch", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers", "compile", "stop_after_steps"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -150,6 +152,8 @@ def _train(
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if settings.compile:
+        compile_layers(model)
     model.train()
     projector = model.model.multi_modal_projector
     trainee = Trainee(

@@ -33,7 +33,7 @@ from synthvlm_assets.training.loop import (
     save_weights,
     train_loop,
 )
-from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, vision_token_count
+from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, transformer_layers, vision_token_count
 
 ASSET = "llava_stage2"
 TRAINABLE = "trainable.safetensors"
@@ -144,19 +144,9 @@ def _shard(module, model, dtype) -> None:
     # The vision tower's layers, not the tower: transformers finds a model's output recorders by its
     # class, which fully_shard replaces (the tower would return no hidden states).
     for tower in (model.model.vision_tower, model.model.language_model):
-        for layer in _layers(tower):
+        for layer in transformer_layers(tower):
             fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
-
-
-def _layers(tower) -> list:
-    """The transformer blocks of a tower (its `...layers` ModuleList)."""
-    import torch
-
-    for name, module in tower.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
-            return list(module)
-    raise ValueError(f"{type(tower).__name__} has no `layers` list to shard")
 
 
 def _sharded_checkpoints(module, storage_options: dict):
