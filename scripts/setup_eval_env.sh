@@ -7,8 +7,8 @@
 # pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=.venv
-env=.venv-eval
+base="${BASE_VENV:-.venv}"     # the GPU image: BASE_VENV=/opt/venv EVAL_VENV=/opt/eval
+env="${EVAL_VENV:-.venv-eval}"
 stamp="$env/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 [ -x "$env/bin/python" ] || "$base/bin/python" -m venv "$env"

@@ -63,6 +63,8 @@ def _dockerignore_allows(path: str) -> bool:
 def test_images_install_the_project_from_its_own_extras():
     installs = {f.name: re.findall(r'pip install "\.\[([a-z,]+)\]"', f.read_text()) for f in DOCKERFILES}
     assert installs == {"code-location.Dockerfile": ["deploy"], "gpu-worker.Dockerfile": ["gpu,perplexity,deploy", "vllm"]}
+    # lmms-eval: the eval extra's own packages in /opt/eval over /opt/venv, by the script the tests' .venv-eval comes from.
+    assert "BASE_VENV=/opt/venv EVAL_VENV=/opt/eval bash scripts/setup_eval_env.sh" in (DOCKER / "gpu-worker.Dockerfile").read_text()
     for extras in installs.values():
         for extra in ",".join(extras).split(","):
             assert extra in EXTRAS, f"{extra!r} is not an extra of pyproject.toml"
