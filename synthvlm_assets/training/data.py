@@ -91,26 +91,45 @@ def expand_to_square(image, fill: tuple[int, int, int]):
 
 
 @dataclass
-class PlainCollator:
-    """Stage 1's "plain" template: BOS, `<image>` expanded to the vision tokens, the caption, the
-    separator. Labels are the caption tokens only (BOS, image tokens and padding are IGNORE_INDEX);
-    padding on the right, cut at `max_length` (SPEC §6: 2048)."""
+class _LlavaCollator:
+    """What both templates' collators share: the processor, the vision-token count, the length limit,
+    LLaVA-1.5's pad colour, and right padding."""
 
     processor: object
     n_image_tokens: int
     max_length: int = 2048
 
     def __post_init__(self) -> None:
-        tok = self.processor.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids(self.processor.image_token)
-        if self.max_length <= self.n_image_tokens + 2:
-            raise ValueError(f"max_length={self.max_length} leaves no room for a caption after {self.n_image_tokens} image tokens")
-        ip = self.processor.image_processor
-        self.fill = tuple(int(round(255 * m)) for m in ip.image_mean)
+        self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.fill = tuple(int(round(255 * m)) for m in self.processor.image_processor.image_mean)
 
-    def __call__(self, batch: list[tuple]) -> dict:
+    def pad(self, rows: list[list[int]], label_rows: list[list[int]]) -> dict:
+        """input_ids, labels and attention_mask, padded on the right to the longest row."""
         import torch
 
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, label_rows)):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention_mask[i, : len(r)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class PlainCollator(_LlavaCollator):
+    """Stage 1's "plain" template: BOS, `<image>` expanded to the vision tokens, the caption, the
+    separator. Labels are the caption tokens only (BOS, image tokens and padding are IGNORE_INDEX);
+    padding on the right, cut at `max_length` (SPEC §6: 2048)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length <= self.n_image_tokens + 2:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a caption after {self.n_image_tokens} image tokens")
+
+    def __call__(self, batch: list[tuple]) -> dict:
         tok = self.processor.tokenizer
         images = [expand_to_square(img, self.fill) for img, _, _ in batch]
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -121,16 +140,7 @@ class PlainCollator:
             prefix = [tok.bos_token_id] + [self.image_token_id] * self.n_image_tokens
             rows.append(prefix + text_ids)
             label_rows.append([IGNORE_INDEX] * len(prefix) + text_ids)
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention_mask[i, : len(r)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+        return {**self.pad(rows, label_rows), "pixel_values": pixel_values}
 
 
 # Stage 2: LLaVA-1.5's instruction tuning (conversation template "vicuna_v1", as in LLaVA's conversation.py).
@@ -227,22 +237,16 @@ def vicuna_prompt(conversations: list[dict], image_token: str = "<image>") -> tu
 
 
 @dataclass
-class ConversationCollator:
+class ConversationCollator(_LlavaCollator):
     """Stage 2's batches: the vicuna_v1 prompt tokenised whole (as LLaVA does), `<image>` expanded to the
     vision tokens, labels on the answer tokens only (a token is trained when it overlaps an answer's
     characters), right padding, cut at `max_length`. A micro-batch of text-only conversations gets one
     blank image flagged `dummy_image`, so every process runs the vision tower (FSDP's collectives
     must match across processes); its features enter the loss multiplied by zero."""
 
-    processor: object
-    n_image_tokens: int
-    max_length: int = 2048
-
     def __post_init__(self) -> None:
-        tok = self.processor.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids(self.processor.image_token)
-        self.fill = tuple(int(round(255 * m)) for m in self.processor.image_processor.image_mean)
-        if not getattr(tok, "is_fast", False):
+        super().__post_init__()
+        if not getattr(self.processor.tokenizer, "is_fast", False):
             raise ValueError("stage 2 needs a fast tokenizer (character offsets mark the answer tokens)")
 
     def encode(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
@@ -284,15 +288,5 @@ class ConversationCollator:
         if dummy:
             size = self.processor.image_processor.crop_size["height"]
             images = [Image.new("RGB", (size, size), self.fill)]
-        width = max(len(r) for r in rows)
-        pad = self.processor.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention_mask[i, : len(r)] = 1
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels,
-                "dummy_image": torch.tensor(dummy)}  # fmt: skip
+        return {**self.pad(rows, label_rows), "pixel_values": pixel_values, "dummy_image": torch.tensor(dummy)}
