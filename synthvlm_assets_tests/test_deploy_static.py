@@ -286,3 +286,31 @@ def test_gpu_steps_become_pods_that_request_a_gpu():
         gpu_steps[node.name] = (limits or {}).get("nvidia.com/gpu"), [t.key for t in pod.tolerations or []], node.definition.pool
     assert gpu_steps["sdxl_images"] == gpu_steps["image_scores"] == ("1", ["nvidia.com/gpu"], "gpu")
     assert gpu_steps["raw_caption_pool"] == gpu_steps["curated_captions"] == (None, [], None)
+
+
+def test_training_pod_on_kubernetes():
+    """launcher "k8s": the training runs in a GPU pod of its own through PipesK8sClient. No cluster here:
+    the pod is built by dagster-k8s's own pod builder and checked, and its step asks for no GPU."""
+    from dagster_k8s.pipes import build_pod_body
+
+    from synthvlm_assets.defs.build import STAGE2_JOB, TRAINING_JOB, Settings, build_definitions
+    from synthvlm_assets.defs.training import training_command, training_pod_spec
+
+    base = {"nodeSelector": {"gpu": "h100"}, "containers": [{"envFrom": [{"secretRef": {"name": "synthvlm-s3"}}]}]}
+    command = training_command("python", 8, ["--config-json", '{"stage1": {}}'])
+    pod = build_pod_body("train", "synthvlm-gpu-worker:0.1.0", command, {"DAGSTER_PIPES_CONTEXT": "x"}, None, training_pod_spec(8, base))
+    container = pod.spec.containers[0]
+    assert container.resources.limits == {"nvidia.com/gpu": "8"} and container.image == "synthvlm-gpu-worker:0.1.0"
+    assert container.command[:5] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
+    assert container.command[-2:] == ["--config-json", '{"stage1": {}}'] and container.env_from[0].secret_ref.name == "synthvlm-s3"
+    assert [m.mount_path for m in container.volume_mounts] == ["/dev/shm"] and pod.spec.volumes[0].empty_dir.medium == "Memory"
+    assert pod.spec.node_selector == {"gpu": "h100"} and pod.spec.tolerations[0].key == "nvidia.com/gpu"
+    assert training_pod_spec(8, base) == training_pod_spec(8, base) and "resources" not in base["containers"][0]  # base untouched
+
+    def step_tags(settings: Settings, job: str, asset: str) -> dict:
+        node = next(n for n in build_definitions(settings).resolve_job_def(job).nodes if n.name == asset)
+        return dict(node.definition.tags)
+
+    for job, asset in ((TRAINING_JOB, "llava_stage1_checkpoint"), (STAGE2_JOB, "llava_stage2_checkpoint")):
+        assert "dagster-k8s/config" in step_tags(Settings(), job, asset)  # the step trains: its pod gets the GPU
+        assert "dagster-k8s/config" not in step_tags(Settings(training={"launcher": "k8s", "k8s_image": "img"}), job, asset)

@@ -65,3 +65,27 @@ def test_training_job_two_processes_through_pipes(tmp_path):
     a, b = load_projector(root, f"{run_prefix}/projector.safetensors"), load_projector(single_root, f"{run_prefix}/projector.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_launch_takes_its_configuration_inline(tmp_path):
+    """What a training pod of its own runs (no shared file): `launch --config-json`; without Pipes it prints
+    each step as a JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from synthvlm_assets.training.launch import config_json
+
+    root = StorageRoot(str(tmp_path / "root"))
+    publish_toy_dataset(root, 40)
+    cfg = config_json(root.root_uri, None, ModelSettings.tiny_preset(), Stage1Settings.tiny_preset(), None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES")}
+    done = subprocess.run([sys.executable, "-m", "synthvlm_assets.training.launch", "--config-json", cfg], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["step"] == rows[-1]["total_steps"]
+    assert len(root.list("llava_stage1")) == 1
+    both = subprocess.run([sys.executable, "-m", "synthvlm_assets.training.launch", "x.json", "--config-json", cfg], capture_output=True, text=True)
+    assert both.returncode == 2 and "one of the two" in both.stderr

@@ -23,16 +23,10 @@ from synthvlm_assets.defs.resources import (
     TrainingResource,
 )
 from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
-from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
-from synthvlm_assets.defs.training import (
-    llava_stage1_checkpoint,
-    llava_stage1_export,
-    llava_stage1_sanity_eval,
-    llava_stage2_checkpoint,
-    llava_stage2_export,
-)
+from synthvlm_assets.defs.training import checkpoint_assets, llava_stage1_export, llava_stage1_sanity_eval, llava_stage2_export
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
@@ -78,7 +72,8 @@ class Settings:
                 "llm": env.get("SYNTHVLM_LLAVA_LLM"), "llm_revision": env.get("SYNTHVLM_LLAVA_LLM_REVISION"),
                 "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH"),
                 "instruct_json": env.get("SYNTHVLM_LLAVA_INSTRUCT_JSON"),
-                "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES")}.items() if v},  # fmt: skip
+                "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES"),
+                "launcher": env.get("SYNTHVLM_LLAVA_LAUNCHER"), "k8s_image": env.get("SYNTHVLM_LLAVA_K8S_IMAGE")}.items() if v},  # fmt: skip
             benchmark_eval={k: v for k, v in {"model": env.get("SYNTHVLM_EVAL_MODEL"), "datasets_dir": env.get("SYNTHVLM_EVAL_DATASETS_DIR"),
                                               "lmms_eval_python": env.get("SYNTHVLM_LMMS_EVAL_PYTHON")}.items() if v},  # fmt: skip
         )
@@ -117,8 +112,10 @@ def build_definitions(settings: Settings) -> Definitions:
     per_shard = [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
     assets = [*per_shard, synthvlm_100k]
     # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
-    training = [llava_stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval]
-    stage2 = [llava_stage2_checkpoint, llava_stage2_export]
+    # Training in a GPU pod of its own (launcher "k8s"): its step needs no GPU.
+    stage1_checkpoint, stage2_checkpoint = checkpoint_assets({} if settings.training.get("launcher") == "k8s" else GPU_TAGS)
+    training = [stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval]
+    stage2 = [stage2_checkpoint, llava_stage2_export]
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*per_shard),

@@ -257,6 +257,14 @@ class TrainingResource(ConfigurableResource):
     eval_max_records: int = 256
     eval_retrieval_size: int = 16
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
+    launcher: str = Field(default="subprocess", description=(
+        '"subprocess": training runs beside the step (on Kubernetes: in the step\'s own GPU pod); "k8s": in a GPU pod '
+        "of its own through Dagster Pipes (PipesK8sClient), with `processes` GPUs."))  # fmt: skip
+    k8s_image: str | None = Field(default=None, description="The training pod's image (default: the run's own, DAGSTER_CURRENT_IMAGE).")
+    k8s_namespace: str | None = None
+    k8s_pod_spec: dict | None = Field(default=None, description=(
+        "Base pod spec of the training pod (node selector, envFrom secrets for S3, volumes); GPUs, the GPU toleration "
+        "and an in-memory /dev/shm are added."))  # fmt: skip
 
     def model_settings(self):
         from synthvlm_assets.training.model import ModelSettings
@@ -297,6 +305,8 @@ class TrainingResource(ConfigurableResource):
     def process_count(self) -> int:
         if self.processes is not None:
             return self.processes
+        if self.launcher == "k8s":
+            return 1  # the step's host says nothing of the pod's GPUs
         import torch
 
         return max(1, torch.cuda.device_count())

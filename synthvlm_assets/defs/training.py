@@ -10,6 +10,7 @@ import tempfile
 
 from dagster import (
     AssetCheckResult,
+    AssetsDefinition,
     AssetCheckSpec,
     AssetExecutionContext,
     MaterializeResult,
@@ -21,7 +22,7 @@ from dagster import (
 from synthvlm_assets.defs.metadata import md_table, png_markdown
 from synthvlm_assets.defs.resources import StorageResource, TrainingResource
 from synthvlm_assets.defs.selection import synthvlm_100k
-from synthvlm_assets.defs.synthesis import GPU_TAGS
+from synthvlm_assets.defs.partitions import GPU_TAGS
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.export import EXPORT, STAGE2_EXPORT
 from synthvlm_assets.training.launch import config_json
@@ -65,24 +66,61 @@ def _package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(synthvlm_assets.__file__)))
 
 
+def training_command(python: str, processes: int, config_args: list[str]) -> list[str]:
+    """The training process (under torchrun when there are several)."""
+    launch = ["-m", "synthvlm_assets.training.launch", *config_args]
+    if processes == 1:
+        return [python, *launch]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *launch]
+
+
+def training_pod_spec(gpus: int, base: dict | None = None) -> dict:
+    """The pod of a training run on Kubernetes: `gpus` GPUs on one node (torchrun's processes), the
+    GPU toleration, and /dev/shm in memory (the DataLoader's workers and NCCL need more than the
+    container default of 64 MB), over the user's base spec (node selector, secrets, volumes...)."""
+    spec = json.loads(json.dumps(base or {}))  # a deep copy
+    containers = spec.setdefault("containers", [{}])
+    container = containers[0]
+    container.setdefault("name", "training")
+    limits = container.setdefault("resources", {}).setdefault("limits", {})
+    limits["nvidia.com/gpu"] = str(gpus)
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    if toleration not in spec.setdefault("tolerations", []):
+        spec["tolerations"].append(toleration)
+    if not any(v.get("name") == "dshm" for v in spec.setdefault("volumes", [])):
+        spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container.setdefault("volumeMounts", []).append({"name": "dshm", "mountPath": "/dev/shm"})
+    return spec
+
+
 def _launch(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, settings,
             stage1_run_prefix: str | None = None) -> tuple[dict, str, dict]:  # fmt: skip
-    """Run one training run as a subprocess (under torchrun for several processes) through Dagster
-    Pipes; returns (reported metadata, run prefix, the run's _result.json)."""
+    """Run one training run through Dagster Pipes: a subprocess here, or (launcher "k8s") a GPU pod of its
+    own; under torchrun for several processes. Returns (reported metadata, run prefix, its _result.json)."""
     root = storage.root()
-    with tempfile.TemporaryDirectory(prefix="synthvlm-train-") as tmp:
-        cfg = os.path.join(tmp, "config.json")
-        with open(cfg, "w") as f:
-            f.write(config_json(root.root_uri, storage.s3_endpoint_url, training.model_settings(), settings, training.cache_dir,
-                                stage1_run_prefix))  # fmt: skip
-        processes = training.process_count()
-        launch = ["-m", "synthvlm_assets.training.launch", cfg]
-        command = [sys.executable, *launch] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *launch]  # fmt: skip
-        context.log.info(f"training with {processes} process(es): {' '.join(command)}")
-        pythonpath = os.pathsep.join(p for p in (_package_parent(), os.environ.get("PYTHONPATH")) if p)
-        invocation = PipesSubprocessClient().run(context=context, command=command, env={"PYTHONPATH": pythonpath})
+    cfg = config_json(root.root_uri, storage.s3_endpoint_url, training.model_settings(), settings, training.cache_dir, stage1_run_prefix)
+    processes = training.process_count()
+    if training.launcher == "k8s":
+        from dagster_k8s import PipesK8sClient  # the deploy extra
+
+        image = training.k8s_image or os.environ.get("DAGSTER_CURRENT_IMAGE")
+        if not image:
+            raise ValueError("training.launcher is 'k8s' but no image: set training.k8s_image (or run where DAGSTER_CURRENT_IMAGE is set)")
+        command = training_command("python", processes, ["--config-json", cfg])
+        context.log.info(f"training in a pod of {image} with {processes} GPU process(es)")
+        invocation = PipesK8sClient().run(context=context, image=image, command=command, namespace=training.k8s_namespace,
+                                          base_pod_spec=training_pod_spec(processes, training.k8s_pod_spec))  # fmt: skip
         reported = invocation.get_materialize_result()
+    else:
+        with tempfile.TemporaryDirectory(prefix="synthvlm-train-") as tmp:
+            path = os.path.join(tmp, "config.json")
+            with open(path, "w") as f:
+                f.write(cfg)
+            command = training_command(sys.executable, processes, [path])
+            context.log.info(f"training with {processes} process(es): {' '.join(command)}")
+            pythonpath = os.pathsep.join(p for p in (_package_parent(), os.environ.get("PYTHONPATH")) if p)
+            invocation = PipesSubprocessClient().run(context=context, command=command, env={"PYTHONPATH": pythonpath})
+            reported = invocation.get_materialize_result()
     run_prefix = reported.metadata["run_prefix"].value
     run_prefix = run_prefix[len(root.uri()) + 1 :] if run_prefix.startswith(root.uri()) else run_prefix
     return reported, run_prefix, root.read_json(f"{run_prefix}/{RESULT}")
@@ -110,47 +148,52 @@ def _training_result(reported, losses: list[float], title: str, metadata: dict) 
     )
 
 
-@asset(deps=[synthvlm_100k], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training", op_tags=GPU_TAGS,
-       check_specs=_loss_checks(CHECKPOINT))  # fmt: skip
-def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
-    """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
-    materialization per training run; it runs as a subprocess (under torchrun with several processes)
-    through Dagster Pipes and resumes from the newest complete checkpoint of the same run."""
-    root = storage.root()
-    reported, run_prefix, summary = _launch(context, storage, training, training.stage1_settings())
-    root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
-        k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
-    label = TINY_LABEL if summary["tiny"] else ""
-    return _training_result(reported, summary["losses"], f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}", {
-        "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
-        "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
-                           + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),
-        "projector": MetadataValue.path(root.uri(f"{run_prefix}/{PROJECTOR}")),
-        "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
-    })  # fmt: skip
+def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefinition]:
+    """The two training runs as assets. `step_tags`: GPU_TAGS when the training runs in the step (its
+    pod on Kubernetes asks for the GPU); none when it runs in a GPU pod of its own (launcher "k8s")."""
 
+    @asset(deps=[synthvlm_100k], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training", op_tags=step_tags,
+           check_specs=_loss_checks(CHECKPOINT))  # fmt: skip
+    def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+        """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
+        materialization per training run; it runs through Dagster Pipes (a subprocess, under torchrun with
+        several processes, or a GPU pod of its own) and resumes from the newest complete checkpoint."""
+        root = storage.root()
+        reported, run_prefix, summary = _launch(context, storage, training, training.stage1_settings())
+        root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
+            k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
+        label = TINY_LABEL if summary["tiny"] else ""
+        return _training_result(reported, summary["losses"], f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}", {
+            "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
+            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
+                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),
+            "projector": MetadataValue.path(root.uri(f"{run_prefix}/{PROJECTOR}")),
+            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+        })  # fmt: skip
 
-@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
-       op_tags=GPU_TAGS, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
-def llava_stage2_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
-    """LLaVA-1.5 stage 2 (optional): instruction tuning of the projector and the LLM on a LLaVA-665K-format
-    JSON you provide (`instruct_json`, `instruct_image_folder`), starting from the current stage-1 run;
-    FSDP over several processes. Launched like stage 1 (Pipes, resumable)."""
-    root = storage.root()
-    stage1 = _current_run(root)
-    reported, run_prefix, summary = _launch(context, storage, training, training.stage2_settings(), stage1["run_prefix"])
-    root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
-        k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
-    label = TINY_LABEL if summary["tiny"] else ""
-    loop = summary["loop"]
-    return _training_result(reported, summary["losses"], f"stage 2 on {summary['records']} conversations{label}", {
-        "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
-                           + [["micro_batch", summary["micro_batch"]], ["accumulation", loop["accumulation"]], ["fsdp", summary["fsdp"]]]),
-        "instruct_json": MetadataValue.path(summary["data"]),
-        "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
-        "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),
-        "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
-    })  # fmt: skip
+    @asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
+           op_tags=step_tags, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
+    def llava_stage2_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+        """LLaVA-1.5 stage 2 (optional): instruction tuning of the projector and the LLM on a LLaVA-665K-format
+        JSON you provide (`instruct_json`, `instruct_image_folder`), starting from the current stage-1 run;
+        FSDP over several processes. Launched like stage 1 (Pipes, resumable)."""
+        root = storage.root()
+        stage1 = _current_run(root)
+        reported, run_prefix, summary = _launch(context, storage, training, training.stage2_settings(), stage1["run_prefix"])
+        root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
+            k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
+        label = TINY_LABEL if summary["tiny"] else ""
+        loop = summary["loop"]
+        return _training_result(reported, summary["losses"], f"stage 2 on {summary['records']} conversations{label}", {
+            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
+                               + [["micro_batch", summary["micro_batch"]], ["accumulation", loop["accumulation"]], ["fsdp", summary["fsdp"]]]),
+            "instruct_json": MetadataValue.path(summary["data"]),
+            "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
+            "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),
+            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+        })  # fmt: skip
+
+    return llava_stage1_checkpoint, llava_stage2_checkpoint
 
 
 def _export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, stage: str, export: str) -> MaterializeResult:
@@ -174,14 +217,14 @@ def _export(context: AssetExecutionContext, storage: StorageResource, training: 
     )
 
 
-@asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
+@asset(deps=[CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
 def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
     """The trained stage-1 model in Hugging Face format (`LlavaForConditionalGeneration` + processor)
     plus LLaVA's `mm_projector.bin`, under `llava_stage1_export/<run>/`."""
     return _export(context, storage, training, STAGE1, EXPORT)
 
 
-@asset(deps=[llava_stage2_checkpoint], code_version="1", kinds={"huggingface"}, group_name="training")
+@asset(deps=[STAGE2_CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
 def llava_stage2_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
     """The instruction-tuned model in Hugging Face format, under `llava_stage2_export/<run>/`: what
     lmms-eval's `llava_hf` evaluates."""
@@ -189,7 +232,7 @@ def llava_stage2_export(context: AssetExecutionContext, storage: StorageResource
 
 
 @asset(
-    deps=[llava_stage1_checkpoint],
+    deps=[CHECKPOINT],
     code_version="1",
     kinds={"pytorch"},
     group_name="training",

@@ -39,10 +39,16 @@ def _pipes():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", help="JSON file written by the asset (storage root, model and stage-1 or stage-2 settings)")
+    parser.add_argument("config", nargs="?", help="JSON file written by the asset (storage root, model and stage-1 or stage-2 settings)")
+    parser.add_argument("--config-json", help="the same configuration inline (a Kubernetes pod of its own cannot read the asset's file)")
     args = parser.parse_args(argv)
-    with open(args.config) as f:
-        cfg = json.load(f)
+    if (args.config is None) == (args.config_json is None):
+        parser.error("give the configuration as a file or as --config-json, one of the two")
+    if args.config_json is not None:
+        cfg = json.loads(args.config_json)
+    else:
+        with open(args.config) as f:
+            cfg = json.load(f)
     storage = StorageRoot(cfg["storage_root"], cfg.get("s3_endpoint_url"))
     model = ModelSettings(**cfg["model"])
     pipes = _pipes()
