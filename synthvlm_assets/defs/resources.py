@@ -292,7 +292,12 @@ class TrainingResource(ConfigurableResource):
                "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay, "max_length": self.max_length,
                "dtype": self.dtype, "checkpoint_every": self.checkpoint_every, "num_workers": self.num_workers}  # fmt: skip
         given = {k: v for k, v in own.items() if v is not None}
-        given.update(instruct_json=self.instruct_json or "", image_folder=self.instruct_image_folder or "", seed=self.seed, fsdp=self.fsdp)
+        from synthvlm_assets.storage import local_or_absolute
+
+        # Absolute paths: the image folder names the run, and the training process may start elsewhere.
+        given.update(instruct_json=local_or_absolute(self.instruct_json) if self.instruct_json else "",
+                     image_folder=local_or_absolute(self.instruct_image_folder) if self.instruct_image_folder else "",
+                     seed=self.seed, fsdp=self.fsdp)  # fmt: skip
         if self.model_settings().tiny:
             return Stage2Settings.tiny_preset(**given)
         return Stage2Settings(**{"num_workers": 4, **given})
