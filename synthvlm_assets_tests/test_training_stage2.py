@@ -155,7 +155,7 @@ def _copy(src: StorageRoot, dst: StorageRoot) -> None:
 
 
 def _torchrun(tmp_path, root: StorageRoot, stage1_run: str, settings: Stage2Settings) -> dict:
-    """Stage 2 in 2 CPU processes (torchrun, gloo, FSDP); returns rank 0's summary."""
+    """Stage 2 in 2 CPU processes (torchrun, gloo, FSDP; rank 1 cannot load weights); returns rank 0's summary."""
     script = tmp_path / "stage2_run.py"
     script.write_text(
         "import json, sys\n"
@@ -163,6 +163,9 @@ def _torchrun(tmp_path, root: StorageRoot, stage1_run: str, settings: Stage2Sett
         "from synthvlm_assets.training.model import ModelSettings\n"
         "from synthvlm_assets.training.stage2 import Stage2Settings, train_stage2\n"
         "cfg = json.load(open(sys.argv[1]))\n"
+        "import os, synthvlm_assets.training.stage2 as stage2\n"
+        "if os.environ['RANK'] != '0':  # only rank 0 reads the weights; the others get theirs broadcast\n"
+        "    stage2.load_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError('rank > 0 loaded the model'))\n"
         "root = StorageRoot(cfg['root'], cfg['endpoint'])\n"
         "r = train_stage2(root, ModelSettings.tiny_preset(), cfg['stage1'], Stage2Settings(**cfg['settings']))\n"
         "if __import__('os').environ['RANK'] == '0':\n"

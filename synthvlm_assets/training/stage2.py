@@ -178,6 +178,42 @@ def _sharded_checkpoints(module, storage_options: dict):
     return save_shards, load_shards
 
 
+def _sharded_from_rank0(load: Callable, d: Distributed, dtype, gradient_checkpointing: bool):
+    """The FSDP model with only rank 0 reading the weights: rank 0 loads the model (`load()`), every
+    process builds the same architecture on the meta device from rank 0's configuration and shards it,
+    then rank 0's weights are broadcast shard by shard and its buffers (rotary frequencies, position
+    ids: not in the state dict when non-persistent) copied to all. A 7B model then costs one process
+    28 GB of host memory, not every process. Returns (module, model, processor, trainable names)."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import LlavaForConditionalGeneration
+
+    full, buffers, shared = {}, {}, [None, None]
+    if d.rank == 0:
+        loaded, processor = load()
+        full = {f"llava.{k}": v for k, v in loaded.state_dict().items()}
+        buffers = {f"llava.{k}": v for k, v in loaded.named_buffers()}
+        shared = [loaded.config, processor]
+    d.dist.broadcast_object_list(shared, src=0)
+    config, processor = shared
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    names = stage2_trainable(model)
+    if gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    module = llava_loss_module(model)
+    _shard(module, model, dtype)
+    module.to_empty(device=d.device)
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if d.rank == 0:
+                buf.copy_(buffers[name])
+            d.dist.broadcast(buf, src=0)
+    return module, model, processor, names
+
+
 def _gathered_trainable(module, names: list[str]) -> Callable[[], dict]:
     """The full trainable weights of a sharded module (every process takes part; rank 0 gets them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -231,19 +267,23 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
 
     dtype = compute_dtype(settings.dtype, d.device)
     sharded = settings.fsdp and d.world > 1
-    # fp32 master weights for everything that trains; the frozen vision tower in the compute dtype.
-    model, processor = load_model(model_settings, dtype=torch.float32, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
-    model.model.multi_modal_projector.load_state_dict(load_weights(storage, projector_key))
-    names = stage2_trainable(model)
-    if not sharded:
-        model.model.vision_tower.to(dtype)
-    if settings.gradient_checkpointing:
-        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(d.device)
-    model.train()
-    module = llava_loss_module(model)
+
+    def load():  # fp32: the master weights of everything that trains
+        model, processor = load_model(model_settings, dtype=torch.float32, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+        model.model.multi_modal_projector.load_state_dict(load_weights(storage, projector_key))
+        return model, processor
+
     if sharded:
-        _shard(module, model, dtype)
+        module, model, processor, names = _sharded_from_rank0(load, d, dtype, settings.gradient_checkpointing)
+    else:
+        model, processor = load()
+        names = stage2_trainable(model)
+        model.model.vision_tower.to(dtype)  # frozen: stored in the compute dtype
+        if settings.gradient_checkpointing:
+            model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(d.device)
+        model.train()
+        module = llava_loss_module(model)
     params = [p for p in module.parameters() if p.requires_grad]  # (sharded ones under FSDP)
     collator = ConversationCollator(processor, vision_token_count(model), settings.max_length)
     if sharded:
