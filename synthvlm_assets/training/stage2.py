@@ -178,6 +178,22 @@ def _sharded_checkpoints(module, storage_options: dict):
     return save_shards, load_shards
 
 
+def _fits_one_device(model, d: Distributed) -> None:
+    """Unsharded, every process holds the trainable weights in fp32 with their gradients and Adam's two
+    moments (16 bytes a parameter): say so before a 7B model fills a GPU, rather than run out of memory."""
+    import torch
+
+    if d.device.type != "cuda":
+        return
+    need = sum(p.numel() * (16 if p.requires_grad else 2) for p in model.parameters())
+    have = torch.cuda.get_device_properties(d.device).total_memory
+    if need > have:
+        raise RuntimeError(
+            f"stage 2 without sharding needs about {need / 2**30:.0f} GiB per GPU for weights, gradients and Adam's state "
+            f"before activations; this GPU has {have / 2**30:.0f} GiB: run it on several GPUs (processes > 1, fsdp on)"
+        )
+
+
 def _sharded_from_rank0(load: Callable, d: Distributed, dtype, gradient_checkpointing: bool):
     """The FSDP model with only rank 0 reading the weights: rank 0 loads the model (`load()`), every
     process builds the same architecture on the meta device from rank 0's configuration and shards it,
@@ -278,6 +294,7 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
     else:
         model, processor = load()
         names = stage2_trainable(model)
+        _fits_one_device(model, d)
         model.model.vision_tower.to(dtype)  # frozen: stored in the compute dtype
         if settings.gradient_checkpointing:
             model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
