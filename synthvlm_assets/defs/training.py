@@ -47,7 +47,7 @@ def training_curve(losses: list[float], title: str) -> MetadataValue:
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(range(1, len(losses) + 1), losses, color="#4C78A8")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("caption loss (per token)")
+    ax.set_ylabel("loss per label token")
     ax.set_title(title, fontsize=9)
     return png_markdown(fig)
 
@@ -100,6 +100,8 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
     root = storage.root()
     cfg = config_json(root.root_uri, storage.s3_endpoint_url, training.model_settings(), settings, training.cache_dir, stage1_run_prefix)
     processes = training.process_count()
+    if training.launcher not in ("subprocess", "k8s"):
+        raise ValueError(f"training.launcher={training.launcher!r}: expected 'subprocess' or 'k8s'")
     if training.launcher == "k8s":
         from dagster_k8s import PipesK8sClient  # the deploy extra
 
