@@ -99,7 +99,8 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     model.model.multi_modal_projector.float()
     params = freeze_all_but_projector(model)
     if path == "project-compiled":
-        compile_layers(model)  # what Stage1Settings(compile=True) does; compiled in the warm-up step
+        torch._dynamo.reset()  # a fresh compile per micro-batch: a second shape would otherwise get a dynamic-shape graph
+        compile_layers(model)  # what Stage1Settings(compile=True) does; compiled in the warm-up steps
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 2)]
