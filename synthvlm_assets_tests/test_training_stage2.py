@@ -76,6 +76,37 @@ def test_vicuna_v1_prompt_is_llavas_and_labels_cover_the_answers_only():
     assert list(via_processor) == ids
 
 
+def _sentencepiece_style_tokenizer():
+    """Vicuna's kind of tokenizer, built in code: BPE over Metaspace pieces (a piece never spans a word
+    boundary, "▁" starts words), byte fallback, BOS prepended, merges trained on the template's words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["What colour is it? Red. And the shape? A circle. It is red. A blue square on a table."] * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator(texts + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 50, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return fast
+
+
+def test_answer_labels_with_a_sentencepiece_style_tokenizer():
+    """With Vicuna's kind of tokenizer (whole words with their leading "▁", merges across the template),
+    the trained tokens are each answer tokenised alone plus `</s>`: what LLaVA's preprocess_v1 masks to."""
+    from synthvlm_assets.training.model import build_processor, clip_image_processor
+
+    tok = _sentencepiece_style_tokenizer()
+    collator = ConversationCollator(build_processor(clip_image_processor(32), tok, patch_size=8), 16)
+    ids, labels = collator.encode(CONVERSATION)
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    answers = [t for a in ("Red.", "A circle.") for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert trained == answers and len(tok.convert_ids_to_tokens(answers)) < len("Red.A circle.")  # real merges, not bytes
+
+
 def test_batches_mix_image_and_text_only_records_and_text_only_batches_get_a_flagged_dummy(stage1_root):
     root, _ = stage1_root
     data = instruct_dataset(_settings(root))
