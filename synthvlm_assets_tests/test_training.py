@@ -112,15 +112,15 @@ def test_vision_tokens_at_336_px_are_576():
 def test_toy_task_loss_falls_and_retrieval_beats_chance(toy, trained):
     storage, model_settings = toy
     result, settings = trained
-    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert result.steps == len(result.losses) >= 24 and last < first - 1.0
+    first, last = sum(result.loop.losses[:5]) / 5, sum(result.loop.losses[-5:]) / 5
+    assert result.loop.steps == len(result.loop.losses) >= 24 and last < first - 1.0
     ev = sanity_evaluation(storage, model_settings, load_projector(storage, f"{result.run_prefix}/projector.safetensors"),
                            EvalSettings(holdout_fraction=settings.holdout_fraction, retrieval_size=9))  # fmt: skip
     assert ev["trained"]["heldout_loss"] < ev["untrained"]["heldout_loss"] - 1.0
     assert ev["trained"]["retrieval_accuracy"] > ev["trained"]["retrieval_chance"]
     # A finished run with the same data and recipe is found, not retrained.
     again = train_stage1(storage, model_settings, settings)
-    assert again.run_prefix == result.run_prefix and again.losses == result.losses
+    assert again.run_prefix == result.run_prefix and again.loop.losses == result.loop.losses
 
 
 def test_assembly_from_locally_saved_parts(toy):
@@ -173,13 +173,13 @@ def test_resume_from_the_newest_complete_checkpoint_is_bit_exact(tmp_path):
     for root in roots:
         publish_toy_dataset(root, 100)
     straight = train_stage1(roots[0], model, settings)
-    assert straight.steps == 6
+    assert straight.loop.steps == 6
     # Interrupted after step 3: checkpoint 2 is complete; a half-written one (no marker) must be ignored.
     first = train_stage1(roots[1], model, dataclasses.replace(settings, stop_after_steps=3))
-    assert first.steps == 3 and [s for s, _ in complete_checkpoints(roots[1], first.run_prefix)] == [2]
+    assert first.loop.steps == 3 and [s for s, _ in complete_checkpoints(roots[1], first.run_prefix)] == [2]
     roots[1].write_bytes(f"{first.run_prefix}/checkpoints/step-0000004/projector.safetensors", b"half written")
     resumed = train_stage1(roots[1], model, settings)
-    assert resumed.resumed_from_step == 2 and resumed.losses == straight.losses
+    assert resumed.loop.resumed_from_step == 2 and resumed.loop.losses == straight.loop.losses
     a, b = (load_projector(r, f"{straight.run_prefix}/projector.safetensors") for r in roots)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [s for s, _ in complete_checkpoints(roots[1], resumed.run_prefix)] == [4, 6]  # keep_checkpoints=2
@@ -211,6 +211,6 @@ def test_compiled_layers_train_like_eager(tmp_path):
         root = StorageRoot(str(tmp_path / name))
         publish_toy_dataset(root, 40)
         runs.append(train_stage1(root, model, Stage1Settings.tiny_preset(compile=compiled, stop_after_steps=2)))
-    assert runs[0].run_prefix == runs[1].run_prefix and len(runs[1].losses) == 2
+    assert runs[0].run_prefix == runs[1].run_prefix and len(runs[1].loop.losses) == 2
     assert counters["stats"]["unique_graphs"] >= 2  # the compiled run did compile (vision and decoder layers)
-    torch.testing.assert_close(torch.tensor(runs[1].losses), torch.tensor(runs[0].losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(runs[1].loop.losses), torch.tensor(runs[0].loop.losses), rtol=1e-5, atol=1e-6)

@@ -185,10 +185,9 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
         root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
             k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
         label = TINY_LABEL if summary["tiny"] else ""
-        loop = summary["loop"]
         return _training_result(reported, summary["losses"], f"stage 2 on {summary['records']} conversations{label}", {
             "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
-                               + [["micro_batch", summary["micro_batch"]], ["accumulation", loop["accumulation"]], ["fsdp", summary["fsdp"]]]),
+                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]], ["fsdp", summary["fsdp"]]]),
             "instruct_json": MetadataValue.path(summary["data"]),
             "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
             "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),

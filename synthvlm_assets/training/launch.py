@@ -63,27 +63,23 @@ def main(argv: list[str] | None = None) -> int:
 
         if "stage2" in cfg:
             r = train_stage2(storage, model, cfg["stage1_run_prefix"], Stage2Settings(**cfg["stage2"]), report, cfg.get("cache_dir"))
-            run_prefix, summary, loop = r.run_prefix, r.summary, r.loop
-            steps, samples, resumed, losses, sps, peak = (loop.steps, loop.samples, loop.resumed_from_step, loop.losses,
-                                                          loop.samples_per_second, loop.peak_memory_gib)  # fmt: skip
         else:
             r = train_stage1(storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir"))
-            run_prefix, summary = r.run_prefix, r.summary
-            steps, samples, resumed, losses, sps, peak = r.steps, r.samples, r.resumed_from_step, r.losses, r.samples_per_second, r.peak_memory_gib
+        loop = r.loop
         if pipes is not None:
             pipes.report_asset_materialization(
                 metadata={
-                    "run_prefix": {"raw_value": storage.uri(run_prefix), "type": "path"},
-                    "steps": {"raw_value": steps, "type": "int"},
-                    "samples": {"raw_value": samples, "type": "int"},
-                    "resumed_from_step": {"raw_value": resumed, "type": "int"},
-                    "final_loss": {"raw_value": losses[-1] if losses else float("nan"), "type": "float"},
-                    "samples_per_second": {"raw_value": sps, "type": "float"},
-                    "peak_gpu_memory_gib": {"raw_value": peak, "type": "float"},
-                    "processes": {"raw_value": summary["processes"], "type": "int"},
-                    "device": {"raw_value": summary["device"], "type": "text"},
+                    "run_prefix": {"raw_value": storage.uri(r.run_prefix), "type": "path"},
+                    "steps": {"raw_value": loop.steps, "type": "int"},
+                    "samples": {"raw_value": loop.samples, "type": "int"},
+                    "resumed_from_step": {"raw_value": loop.resumed_from_step, "type": "int"},
+                    "final_loss": {"raw_value": loop.losses[-1] if loop.losses else float("nan"), "type": "float"},
+                    "samples_per_second": {"raw_value": loop.samples_per_second, "type": "float"},
+                    "peak_gpu_memory_gib": {"raw_value": loop.peak_memory_gib, "type": "float"},
+                    "processes": {"raw_value": r.summary["processes"], "type": "int"},
+                    "device": {"raw_value": r.summary["device"], "type": "text"},
                 },
-                data_version=run_prefix.rsplit("/", 1)[-1],
+                data_version=r.run_prefix.rsplit("/", 1)[-1],
             )
     finally:
         if pipes is not None:

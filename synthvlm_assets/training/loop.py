@@ -28,8 +28,8 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import IGNORE_INDEX
@@ -133,7 +133,7 @@ def complete_checkpoints(storage: StorageRoot, run_prefix: str) -> list[tuple[in
     return sorted(out)
 
 
-def step_indices(n: int, settings, step: int, steps_per_epoch: int) -> list[int]:
+def step_indices(n: int, settings: LoopSettings, step: int, steps_per_epoch: int) -> list[int]:
     """Dataset indices of one optimizer step's global batch: a seeded permutation per epoch, cut into
     global batches (the last one of an epoch may be smaller)."""
     import torch
@@ -161,11 +161,43 @@ def local_state(model, names: list[str]) -> dict:
     return {n: state[n].detach().float().cpu().contiguous() for n in names}
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads: the recipe's batch, schedule and optimizer (LLaVA-1.5's stage-1 values
+    here; each stage's settings override its own) and how the run executes."""
+
+    global_batch: int = 256  # = processes x micro_batch x accumulation
+    micro_batch: int = 16  # per process and forward pass (execution only)
+    lr: float = 1e-3
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # HF Trainer's default, which LLaVA trains with
+    max_length: int = 2048
+    dtype: str = "auto"  # bf16 compute on a GPU, fp32 on a CPU
+    seed: int = 0  # data order
+    checkpoint_every: int = 50  # optimizer steps
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False  # execution only: trades speed for memory
+    num_workers: int = 0  # image decoding processes per training process
+    stop_after_steps: int | None = None  # stop early (the schedule is unchanged): for interruption tests
+
+    # Fields that say how a run executes, not what it computes: left out of the run's name.
+    EXECUTION: ClassVar[frozenset[str]] = frozenset(
+        {"micro_batch", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers", "stop_after_steps"})
+
+    def recipe(self) -> dict:
+        """The settings that change the result (not how it is executed)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION}
+
+
 @dataclass
 class Trainee:
     """What a stage hands the loop. `loss_sum(model, batch)` returns the summed cross-entropy over the
-    batch's label tokens. Weights and optimizer state are gathered in full (every process takes part;
-    rank 0's copy is written) and restored from rank 0's files."""
+    batch's label tokens. Unsharded, rank 0 writes the trainable weights (`trainable_state()`) and the
+    optimizer's state, and every process restores them (`load_trainable_state`); sharded (FSDP), every
+    process writes and reads its own shards of both at a URI (torch.distributed.checkpoint) and
+    `trainable_state()` gathers the final weights."""
 
     model: Any
     params: list
@@ -173,12 +205,8 @@ class Trainee:
     loss_sum: Callable[[Any, dict], Any]
     weights_file: str
     trainable_state: Callable[[], dict]
-    load_trainable_state: Callable[[Callable[[], dict]], None] | None = None  # unused with sharded checkpoints
-    optimizer_state: Callable[[Any], dict] = field(default=lambda optimizer: optimizer.state_dict())
-    load_optimizer_state: Callable[[Any, dict | None], None] = field(default=lambda optimizer, state: optimizer.load_state_dict(state))
+    load_trainable_state: Callable[[dict], None] | None = None
     sharded: bool = False  # FSDP reduces the gradients itself
-    # Sharded checkpoints (FSDP): every process writes and reads its own shards of the weights and the
-    # optimizer state at a URI (torch.distributed.checkpoint), instead of rank 0 writing them in full.
     save_shards: Callable[[str, Any], None] | None = None  # (uri, optimizer)
     load_shards: Callable[[str, Any], None] | None = None
 
@@ -195,8 +223,44 @@ class LoopResult:
     accumulation: int
 
 
+@dataclass
+class RunResult:
+    """One training run: where it lives, what the loop did, and its `_result.json` summary (the loop's
+    figures and the stage's own facts)."""
+
+    run_prefix: str
+    loop: LoopResult
+    summary: dict
+
+
+def finished_run(storage: StorageRoot, run_prefix: str) -> RunResult | None:
+    """The run under `run_prefix` if it is complete (same data and recipe: nothing to train)."""
+    if not storage.exists(f"{run_prefix}/{RESULT}"):
+        return None
+    summary = storage.read_json(f"{run_prefix}/{RESULT}")
+    loop = LoopResult(**{f.name: summary[f.name] for f in fields(LoopResult)})
+    return RunResult(run_prefix, replace(loop, resumed_from_step=loop.steps), summary)
+
+
+def finish_run(storage: StorageRoot, d: Distributed, run_prefix: str, loop: LoopResult, facts: dict, weights_file: str,
+               trained: dict | None) -> RunResult:  # fmt: skip
+    """Rank 0 writes a complete run's trained weights, then `_result.json` last (the run is complete)."""
+    summary = {**asdict(loop), "processes": d.world, "device": device_name(d.device), **facts}
+    if loop.steps == loop.total_steps and d.rank == 0:
+        save_weights(storage, f"{run_prefix}/{weights_file}", trained)
+        storage.write_json(f"{run_prefix}/{RESULT}", summary)
+    d.barrier()
+    return RunResult(run_prefix, loop, summary)
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def train_loop(
-    storage: StorageRoot, d: Distributed, run_prefix: str, dataset, trainee: Trainee, settings, dtype,
+    storage: StorageRoot, d: Distributed, run_prefix: str, dataset, trainee: Trainee, settings: LoopSettings, dtype,
     report: Callable[[dict], None] | None = None,
 ) -> LoopResult:  # fmt: skip
     """Train `trainee` on `dataset` with the settings' recipe (AdamW, warm-up + cosine), resuming from
@@ -222,8 +286,8 @@ def train_loop(
         if trainee.load_shards is not None:
             trainee.load_shards(storage.uri(f"{ckpt}/{SHARDS}"), optimizer)
         else:
-            trainee.load_trainable_state(lambda: load_weights(storage, f"{ckpt}/{trainee.weights_file}"))
-            trainee.load_optimizer_state(optimizer, state["optimizer"])
+            trainee.load_trainable_state(load_weights(storage, f"{ckpt}/{trainee.weights_file}"))
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         losses = state["losses"]
         rng_key = f"{ckpt}/rng-rank{d.rank}.pt"
@@ -351,7 +415,7 @@ def _checkpoint(storage: StorageRoot, d: Distributed, run_prefix: str, step: int
     if trainee.save_shards is not None:
         trainee.save_shards(storage.uri(f"{prefix}/{SHARDS}"), optimizer)  # every process its shards
     else:
-        weights, state["optimizer"] = trainee.trainable_state(), trainee.optimizer_state(optimizer)
+        weights, state["optimizer"] = trainee.trainable_state(), optimizer.state_dict()
     d.barrier()  # every process's files are written before the marker
     if d.rank == 0:
         if trainee.save_shards is None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import PlainCollator, synthvlm_dataset
@@ -24,14 +25,17 @@ from synthvlm_assets.training.loop import (
     COMPLETE,
     RESULT,
     Distributed,
+    LoopSettings,
+    RunResult,
     Trainee,
     complete_checkpoints,
     compute_dtype,
+    finish_run,
+    finished_run,
     first_label_position,
     label_cross_entropy_sum,
     load_weights,
     optimizer_step,
-    save_weights,
     step_indices,
     train_loop,
 )
@@ -53,36 +57,19 @@ ASSET = "llava_stage1"
 
 
 @dataclass(frozen=True)
-class Stage1Settings:
-    """LLaVA-1.5's stage-1 recipe (scripts/v1_5/pretrain.sh) plus how it is executed."""
+class Stage1Settings(LoopSettings):
+    """LLaVA-1.5's stage-1 recipe (scripts/v1_5/pretrain.sh: the loop's defaults) plus how it is executed.
+    `seed` orders the data; the projector's initialisation is ModelSettings.seed."""
 
-    global_batch: int = 256  # = processes x micro_batch x accumulation
-    micro_batch: int = 16  # per process and forward pass (execution only)
-    lr: float = 1e-3
-    epochs: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # HF Trainer's default, which LLaVA trains with
-    max_length: int = 2048
-    dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
-    seed: int = 0  # data order (the projector's initialisation is ModelSettings.seed)
     holdout_fraction: float = 0.01  # records kept out of training for the sanity evaluation
-    checkpoint_every: int = 50  # optimizer steps
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False  # execution only: trades speed for memory
-    num_workers: int = 0  # image decoding processes per training process
     compile: bool = False  # execution only: regional torch.compile of the vision and decoder layers
-    stop_after_steps: int | None = None  # stop early (the schedule is unchanged): for interruption tests
+
+    EXECUTION: ClassVar[frozenset[str]] = LoopSettings.EXECUTION | {"compile"}
 
     @classmethod
     def tiny_preset(cls, **overrides) -> Stage1Settings:
         """Small batches for the tiny model on a CPU (the demo); everything else as LLaVA-1.5."""
         return replace(cls(global_batch=16, micro_batch=8, holdout_fraction=0.1, checkpoint_every=5), **overrides)
-
-    def recipe(self) -> dict:
-        """The settings that change the result (not how it is executed)."""
-        skip = {"micro_batch", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers", "compile", "stop_after_steps"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def run_name(dataset_version: str, model: ModelSettings, settings: Stage1Settings) -> str:
@@ -95,25 +82,13 @@ def load_projector(storage: StorageRoot, key: str) -> dict:
     return load_weights(storage, key)
 
 
-@dataclass
-class Stage1Result:
-    run_prefix: str
-    steps: int
-    samples: int
-    resumed_from_step: int
-    losses: list[float]
-    samples_per_second: float
-    peak_memory_gib: float
-    summary: dict
-
-
 def train_stage1(
     storage: StorageRoot,
     model_settings: ModelSettings,
     settings: Stage1Settings,
     report: Callable[[dict], None] | None = None,
     cache_dir: str | None = None,
-) -> Stage1Result:
+) -> RunResult:
     """Train (or resume, or find finished) one stage-1 run on the current `synthvlm_100k`.
     Every process of a torchrun launch calls this; only rank 0 writes the shared files."""
     d = Distributed()
@@ -124,22 +99,17 @@ def train_stage1(
         d.close()
 
 
-def _result(run_prefix: str, summary: dict) -> Stage1Result:
-    return Stage1Result(run_prefix, summary["steps"], summary["samples"], summary["resumed_from_step"], summary["losses"],
-                        summary["samples_per_second"], summary["peak_memory_gib"], summary)  # fmt: skip
-
-
 def _train(
     storage: StorageRoot, model_settings: ModelSettings, settings: Stage1Settings, report: Callable[[dict], None] | None,
     cache_dir: str | None, d: Distributed,
-) -> Stage1Result:  # fmt: skip
+) -> RunResult:  # fmt: skip
     dataset, manifest = synthvlm_dataset(storage, "train", settings.holdout_fraction)
     if len(dataset) == 0:
         raise RuntimeError(f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}")
     run_prefix = f"{ASSET}/{run_name(manifest['version'], model_settings, settings)}"
-    if storage.exists(f"{run_prefix}/{RESULT}"):  # a complete run with the same data and recipe: nothing to train
-        summary = storage.read_json(f"{run_prefix}/{RESULT}")
-        return _result(run_prefix, {**summary, "resumed_from_step": summary["steps"]})
+    finished = finished_run(storage, run_prefix)
+    if finished is not None:
+        return finished
 
     dtype = compute_dtype(settings.dtype, d.device)
     model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
@@ -159,27 +129,14 @@ def _train(
     trainee = Trainee(
         model=model, params=params, collator=PlainCollator(processor, vision_token_count(model), settings.max_length),
         loss_sum=token_loss_sum, weights_file=PROJECTOR, trainable_state=lambda: projector_state(model),
-        load_trainable_state=lambda read: projector.load_state_dict(read()),
+        load_trainable_state=projector.load_state_dict,
     )  # fmt: skip
     loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)
-    cuda = d.device.type == "cuda"
-    summary = {"steps": loop.steps, "total_steps": loop.total_steps, "samples": loop.samples, "losses": loop.losses,
-               "samples_per_second": loop.samples_per_second, "peak_memory_gib": loop.peak_memory_gib, "processes": d.world,
-               "accumulation": loop.accumulation, "device": torch_device_name(d.device) if cuda else str(d.device),
-               "dataset_version": manifest["version"], "dataset_records": manifest["records"], "train_records": len(dataset),
-               "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
-               "resumed_from_step": loop.resumed_from_step, "tiny": model_settings.tiny}  # fmt: skip
-    if loop.steps == loop.total_steps and d.rank == 0:
-        save_weights(storage, f"{run_prefix}/{PROJECTOR}", projector_state(model))
-        storage.write_json(f"{run_prefix}/{RESULT}", summary)  # written last: the run is complete
-    d.barrier()
-    return _result(run_prefix, summary)
-
-
-def torch_device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
+    facts = {"dataset_version": manifest["version"], "dataset_records": manifest["records"], "train_records": len(dataset),
+             "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
+             "tiny": model_settings.tiny}  # fmt: skip
+    trained = projector_state(model) if loop.steps == loop.total_steps else None
+    return finish_run(storage, d, run_prefix, loop, facts, PROJECTOR, trained)
 
 
 def token_loss_sum(model, batch: dict):

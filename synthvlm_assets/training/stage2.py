@@ -16,21 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import ConversationCollator, DatasetError, InstructDataset
 from synthvlm_assets.training.loop import (
-    RESULT,
     Distributed,
-    LoopResult,
+    LoopSettings,
+    RunResult,
     Trainee,
     compute_dtype,
+    finish_run,
+    finished_run,
     first_label_position,
     label_cross_entropy_sum,
     load_weights,
     local_state,
-    save_weights,
     train_loop,
 )
 from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, transformer_layers, vision_token_count
@@ -41,37 +43,23 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 
 @dataclass(frozen=True)
-class Stage2Settings:
+class Stage2Settings(LoopSettings):
     """LLaVA-1.5's finetune recipe (scripts/v1_5/finetune.sh) plus where the data is and how it runs."""
 
-    instruct_json: str = ""  # LLaVA-665K-format JSON: a local path or an s3:// URI
-    image_folder: str = ""  # the folder its "image" paths are relative to (local or s3://)
-    global_batch: int = 128  # = processes x micro_batch x accumulation
-    micro_batch: int = 16  # per process and forward pass (execution only)
+    global_batch: int = 128
     lr: float = 2e-5
-    epochs: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    dtype: str = "auto"  # bf16 compute on a GPU (fp32 master weights), fp32 on a CPU
-    seed: int = 0
-    fsdp: bool = True  # shard the model over the processes (else every process holds all of it)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
     gradient_checkpointing: bool = True  # LLaVA's finetune default: activations of 2048-token sequences
-    num_workers: int = 0
-    stop_after_steps: int | None = None
+    instruct_json: str = ""  # LLaVA-665K-format JSON: a local path or an s3:// URI
+    image_folder: str = ""  # the folder its "image" paths are relative to (local or s3://); part of the run's name
+    fsdp: bool = True  # shard the model over the processes (else every process holds all of it)
+
+    # The JSON's bytes name the run (InstructDataset.version), not its path.
+    EXECUTION: ClassVar[frozenset[str]] = LoopSettings.EXECUTION | {"fsdp", "instruct_json"}
 
     @classmethod
     def tiny_preset(cls, **overrides) -> Stage2Settings:
         """Small batches for the tiny model on a CPU; everything else as LLaVA-1.5."""
         return replace(cls(global_batch=8, micro_batch=4, checkpoint_every=5, gradient_checkpointing=False), **overrides)
-
-    def recipe(self) -> dict:
-        skip = {"micro_batch", "fsdp", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers",
-                "stop_after_steps", "instruct_json"}  # fmt: skip
-        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def instruct_dataset(settings: Stage2Settings, s3_endpoint_url: str | None = None) -> InstructDataset:
@@ -243,17 +231,10 @@ def _gathered_trainable(module, names: list[str]) -> Callable[[], dict]:
     return trainable_state
 
 
-@dataclass
-class Stage2Result:
-    run_prefix: str
-    loop: LoopResult
-    summary: dict
-
-
 def train_stage2(
     storage: StorageRoot, model_settings: ModelSettings, stage1_run_prefix: str, settings: Stage2Settings,
     report: Callable[[dict], None] | None = None, cache_dir: str | None = None,
-) -> Stage2Result:  # fmt: skip
+) -> RunResult:  # fmt: skip
     """Train (or resume, or find finished) one stage-2 run starting from the stage-1 run's projector.
     Every process of a torchrun launch calls this; rank 0 writes the shared files."""
     d = Distributed()
@@ -264,7 +245,7 @@ def train_stage2(
         d.close()
 
 
-def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_dir, d: Distributed) -> Stage2Result:
+def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_dir, d: Distributed) -> RunResult:
     import torch
 
     from synthvlm_assets.training.stage1 import PROJECTOR
@@ -274,9 +255,9 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
         raise DatasetError(f"{dataset.json_uri} has no records")
     stage1_run = stage1_run_prefix.rstrip("/").rsplit("/", 1)[-1]
     run_prefix = f"{ASSET}/{run_name(dataset.version, stage1_run, model_settings, settings)}"
-    if storage.exists(f"{run_prefix}/{RESULT}"):
-        summary = storage.read_json(f"{run_prefix}/{RESULT}")
-        return Stage2Result(run_prefix, LoopResult(**summary["loop"]), summary)
+    finished = finished_run(storage, run_prefix)
+    if finished is not None:
+        return finished
     projector_key = f"{stage1_run_prefix}/{PROJECTOR}"
     if not storage.exists(projector_key):
         raise FileNotFoundError(f"{storage.uri(projector_key)} does not exist: stage 2 starts from a finished stage-1 run")
@@ -308,8 +289,7 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
         trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, _gathered_trainable(module, names), sharded=True,
                           save_shards=save_shards, load_shards=load_shards)  # fmt: skip
     else:
-        def load_local(read: Callable[[], dict]) -> None:
-            state = read()
+        def load_local(state: dict) -> None:
             missing = sorted(set(names) - set(state))
             if missing:
                 raise RuntimeError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
@@ -317,15 +297,8 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
 
         trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, lambda: local_state(model, names), load_local)
     loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)
-    final = trainee.trainable_state() if loop.steps == loop.total_steps else None  # collective under FSDP
-    cuda = d.device.type == "cuda"
-    summary = {"loop": asdict(loop), "steps": loop.steps, "losses": loop.losses, "processes": d.world, "fsdp": sharded,
-               "device": torch.cuda.get_device_name(d.device) if cuda else str(d.device), "data": settings.instruct_json,
-               "data_version": dataset.version, "records": len(dataset), "stage1_run_prefix": stage1_run_prefix,
-               "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
-               "tiny": model_settings.tiny}  # fmt: skip
-    if final is not None and d.rank == 0:
-        save_weights(storage, f"{run_prefix}/{TRAINABLE}", final)
-        storage.write_json(f"{run_prefix}/{RESULT}", summary)  # written last: the run is complete
-    d.barrier()
-    return Stage2Result(run_prefix, loop, summary)
+    trained = trainee.trainable_state() if loop.steps == loop.total_steps else None  # collective under FSDP
+    facts = {"fsdp": sharded, "data": settings.instruct_json, "data_version": dataset.version, "records": len(dataset),
+             "stage1_run_prefix": stage1_run_prefix, "model": model_settings.describe(), "recipe": settings.recipe(),
+             "micro_batch": settings.micro_batch, "tiny": model_settings.tiny}  # fmt: skip
+    return finish_run(storage, d, run_prefix, loop, facts, TRAINABLE, trained)
