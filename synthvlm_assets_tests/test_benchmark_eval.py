@@ -1,6 +1,6 @@
 """llava_benchmark_eval: lmms-eval's llava_hf on an exported model, one benchmark per partition.
 
-The tests marked `lmms_eval` run the real lmms-eval 0.7.3 (from .venv-eval, built by scripts/setup.sh, or
+The tests marked `lmms_eval` run the real lmms-eval 0.7.3 (from .venv-eval, built by run_tests.sh, or
 SYNTHVLM_LMMS_EVAL_PYTHON) on a tiny exported model and tiny local dataset copies written here in the
 layout of the Hugging Face repos lmms-eval's tasks load (README configs + Parquet files); they are skipped
 when no such environment exists. The tiny model is made to answer "A" (and stop) after "ASSISTANT:", so
@@ -311,3 +311,31 @@ def test_without_copies_or_hub_names_datasets_dir(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     with pytest.raises(bench.DatasetNotAvailable, match=r"Couldn't reach 'lmms-lab-encoder/ScienceQA'.*set `datasets_dir`"):
         bench.run_benchmark(model, "scienceqa_img", str(tmp_path / "new" / "run"), python=EVAL_PYTHON, device="cpu", env=env, log=lambda line: None)
+
+
+def test_exports_are_used_in_place_or_fetched_once_per_version(tmp_path, seaweedfs, monkeypatch):
+    """A local export is read where it is; an S3 export is copied into the cache once per version (its
+    `_COMPLETE` manifest), not once per benchmark partition."""
+    from synthvlm_assets.defs import evaluation
+    from synthvlm_assets.storage import StorageRoot
+    from synthvlm_assets.training import export
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    local = StorageRoot(str(tmp_path / "root"))
+    s3 = StorageRoot(f"s3://{seaweedfs.make_bucket()}/root", s3_endpoint_url=seaweedfs.endpoint)
+    for root in (local, s3):
+        root.write_bytes("llava_stage2_export/run1/config.json", b"{}")
+        root.write_json("llava_stage2_export/run1/_COMPLETE", {"files": {"config.json": 2}})
+        root.write_json("llava_stage2_export/_manifest.json", {"prefix": "llava_stage2_export/run1"})
+    assert evaluation.fetch_model(local, "llava_stage2_export")[0] == local.path("llava_stage2_export/run1")
+    folder, name, _ = evaluation.fetch_model(s3, "llava_stage2_export")
+    assert name == "llava_stage2_export/run1" and os.path.exists(os.path.join(folder, "config.json"))
+    copies = []
+    monkeypatch.setattr(export, "download_export", lambda *a: copies.append(a))
+    assert evaluation.fetch_model(s3, "llava_stage2_export")[0] == folder and not copies  # cached
+    s3.write_json("llava_stage2_export/run1/_COMPLETE", {"files": {"config.json": 2}, "dtype": "fp32"})  # re-exported
+    with pytest.raises(FileNotFoundError):  # a new version is fetched again (the stub copies nothing)
+        evaluation.fetch_model(s3, "llava_stage2_export")
+    assert len(copies) == 1
+    with pytest.raises(bench.BenchmarkError, match="not a complete export"):
+        evaluation.fetch_model(local, "llava_stage2_export/none")

@@ -1,8 +1,10 @@
 """Benchmarks (optional): lmms-eval's `llava_hf` on an exported model, one partition per benchmark, with
 the paper's numbers (SPEC §6) beside ours. Run by `llava_benchmark_job`, never by automation."""
 
+import hashlib
 import os
 import shlex
+import shutil
 import tempfile
 import time
 
@@ -55,9 +57,13 @@ class BenchmarkEvalResource(ConfigurableResource):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def fetch_model(root: StorageRoot, model: str, local_dir: str) -> tuple[str, str, str]:
-    """(local model folder, export name, where it came from) for the resource's `model`."""
+def fetch_model(root: StorageRoot, model: str) -> tuple[str, str, str]:
+    """(local model folder, export name, where it came from) for the resource's `model`. An export on a
+    local storage root is used in place; one on S3 is copied once per export version (its `_COMPLETE`
+    manifest) into the local cache, so the partitions of one model do not each download it."""
+    from synthvlm_assets.models.sources import default_cache_dir
     from synthvlm_assets.training.export import download_export
+    from synthvlm_assets.training.loop import COMPLETE
 
     if model in EXPORTS:
         manifest = root.read_json(f"{model}/_manifest.json") if root.exists(f"{model}/_manifest.json") else None
@@ -70,8 +76,20 @@ def fetch_model(root: StorageRoot, model: str, local_dir: str) -> tuple[str, str
         return model, f"local/{os.path.basename(os.path.abspath(model).rstrip('/'))}", os.path.abspath(model)
     else:
         prefix = model.strip("/")
-    download_export(root, prefix, local_dir)
-    return local_dir, prefix, root.uri(prefix)
+    if not root.exists(f"{prefix}/{COMPLETE}"):
+        raise bench.BenchmarkError(f"{root.uri(prefix)} is not a complete export (no {COMPLETE})")
+    if root.is_local:
+        return root.path(prefix), prefix, root.uri(prefix)
+    marker = root.read_bytes(f"{prefix}/{COMPLETE}")
+    local = os.path.join(os.path.dirname(default_cache_dir()), "exports", hashlib.sha1(marker).hexdigest()[:16])
+    if not os.path.exists(os.path.join(local, COMPLETE)):
+        partial = f"{local}.part-{os.getpid()}"
+        download_export(root, prefix, partial)
+        with open(os.path.join(partial, COMPLETE), "wb") as f:
+            f.write(marker)
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(partial, local)
+    return local, prefix, root.uri(prefix)
 
 
 def _throttled(log, every_s: float = 30.0):
@@ -103,7 +121,7 @@ def llava_benchmark_eval(context: AssetExecutionContext, storage: StorageResourc
     root = storage.root()
     task = bench.TASKS[context.partition_key]
     with tempfile.TemporaryDirectory(prefix="synthvlm-bench-") as tmp:
-        model_dir, export_name, source = fetch_model(root, benchmark_eval.model, os.path.join(tmp, "model"))
+        model_dir, export_name, source = fetch_model(root, benchmark_eval.model)
         result = bench.run_benchmark(
             model_dir, task.key, os.path.join(tmp, "run"), python=benchmark_eval.lmms_eval_python, datasets_dir=benchmark_eval.datasets_dir,
             device=benchmark_eval.resolved_device(), limit=benchmark_eval.limit, force_simple=benchmark_eval.force_simple,
