@@ -22,6 +22,7 @@ Checkpoints, under the run's prefix in the storage root:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -136,12 +137,17 @@ def complete_checkpoints(storage: StorageRoot, run_prefix: str) -> list[tuple[in
 def step_indices(n: int, settings: LoopSettings, step: int, steps_per_epoch: int) -> list[int]:
     """Dataset indices of one optimizer step's global batch: a seeded permutation per epoch, cut into
     global batches (the last one of an epoch may be smaller)."""
+    epoch, i = divmod(step, steps_per_epoch)
+    return _epoch_permutation(n, settings.seed, epoch)[i * settings.global_batch : (i + 1) * settings.global_batch]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """Drawn once per epoch, not once per step (LLaVA-665K: 5,200 steps over a 665K permutation)."""
     import torch
 
-    epoch, i = divmod(step, steps_per_epoch)
-    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    return perm[i * settings.global_batch : (i + 1) * settings.global_batch]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def rank_micro_batches(indices: list[int], rank: int, world: int, micro_batch: int) -> list[list[int]]:
@@ -330,7 +336,7 @@ def train_loop(
             _checkpoint(storage, d, run_prefix, step + 1, trainee, optimizer, scheduler, losses, settings.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0
-    samples = sum(len(step_indices(len(dataset), settings, s, steps_per_epoch)) for s in range(end))
+    samples = sum(min(settings.global_batch, len(dataset) - (s % steps_per_epoch) * settings.global_batch) for s in range(end))
     return LoopResult(end, total_steps, samples, resumed_from, losses, samples_done / elapsed if elapsed > 0 else 0.0, peak, accumulation)
 
 
