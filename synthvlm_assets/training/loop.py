@@ -306,7 +306,7 @@ def train_loop(
         step_indices(len(dataset), settings, s, steps_per_epoch), d.rank, d.world, settings.micro_batch)]  # fmt: skip
     cuda = d.device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        _Indexed(dataset), batch_sampler=[mb for _, mb in plan], collate_fn=trainee.collator, num_workers=settings.num_workers,
+        dataset, batch_sampler=[mb for _, mb in plan], collate_fn=trainee.collator, num_workers=settings.num_workers,
         pin_memory=cuda, persistent_workers=False,
     )  # fmt: skip
     batches = iter(loader)
@@ -338,19 +338,6 @@ def train_loop(
     peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0
     samples = sum(min(settings.global_batch, len(dataset) - (s % steps_per_epoch) * settings.global_batch) for s in range(end))
     return LoopResult(end, total_steps, samples, resumed_from, losses, samples_done / elapsed if elapsed > 0 else 0.0, peak, accumulation)
-
-
-class _Indexed:
-    """Dataset wrapper the DataLoader indexes (keeps the dataset picklable for worker processes)."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        return self.dataset[i]
 
 
 def optimizer_step(
