@@ -6,7 +6,8 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 --platform any -d .whl "$p"; done
 #
-# then run it through the device tool with carry [".whl"] and a timeout of ~540 s:
+# ../shared does not travel: the judge reads COCO from $COCO_JSON (copy it into .whl/ too and set
+# COCO_JSON=.whl/coco_captions_val2017.json). Then run it through the device tool with carry [".whl"] and a timeout of ~540 s:
 #   bash benchmarks/gpu_run.sh [scoring] [sdxl] [judge] [training]     (default: all four; ~15 min)
 # It writes <part>.log (and sdxl.json, judge.json, training.json) under $OUT. Next session: `bash benchmarks/gpu_run.sh
 # training judge` (training first: it is issue 7's open item; ~7 min, the judge ~3 min).
@@ -29,7 +30,7 @@ for part in $parts; do
     scoring)  timeout 150 python3 benchmarks/scoring_benchmark.py 2>&1 | grep -v "kept in float32" | tee "$OUT/scoring.log" ;;
     sdxl)     timeout 330 python3 benchmarks/sdxl_benchmark.py --validate --variant fuse_qkv=false --out "$OUT/sdxl.json" 2>&1 \
                 | grep -v "kept in float32" | tee "$OUT/sdxl.log" ;;
-    judge)    timeout 200 python3 benchmarks/judge_benchmark.py --out "$OUT/judge.json" 2>&1 | tee "$OUT/judge.log" ;;
+    judge)    timeout 200 python3 benchmarks/judge_benchmark.py ${COCO_JSON:+--coco "$COCO_JSON"} --out "$OUT/judge.json" 2>&1 | tee "$OUT/judge.log" ;;
     training) timeout 420 python3 benchmarks/training_benchmark.py --micro-batch 16 32 --paths plain project project-compiled \
                 --out "$OUT/training.json" 2>&1 | tee "$OUT/training.log" ;;
     *) echo "unknown part: $part (scoring sdxl judge training)"; exit 2 ;;

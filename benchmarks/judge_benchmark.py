@@ -40,11 +40,12 @@ def main() -> None:
     p.add_argument("--captions", type=int, default=2048 if gpu else 256)
     p.add_argument("--batch", type=int, default=128 if gpu else 32)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--coco", type=Path, default=COCO, help="COCO captions JSON (default: ../shared/data's copy)")
     args = p.parse_args()
     device = "cuda" if gpu else "cpu"
     if args.preset == "llama3-8b" and not gpu:
         raise SystemExit("the Llama-3-8B benchmark needs a GPU: use --preset tiny on a CPU")
-    captions = [a["caption"] for a in json.loads(COCO.read_text())["annotations"][: args.captions]]
+    captions = [a["caption"] for a in json.loads(args.coco.read_text())["annotations"][: args.captions]]
     if args.preset == "tiny":
         tokenizer = tiny_llama_tokenizer()
         model = tiny_llama(tokenizer)
