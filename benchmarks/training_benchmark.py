@@ -1,9 +1,9 @@
-"""Stage-1 training step: this project's step (frozen parts stored in bf16, projector in fp32 under bf16
-autocast, cross-entropy on the caption positions only, loss per caption token of the global batch)
-against a plain transformers step (the whole model in fp32 under bf16 autocast, `labels=` loss over
-all logits: BASELINES.md's reference), side by side in one run on the same batches and the same
-initial projector. Reports samples/s, TFLOP/s (counted with torch's FlopCounterMode) and peak memory,
-and the two losses of the first step.
+"""Stage-1 training step: this project's step (cross-entropy on the caption positions only, loss per caption
+token of the global batch; `project-compiled` adds regional torch.compile) against a plain transformers
+step (`labels=` loss over all logits: BASELINES.md's reference), both with the frozen parts stored in bf16
+as LLaVA's train.py loads them and the projector in fp32 under bf16 autocast, side by side in one run on
+the same batches and the same initial projector. Reports samples/s, TFLOP/s (counted with torch's
+FlopCounterMode), steady-state peak memory and the two losses of the first step.
 
     .venv/bin/python benchmarks/training_benchmark.py                          # GPU: the LLaVA-1.5-7B shape
     .venv/bin/python benchmarks/training_benchmark.py --micro-batch 16 24 32   # several micro-batches
@@ -45,6 +45,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     """(model, processor) of the preset with random weights, built on the device in `dtype`."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)  # the same random weights in every path, so their first-step losses compare
     if preset == "tiny":
         vision, image_processor, llm, tokenizer = _tiny_parts(0)
     else:
@@ -89,18 +90,15 @@ def plain_step(model, b: dict, optimizer, device, dtype) -> float:
     return loss.item()
 
 
-def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device) -> dict:
+def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device, profile_rows: int = 0) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     cuda = device.type == "cuda"
     compute = torch.bfloat16 if cuda else torch.float32
-    # The plain step keeps the whole model in fp32 (autocast casts per op); ours stores the frozen parts in bf16.
-    model, processor = build(preset, device, torch.float32 if path == "plain" else compute)
+    # Both store the frozen parts in bf16, as LLaVA's train.py loads them (torch_dtype=bf16 under --bf16).
+    model, processor = build(preset, device, compute)
     model.model.multi_modal_projector.float()
     params = freeze_all_but_projector(model)
-    if path == "project-compiled":
-        torch._dynamo.reset()  # a fresh compile per micro-batch: a second shape would otherwise get a dynamic-shape graph
-        compile_layers(model)  # what Stage1Settings(compile=True) does; compiled in the warm-up steps
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 2)]
@@ -110,15 +108,22 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
             return plain_step(model, b, optimizer, device, compute)
         return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0, token_loss_sum)[0]
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+    with FlopCounterMode(display=False) as counter:  # also the first warm-up step, eager in every path
         first_loss = run(batches[0])
     flops = counter.get_total_flops()
-    run(batches[1])  # a second warm-up outside the counter: torch.compile compiles here, not under the counter's mode
+    graphs = None
+    if path == "project-compiled":
+        # Compiled only now: dynamo does not trace under the counter's dispatch mode (torch 2.11 then runs
+        # the layers eagerly for good, which an earlier version of this benchmark measured as "compiled").
+        torch._dynamo.reset()  # a fresh compile per micro-batch: a second shape would otherwise get a dynamic-shape graph
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compile_layers(model)  # what Stage1Settings(compile=True) does
+        run(batches[1])  # compiles
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    run(batches[1])
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # the steady state's peak, not the compiler's
     t = time.perf_counter()
     for b in batches[2:]:
         run(b)
@@ -126,12 +131,29 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if profile_rows:
+        print_profile(path, lambda: run(batches[2]), profile_rows, cuda)
     del model, optimizer, params
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return {"path": path, "micro_batch": micro_batch, "samples_per_second": micro_batch / dt, "step_seconds": dt,
-            "tflop_per_step": flops / 1e12, "tflops": flops / dt / 1e12, "peak_memory_gib": peak, "first_step_loss": first_loss}  # fmt: skip
+            "tflop_per_step": flops / 1e12, "tflops": flops / dt / 1e12, "peak_memory_gib": peak, "first_step_loss": first_loss, "compiled_graphs": graphs}  # fmt: skip
+
+
+def print_profile(path: str, step, rows: int, cuda: bool) -> None:
+    """One more step under torch.profiler: the kernels that take the step's time, and what dynamo compiled."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile of one {path} step (top {rows} by {key}); dynamo: {dict(counters['stats'])}, graph breaks: {dict(counters['graph_break'])}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def main() -> None:
@@ -141,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)")
     parser.add_argument("--paths", nargs="+", choices=["plain", "project", "project-compiled"], default=["plain", "project"])
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N kernels of one profiled step per row")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.preset == "tiny" and device.type == "cpu":
@@ -149,25 +172,29 @@ def main() -> None:
         raise SystemExit("the 7b preset needs a GPU (about 60 GB); use --preset tiny on a CPU")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     steps = args.steps or (5 if device.type == "cuda" else 3)
-    print(f"stage-1 step, preset {args.preset}, device: {device_name}, torch {torch.__version__}")
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    print(f"stage-1 step, preset {args.preset}, device: {device_name}, {versions}")
     print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for mb in args.micro_batch or ([16] if args.preset == "7b" else [8]):
         for path in args.paths:
             try:
-                r = measure(path, args.preset, mb, steps, device)
+                r = measure(path, args.preset, mb, steps, device, args.profile)
                 print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
-                      f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |", flush=True)
+                      f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |"
+                      + (f" (dynamo graphs: {r['compiled_graphs']})" if r["compiled_graphs"] is not None else ""), flush=True)
             except torch.OutOfMemoryError:
                 r = {"path": path, "micro_batch": mb, "samples_per_second": None, "note": "out of memory"}
                 print(f"| {path} | {mb} | out of memory | | | | | |", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache()
             rows.append(r)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": device_name, "preset": args.preset, "rows": rows}, f, indent=1)
+            if args.out:  # after every row: a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump({"device": device_name, "preset": args.preset, "versions": versions, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

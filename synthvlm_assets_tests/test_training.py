@@ -212,5 +212,8 @@ def test_compiled_layers_train_like_eager(tmp_path):
         publish_toy_dataset(root, 40)
         runs.append(train_stage1(root, model, Stage1Settings.tiny_preset(compile=compiled, stop_after_steps=2)))
     assert runs[0].run_prefix == runs[1].run_prefix and len(runs[1].loop.losses) == 2
-    assert counters["stats"]["unique_graphs"] >= 2  # the compiled run did compile (vision and decoder layers)
+    # One graph per layer kind (vision, decoder) + one dynamic-shape graph when the padded length changes,
+    # no breaks: a KV cache in training (use_cache) recompiled per layer until dynamo's limit sent the
+    # layers back to eager (seen on an H100).
+    assert 2 <= counters["stats"]["unique_graphs"] <= 3 and not counters["graph_break"]
     torch.testing.assert_close(torch.tensor(runs[1].loop.losses), torch.tensor(runs[0].loop.losses), rtol=1e-5, atol=1e-6)

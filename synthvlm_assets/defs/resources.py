@@ -241,7 +241,9 @@ class TrainingResource(ConfigurableResource):
     holdout_fraction: float | None = Field(default=None, description="Records kept out of training for the sanity evaluation.")
     checkpoint_every: int | None = Field(default=None, description="Optimizer steps between checkpoints.")
     gradient_checkpointing: bool = False
-    compile: bool = Field(default=False, description="Stage 1: regional torch.compile of the vision and decoder layers (execution only).")
+    compile: bool | None = Field(
+        default=None, description="Stage 1: regional torch.compile of the vision and decoder layers (execution only); default: on CUDA."
+    )
     num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
     processes: int | None = Field(default=None, description="Training processes (torchrun); default: one per visible GPU, else 1.")
     export_dtype: str | None = Field(default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).')

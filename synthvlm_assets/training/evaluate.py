@@ -31,7 +31,7 @@ def caption_nll(model, collator: PlainCollator, pairs: list[tuple], batch_size: 
             b = {k: v.to(device) for k, v in collator(pairs[i : i + batch_size]).items()}
             b["pixel_values"] = b["pixel_values"].to(dtype)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"]).logits
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], use_cache=False).logits
             labels = b["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none"

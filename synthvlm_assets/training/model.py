@@ -214,10 +214,13 @@ def transformer_layers(tower) -> list:
 def compile_layers(model) -> None:
     """Regional torch.compile: each vision and decoder layer compiled in place (one graph the identical
     layers share: seconds to compile, not minutes), fusing the norms, activations and rotary embeddings
-    around the matrix multiplications."""
+    around the matrix multiplications. Only `forward` is compiled: transformers' output-recording hooks
+    read a ContextVar, which dynamo before torch 2.14 cannot trace (a graph break in every layer)."""
+    import torch
+
     for tower in (model.model.vision_tower, model.model.language_model):
         for layer in transformer_layers(tower):
-            layer.compile()
+            layer.forward = torch.compile(layer.forward)
 
 
 def freeze_all_but_projector(model) -> list:

@@ -62,7 +62,9 @@ class Stage1Settings(LoopSettings):
     `seed` orders the data; the projector's initialisation is ModelSettings.seed."""
 
     holdout_fraction: float = 0.01  # records kept out of training for the sanity evaluation
-    compile: bool = False  # execution only: regional torch.compile of the vision and decoder layers
+    # Execution only: regional torch.compile of the vision and decoder layers; None = on when training on
+    # CUDA (1.44x the eager step's samples/s for the 7B shape on an H100: README, Training).
+    compile: bool | None = None
 
     EXECUTION: ClassVar[frozenset[str]] = LoopSettings.EXECUTION | {"compile"}
 
@@ -122,7 +124,7 @@ def _train(
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if settings.compile:
+    if settings.compile or (settings.compile is None and d.device.type == "cuda"):
         compile_layers(model)
     model.train()
     projector = model.model.multi_modal_projector
@@ -144,6 +146,7 @@ def token_loss_sum(model, batch: dict):
     transformers' own LLaVA forward (the LM head only from the first caption position on)."""
     labels = batch["labels"]
     start = first_label_position(labels)
+    # use_cache=False: a KV cache in training only costs memory (and recompiles compiled layers per layer).
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                   logits_to_keep=labels.shape[1] - start).logits  # fmt: skip
+                   logits_to_keep=labels.shape[1] - start, use_cache=False).logits  # fmt: skip
     return label_cross_entropy_sum(logits, labels, start)

@@ -99,7 +99,7 @@ def llava_loss_module(llava):
             else:
                 mask = (input_ids == cfg.image_token_id).unsqueeze(-1).expand_as(embeds)
                 embeds = embeds.masked_scatter(mask, features)
-            out = m.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            out = m.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
             start = first_label_position(labels)
             return label_cross_entropy_sum(self.llava.lm_head(out[:, start:-1]), labels, start)
 
