@@ -28,6 +28,7 @@ import torch
 
 from synthvlm_assets.training.data import IGNORE_INDEX
 from synthvlm_assets.training.model import (
+    COMPILED_LENGTH_MULTIPLE,
     ModelSettings,
     _tiny_parts,
     assemble,
@@ -65,18 +66,27 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     return model.to(device), processor
 
 
-def batch(model, processor, n: int, seed: int) -> dict:
-    """n samples of the plain template: BOS, the image tokens, CAPTION_TOKENS caption tokens."""
+def batch(model, processor, n: int, seed: int, varied: bool = False, multiple: int = 1) -> dict:
+    """n samples of the plain template: BOS, the image tokens, CAPTION_TOKENS caption tokens. `varied`:
+    caption lengths drawn from 24..72 (mean 48) as real captions are, right-padded to the batch's longest
+    rounded up to `multiple` (padding masked), so the padded length changes from batch to batch. Without
+    `varied` every row has the same length (BASELINES.md's shape) and nothing is padded."""
     g = torch.Generator().manual_seed(seed)
     n_img = vision_token_count(model)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     vocab = min(model.config.text_config.vocab_size, image_id)  # caption ids below the <image> id
-    caption = torch.randint(3, vocab, (n, CAPTION_TOKENS), generator=g)
-    ids = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.full((n, n_img), image_id), caption], 1)
-    labels = ids.clone()
+    lengths = torch.randint(24, 73, (n,), generator=g) if varied else torch.full((n,), CAPTION_TOKENS)
+    caption = torch.randint(3, vocab, (n, int(lengths.max())), generator=g)
+    if varied:  # padded as the collator pads: to the longest row, rounded up to the multiple
+        width = -(-(1 + n_img + caption.shape[1]) // multiple) * multiple
+        caption = torch.nn.functional.pad(caption, (0, width - 1 - n_img - caption.shape[1]))
+    caption_mask = torch.arange(caption.shape[1]) < lengths[:, None]
+    ids = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.full((n, n_img), image_id), caption.where(caption_mask, 0)], 1)
+    attention_mask = torch.cat([torch.ones(n, 1 + n_img, dtype=torch.long), caption_mask.long()], 1)
+    labels = ids.where(attention_mask.bool(), IGNORE_INDEX)
     labels[:, : 1 + n_img] = IGNORE_INDEX
     size = model.config.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": torch.randn(n, 3, size, size, generator=g)}
+    return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": torch.randn(n, 3, size, size, generator=g)}
 
 
 def plain_step(model, b: dict, optimizer, device, dtype) -> float:
@@ -90,7 +100,7 @@ def plain_step(model, b: dict, optimizer, device, dtype) -> float:
     return loss.item()
 
 
-def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device, profile_rows: int = 0) -> dict:
+def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device, profile_rows: int = 0, varied: bool = False) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     cuda = device.type == "cuda"
@@ -101,7 +111,8 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     params = freeze_all_but_projector(model)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    batches = [batch(model, processor, micro_batch, seed) for seed in range(steps + 2)]
+    multiple = COMPILED_LENGTH_MULTIPLE if path == "project-compiled" else 1  # as stage 1 pads for compiled layers
+    batches = [batch(model, processor, micro_batch, seed, varied, multiple) for seed in range(steps + 1)]
 
     def run(b):
         if path == "plain":
@@ -115,24 +126,25 @@ def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.
     if path == "project-compiled":
         # Compiled only now: dynamo does not trace under the counter's dispatch mode (torch 2.11 then runs
         # the layers eagerly for good, which an earlier version of this benchmark measured as "compiled").
-        torch._dynamo.reset()  # a fresh compile per micro-batch: a second shape would otherwise get a dynamic-shape graph
+        torch._dynamo.reset()  # a fresh compile per micro-batch
         before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        compile_layers(model)  # what Stage1Settings(compile=True) does
-        run(batches[1])  # compiles
+        compile_layers(model)  # what stage 1 does on CUDA (Stage1Settings.compile)
+    for b in batches[1:]:  # warm-up over the timed batches: every padded width compiled before the clock
+        run(b)
+    if path == "project-compiled":
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-    run(batches[1])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the steady state's peak, not the compiler's
     t = time.perf_counter()
-    for b in batches[2:]:
+    for b in batches[1:]:
         run(b)
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     if profile_rows:
-        print_profile(path, lambda: run(batches[2]), profile_rows, cuda)
+        print_profile(path, lambda: run(batches[1]), profile_rows, cuda)
     del model, optimizer, params
     gc.collect()
     if cuda:
@@ -163,6 +175,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)")
     parser.add_argument("--paths", nargs="+", choices=["plain", "project", "project-compiled"], default=["plain", "project"])
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--varied-captions", action="store_true", help="caption lengths 24..72 tokens, padded per batch (real data's shape)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N kernels of one profiled step per row")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,14 +188,15 @@ def main() -> None:
     import transformers
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    print(f"stage-1 step, preset {args.preset}, device: {device_name}, {versions}")
+    captions = "24..72 caption tokens, padded per batch" if args.varied_captions else f"{CAPTION_TOKENS} caption tokens"
+    print(f"stage-1 step, preset {args.preset}, {captions}, device: {device_name}, {versions}")
     print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for mb in args.micro_batch or ([16] if args.preset == "7b" else [8]):
         for path in args.paths:
             try:
-                r = measure(path, args.preset, mb, steps, device, args.profile)
+                r = measure(path, args.preset, mb, steps, device, args.profile, args.varied_captions)
                 print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
                       f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |"
                       + (f" (dynamo graphs: {r['compiled_graphs']})" if r["compiled_graphs"] is not None else ""), flush=True)
@@ -194,7 +208,7 @@ def main() -> None:
             rows.append(r)
             if args.out:  # after every row: a run cut short keeps what it measured
                 with open(args.out, "w") as f:
-                    json.dump({"device": device_name, "preset": args.preset, "versions": versions, "rows": rows}, f, indent=1)
+                    json.dump({"device": device_name, "preset": args.preset, "versions": versions, "captions": captions, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

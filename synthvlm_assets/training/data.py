@@ -93,21 +93,23 @@ def expand_to_square(image, fill: tuple[int, int, int]):
 @dataclass
 class _LlavaCollator:
     """What both templates' collators share: the processor, the vision-token count, the length limit,
-    LLaVA-1.5's pad colour, and right padding."""
+    LLaVA-1.5's pad colour, and right padding (to the longest row, rounded up to `pad_to_multiple_of`:
+    a compiled model then sees a few static lengths instead of one per batch)."""
 
     processor: object
     n_image_tokens: int
     max_length: int = 2048
+    pad_to_multiple_of: int = 1
 
     def __post_init__(self) -> None:
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         self.fill = tuple(int(round(255 * m)) for m in self.processor.image_processor.image_mean)
 
     def pad(self, rows: list[list[int]], label_rows: list[list[int]]) -> dict:
-        """input_ids, labels and attention_mask, padded on the right to the longest row."""
+        """input_ids, labels and attention_mask, padded on the right to the longest row (rounded up)."""
         import torch
 
-        width = max(len(r) for r in rows)
+        width = -(-max(len(r) for r in rows) // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.processor.tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

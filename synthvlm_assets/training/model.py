@@ -211,16 +211,24 @@ def transformer_layers(tower) -> list:
     raise ValueError(f"{type(tower).__name__} has no `layers` list")
 
 
+# The padded lengths a compiled model is fed are rounded up to this (stage 1's collator): a few static
+# shapes, each compiled once. Dynamic-shape graphs (what dynamo makes after the second length) ran the
+# 7B stage-1 step at half the eager speed on an H100 (README, Training).
+COMPILED_LENGTH_MULTIPLE = 64
+
+
 def compile_layers(model) -> None:
     """Regional torch.compile: each vision and decoder layer compiled in place (one graph the identical
     layers share: seconds to compile, not minutes), fusing the norms, activations and rotary embeddings
-    around the matrix multiplications. Only `forward` is compiled: transformers' output-recording hooks
-    read a ContextVar, which dynamo before torch 2.14 cannot trace (a graph break in every layer)."""
+    around the matrix multiplications. Static shapes only (`dynamic=False`: one graph per padded length,
+    see COMPILED_LENGTH_MULTIPLE; past dynamo's recompile limit a new length runs eagerly). Only `forward`
+    is compiled: transformers' output-recording hooks read a ContextVar, which dynamo before torch 2.14
+    cannot trace (a graph break in every layer)."""
     import torch
 
     for tower in (model.model.vision_tower, model.model.language_model):
         for layer in transformer_layers(tower):
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = torch.compile(layer.forward, dynamic=False)
 
 
 def freeze_all_but_projector(model) -> list:

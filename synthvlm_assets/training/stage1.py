@@ -40,6 +40,7 @@ from synthvlm_assets.training.loop import (
     train_loop,
 )
 from synthvlm_assets.training.model import (
+    COMPILED_LENGTH_MULTIPLE,
     ModelSettings,
     compile_layers,
     freeze_all_but_projector,
@@ -124,12 +125,13 @@ def _train(
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if settings.compile or (settings.compile is None and d.device.type == "cuda"):
+    compiled = settings.compile or (settings.compile is None and d.device.type == "cuda")
+    if compiled:
         compile_layers(model)
     model.train()
     projector = model.model.multi_modal_projector
     trainee = Trainee(
-        model=model, params=params, collator=PlainCollator(processor, vision_token_count(model), settings.max_length),
+        model=model, params=params, collator=PlainCollator(processor, vision_token_count(model), settings.max_length, COMPILED_LENGTH_MULTIPLE if compiled else 1),
         loss_sum=token_loss_sum, weights_file=PROJECTOR, trainable_state=lambda: projector_state(model),
         load_trainable_state=projector.load_state_dict,
     )  # fmt: skip
@@ -146,7 +148,9 @@ def token_loss_sum(model, batch: dict):
     transformers' own LLaVA forward (the LM head only from the first caption position on)."""
     labels = batch["labels"]
     start = first_label_position(labels)
-    # use_cache=False: a KV cache in training only costs memory (and recompiles compiled layers per layer).
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+    # No attention mask: the collator pads on the right, so under the causal mask no real token attends to
+    # padding, and SDPA keeps its causal kernels (an explicit mask takes it off them). use_cache=False:
+    # a KV cache in training only costs memory (and made compiled layers recompile per layer).
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                    logits_to_keep=labels.shape[1] - start, use_cache=False).logits  # fmt: skip
     return label_cross_entropy_sum(logits, labels, start)
