@@ -11,11 +11,13 @@ from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.data import IGNORE_INDEX, PlainCollator, synthvlm_dataset
 from synthvlm_assets.training.evaluate import EvalSettings, sanity_evaluation
 from synthvlm_assets.training.model import (
+    COMPILED_LENGTH_MULTIPLE,
     IMAGE_TOKEN,
     ModelSettings,
     ModelWeightsError,
     build_processor,
     clip_image_processor,
+    compile_layers,
     freeze_all_but_projector,
     load_model,
     projector_state,
@@ -224,3 +226,25 @@ def test_compiled_layers_train_like_eager(tmp_path):
     # back to eager, and a dynamic-length graph ran at half speed (both seen on an H100).
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     torch.testing.assert_close(torch.tensor(runs[1].loop.losses), torch.tensor(runs[0].loop.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_layers_compile_one_static_graph_per_padded_width():
+    """A compiled model sees one static graph per padded width (multiples of COMPILED_LENGTH_MULTIPLE),
+    never a dynamic-length one: three widths give three decoder graphs (dynamo's automatic dynamic shapes
+    would give two and run the third width through a dynamic graph, half as fast on an H100), and a width
+    seen before compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, processor = load_model(ModelSettings.tiny_preset())
+    freeze_all_but_projector(model)
+    compile_layers(model)
+    captions = {w: ["a red circle " * k] for w, k in (("short", 1), ("middle", 6), ("long", 11))}
+    widths = []
+    for name in ("short", "middle", "long", "short"):
+        batch = _batch(processor, model, captions[name], pad_to_multiple_of=COMPILED_LENGTH_MULTIPLE)
+        widths.append(batch["input_ids"].shape[1])
+        token_loss_sum(model, batch).backward()
+    assert len(set(widths)) == 3 and all(w % COMPILED_LENGTH_MULTIPLE == 0 for w in widths)
+    assert counters["stats"]["unique_graphs"] == 1 + 3 and not counters["graph_break"]  # vision + one per width
