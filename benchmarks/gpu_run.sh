@@ -34,7 +34,7 @@ for part in $parts; do
     judge)    timeout 200 python3 benchmarks/judge_benchmark.py ${COCO_JSON:+--coco "$COCO_JSON"} --out "$OUT/judge.json" 2>&1 | tee "$OUT/judge.log" ;;
     training) timeout 420 python3 benchmarks/training_benchmark.py --micro-batch 16 24 --paths plain project project-compiled \
                 --out "$OUT/training.json" 2>&1 | tee "$OUT/training.log"
-              # real captions' shape: lengths 24..72, padded per batch (the compiled path to a multiple of 64)
+              # real captions' shape: lengths 24..72, padded per batch (the compiled path to a multiple of 16)
               timeout 240 python3 benchmarks/training_benchmark.py --micro-batch 16 --varied-captions --paths plain project project-compiled \
                 --out "$OUT/training-varied.json" 2>&1 | tee "$OUT/training-varied.log" ;;
     *) echo "unknown part: $part (scoring sdxl judge training)"; exit 2 ;;

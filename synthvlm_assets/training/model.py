@@ -212,20 +212,25 @@ def transformer_layers(tower) -> list:
 
 
 # The padded lengths a compiled model is fed are rounded up to this (stage 1's collator): a few static
-# shapes, each compiled once. Dynamic-shape graphs (what dynamo makes after the second length) ran the
-# 7B stage-1 step at half the eager speed on an H100 (README, Training).
-COMPILED_LENGTH_MULTIPLE = 64
+# shapes, each compiled once, at most 15 padding tokens a row. Dynamic-shape graphs (what dynamo makes
+# after the second length) ran the 7B stage-1 step at half the eager speed on an H100 (README, Training).
+COMPILED_LENGTH_MULTIPLE = 16
+# Graphs dynamo keeps per compiled function (all layers share one: the vision layer + one per padded
+# width); its default, 8, would send a run's 8th width back to eager.
+COMPILED_WIDTHS_LIMIT = 32
 
 
 def compile_layers(model) -> None:
     """Regional torch.compile: each vision and decoder layer compiled in place (one graph the identical
     layers share: seconds to compile, not minutes), fusing the norms, activations and rotary embeddings
     around the matrix multiplications. Static shapes only (`dynamic=False`: one graph per padded length,
-    see COMPILED_LENGTH_MULTIPLE; past dynamo's recompile limit a new length runs eagerly). Only `forward`
+    see COMPILED_LENGTH_MULTIPLE; past COMPILED_WIDTHS_LIMIT a new length runs eagerly). Only `forward`
     is compiled: transformers' output-recording hooks read a ContextVar, which dynamo before torch 2.14
-    cannot trace (a graph break in every layer)."""
+    cannot trace (a graph break in every layer). Raises dynamo's process-wide recompile limit (training
+    runs in a process of its own)."""
     import torch
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_WIDTHS_LIMIT)
     for tower in (model.model.vision_tower, model.model.language_model):
         for layer in transformer_layers(tower):
             layer.forward = torch.compile(layer.forward, dynamic=False)
