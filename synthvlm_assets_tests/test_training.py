@@ -24,7 +24,8 @@ from synthvlm_assets.training.model import (
     tiny_vicuna_tokenizer,
     vision_token_count,
 )
-from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, complete_checkpoints, load_projector, token_loss_sum, train_stage1
+from synthvlm_assets.training.loop import load_weights
+from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, complete_checkpoints, token_loss_sum, train_stage1
 from synthvlm_assets_tests.training_toy import publish_toy_dataset, save_tiny_parts
 
 
@@ -123,7 +124,7 @@ def test_toy_task_loss_falls_and_retrieval_beats_chance(toy, trained):
     result, settings = trained
     first, last = sum(result.loop.losses[:5]) / 5, sum(result.loop.losses[-5:]) / 5
     assert result.loop.steps == len(result.loop.losses) >= 24 and last < first - 1.0
-    ev = sanity_evaluation(storage, model_settings, load_projector(storage, f"{result.run_prefix}/projector.safetensors"),
+    ev = sanity_evaluation(storage, model_settings, load_weights(storage, f"{result.run_prefix}/projector.safetensors"),
                            EvalSettings(holdout_fraction=settings.holdout_fraction, retrieval_size=9))  # fmt: skip
     assert ev["trained"]["heldout_loss"] < ev["untrained"]["heldout_loss"] - 1.0
     assert ev["trained"]["retrieval_accuracy"] > ev["trained"]["retrieval_chance"]
@@ -163,7 +164,7 @@ def test_export_reloads_through_auto_classes_with_equal_logits(toy, trained, tmp
     local = download_export(storage, "export-test", str(tmp_path / "export"))
     reloaded, processor = AutoModelForImageTextToText.from_pretrained(local), AutoProcessor.from_pretrained(local)
     model, _ = load_model(model_settings)
-    model.model.multi_modal_projector.load_state_dict(load_projector(storage, f"{result.run_prefix}/projector.safetensors"))
+    model.model.multi_modal_projector.load_state_dict(load_weights(storage, f"{result.run_prefix}/projector.safetensors"))
     batch = _batch(processor, reloaded, ["a red circle", "a green triangle"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model.eval(), reloaded.eval()
@@ -189,7 +190,7 @@ def test_resume_from_the_newest_complete_checkpoint_is_bit_exact(tmp_path):
     roots[1].write_bytes(f"{first.run_prefix}/checkpoints/step-0000004/projector.safetensors", b"half written")
     resumed = train_stage1(roots[1], model, settings)
     assert resumed.loop.resumed_from_step == 2 and resumed.loop.losses == straight.loop.losses
-    a, b = (load_projector(r, f"{straight.run_prefix}/projector.safetensors") for r in roots)
+    a, b = (load_weights(r, f"{straight.run_prefix}/projector.safetensors") for r in roots)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [s for s, _ in complete_checkpoints(roots[1], resumed.run_prefix)] == [4, 6]  # keep_checkpoints=2
 

@@ -8,7 +8,8 @@ from dagster import AssetKey, instance_for_test
 from synthvlm_assets.defs.build import STAGE2_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.model import ModelSettings
-from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, load_projector, train_stage1
+from synthvlm_assets.training.loop import load_weights
+from synthvlm_assets.training.stage1 import COMPLETE, Stage1Settings, train_stage1
 from synthvlm_assets_tests.training_toy import publish_toy_dataset, publish_toy_instructions
 
 
@@ -62,7 +63,7 @@ def test_training_job_two_processes_through_pipes(tmp_path):
     publish_toy_dataset(single_root, 100)
     single = train_stage1(single_root, ModelSettings.tiny_preset(), Stage1Settings.tiny_preset(micro_batch=4))
     assert single.run_prefix == run_prefix
-    a, b = load_projector(root, f"{run_prefix}/projector.safetensors"), load_projector(single_root, f"{run_prefix}/projector.safetensors")
+    a, b = load_weights(root, f"{run_prefix}/projector.safetensors"), load_weights(single_root, f"{run_prefix}/projector.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 

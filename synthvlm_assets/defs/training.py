@@ -247,11 +247,11 @@ def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageRes
     """Held-out caption loss and image->caption retrieval from the model's likelihoods, trained vs
     untrained (the same assembly with the fresh projector). A sanity check, not a benchmark."""
     from synthvlm_assets.training.evaluate import sanity_evaluation
-    from synthvlm_assets.training.stage1 import load_projector
+    from synthvlm_assets.training.loop import load_weights
 
     root = storage.root()
     run = _current_run(root)
-    projector = load_projector(root, f"{run['run_prefix']}/{PROJECTOR}")
+    projector = load_weights(root, f"{run['run_prefix']}/{PROJECTOR}")
     result = sanity_evaluation(root, training.model_settings(), projector, training.eval_settings(), training.cache_dir)
     root.write_bytes(f"{run['run_prefix']}/sanity_eval.json", json.dumps(result, indent=1).encode())
     t, u = result["trained"], result["untrained"]

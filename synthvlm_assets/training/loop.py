@@ -212,9 +212,13 @@ class Trainee:
     weights_file: str
     trainable_state: Callable[[], dict]
     load_trainable_state: Callable[[dict], None] | None = None
-    sharded: bool = False  # FSDP reduces the gradients itself
-    save_shards: Callable[[str, Any], None] | None = None  # (uri, optimizer)
+    save_shards: Callable[[str, Any], None] | None = None  # (uri, optimizer): FSDP
     load_shards: Callable[[str, Any], None] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: each process checkpoints its shards, and FSDP reduces the gradients itself."""
+        return self.save_shards is not None
 
 
 @dataclass

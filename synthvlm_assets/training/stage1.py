@@ -34,7 +34,6 @@ from synthvlm_assets.training.loop import (
     finished_run,
     first_label_position,
     label_cross_entropy_sum,
-    load_weights,
     optimizer_step,
     step_indices,
     train_loop,
@@ -50,7 +49,7 @@ from synthvlm_assets.training.model import (
     vision_token_count,
 )
 
-__all__ = ["COMPLETE", "RESULT", "Stage1Settings", "complete_checkpoints", "load_projector", "optimizer_step", "step_indices",
+__all__ = ["COMPLETE", "RESULT", "Stage1Settings", "complete_checkpoints", "optimizer_step", "step_indices",
            "token_loss_sum", "train_stage1"]  # fmt: skip
 
 PROJECTOR = "projector.safetensors"
@@ -78,11 +77,6 @@ class Stage1Settings(LoopSettings):
 def run_name(dataset_version: str, model: ModelSettings, settings: Stage1Settings) -> str:
     digest = hashlib.sha256(json.dumps([model.describe(), settings.recipe()], sort_keys=True).encode()).hexdigest()[:10]
     return f"{dataset_version}-{digest}"
-
-
-def load_projector(storage: StorageRoot, key: str) -> dict:
-    """A projector's weights under transformers' names (`linear_1.weight`, ...)."""
-    return load_weights(storage, key)
 
 
 def train_stage1(
@@ -130,9 +124,10 @@ def _train(
         compile_layers(model)
     model.train()
     projector = model.model.multi_modal_projector
+    collator = PlainCollator(processor, vision_token_count(model), settings.max_length,
+                             pad_to_multiple_of=COMPILED_LENGTH_MULTIPLE if compiled else 1)  # fmt: skip
     trainee = Trainee(
-        model=model, params=params, collator=PlainCollator(processor, vision_token_count(model), settings.max_length, COMPILED_LENGTH_MULTIPLE if compiled else 1),
-        loss_sum=token_loss_sum, weights_file=PROJECTOR, trainable_state=lambda: projector_state(model),
+        model=model, params=params, collator=collator, loss_sum=token_loss_sum, weights_file=PROJECTOR, trainable_state=lambda: projector_state(model),
         load_trainable_state=projector.load_state_dict,
     )  # fmt: skip
     loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)

@@ -286,7 +286,7 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
     collator = ConversationCollator(processor, vision_token_count(model), settings.max_length)
     if sharded:
         save_shards, load_shards = _sharded_checkpoints(module, storage.fsspec_options())
-        trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, _gathered_trainable(module, names), sharded=True,
+        trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, _gathered_trainable(module, names),
                           save_shards=save_shards, load_shards=load_shards)  # fmt: skip
     else:
         def load_local(state: dict) -> None:
