@@ -7,6 +7,7 @@
 #   SYNTHVLM_WHEELHOUSE=DIR  install from a local wheelhouse instead of PyPI: this host's pip (its own index,
 #       find-links and CA settings) fills DIR with the wheels the extras need, and the build installs them
 #       offline from a throwaway HTTP server on 127.0.0.1 (build args PIP_NO_INDEX, PIP_FIND_LINKS).
+#   SYNTHVLM_BUILD_REF=REF   build a commit (git archive REF) instead of the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CODE_IMAGE=${SYNTHVLM_CODE_IMAGE:-synthvlm-code:0.1.0}
@@ -20,7 +21,17 @@ PYTHON=${PYTHON:-python3}
 
 pip_args=()
 server_pid=""
-trap '[ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true' EXIT
+ctx=.
+cleanup() {
+  [ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true
+  [ "$ctx" = . ] || rm -rf "$ctx"
+}
+trap cleanup EXIT
+if [ -n "${SYNTHVLM_BUILD_REF:-}" ]; then
+  ctx=$(mktemp -d /tmp/synthvlm-build-context.XXXXXX)
+  git archive "$SYNTHVLM_BUILD_REF" | tar -x -C "$ctx"
+  echo "building $(git rev-parse --short "$SYNTHVLM_BUILD_REF")"
+fi
 if [ -n "${SYNTHVLM_WHEELHOUSE:-}" ]; then
   wh=$SYNTHVLM_WHEELHOUSE
   mkdir -p "$wh"
@@ -57,7 +68,7 @@ build() { # tag dockerfile [build args...]
   shift 2
   t0=$(date +%s)
   log="/tmp/synthvlm-build-${file##*/}.log"
-  if ! docker build --network host "${pip_args[@]}" -f "$file" -t "$tag" "$@" . > "$log" 2>&1; then
+  if ! docker build --network host "${pip_args[@]}" -f "$ctx/$file" -t "$tag" "$@" "$ctx" > "$log" 2>&1; then
     tail -40 "$log" >&2
     echo "build of $tag failed (log: $log)" >&2
     exit 1

@@ -211,7 +211,9 @@ def images(report):
     sh("bash", "scripts/build_base_images.sh", timeout=900)
     t1 = time.monotonic()
     env = {"SYNTHVLM_WHEELHOUSE": str(REPO / "build" / "wheelhouse"), "SYNTHVLM_PYTHON_IMAGE": STANDINS["SYNTHVLM_PYTHON_IMAGE"],
-           "SYNTHVLM_CODE_IMAGE": CODE_IMAGE, "SYNTHVLM_WORKER_IMAGE": WORKER_IMAGE}  # fmt: skip
+           "SYNTHVLM_CODE_IMAGE": CODE_IMAGE, "SYNTHVLM_WORKER_IMAGE": WORKER_IMAGE,
+           # The checkout by default; a commit (git archive) with SYNTHVLM_CONTAINER_TEST_REF.
+           "SYNTHVLM_BUILD_REF": os.environ.get("SYNTHVLM_CONTAINER_TEST_REF", "")}  # fmt: skip
     built = sh("bash", "docker/build.sh", "code", "worker", env=env, timeout=1800)
     t2 = time.monotonic()
     sizes = {tag: int(sh("docker", "image", "inspect", "-f", "{{.Size}}", tag).stdout) for tag in (CODE_IMAGE, WORKER_IMAGE)}
