@@ -26,11 +26,13 @@ ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 ARG PIP_TRUSTED_HOST
 # Dependencies first (a layer that only pyproject.toml changes), then the code.
-COPY pyproject.toml README.md ./
-RUN mkdir synthvlm_assets && touch synthvlm_assets/__init__.py \
+# (A stub package and README: the layer's cache key is pyproject.toml alone.)
+COPY pyproject.toml ./
+RUN mkdir synthvlm_assets && touch synthvlm_assets/__init__.py README.md \
     && python3 -m venv /opt/venv \
     && pip install ".[deploy]" \
-    && rm -rf synthvlm_assets build
+    && rm -rf synthvlm_assets build README.md
+COPY README.md ./
 COPY synthvlm_assets ./synthvlm_assets
 RUN pip install --no-deps . \
     && rm -rf build \

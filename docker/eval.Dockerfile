@@ -8,7 +8,7 @@ ARG WORKER_IMAGE=synthvlm-worker:0.1.0
 FROM ${WORKER_IMAGE}
 
 ENV SYNTHVLM_LMMS_EVAL_PYTHON=/opt/eval/bin/python
-USER root
+USER 0
 WORKDIR /opt/synthvlm
 # pip's settings for the build only (a mirror, or docker/build.sh's local wheelhouse); unset: PyPI.
 ARG PIP_INDEX_URL

@@ -38,8 +38,15 @@ STANDINS = {
 }
 CODE_IMAGE, WORKER_IMAGE = "synthvlm-code:0.1.0", "synthvlm-worker:0.1.0"
 MAX_WORKER_BYTES, MAX_CODE_BYTES = 8e9, 1.5e9
-SHARD_ROWS = 30
-PER_SHARD = ["raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores"]
+SHARD_ROWS = 12
+PER_SHARD = [
+    "raw_caption_pool",
+    "curated_captions",
+    "pair_filtered_captions",
+    "judged_captions",
+    "sdxl_images",
+    "image_scores",
+]
 FIXED_NAMES = {"network": "synthvlm", "volumes": {"synthvlm-dagster-storage", "synthvlm-cache"}}
 RUN_LABEL = "synthvlm.stack=synthvlm"
 REPORT = REPO / "build" / "container_test_report.json"
@@ -59,9 +66,13 @@ pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"container stack t
 
 
 def sh(*args: str, env: dict | None = None, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
+    done = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO
+    )
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -85,10 +96,27 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
 def captions(n: int, seed: int) -> list[dict]:
     """Plain English captions that pass the paper's filters (a few duplicates for dedup)."""
     rng = random.Random(seed)
-    subjects = ["A brown dog", "Two children", "An old man", "A red bus", "A small cat", "A group of people", "A woman"]
+    subjects = [
+        "A brown dog",
+        "Two children",
+        "An old man",
+        "A red bus",
+        "A small cat",
+        "A group of people",
+        "A woman",
+    ]
     verbs = ["is standing", "is sitting", "is waiting", "is resting", "is playing", "is walking"]
-    places = ["next to a wooden fence", "on a busy city street", "in a green park", "near the river bank", "inside a kitchen"]
-    rows = [{"id": f"{seed}-{i}", "caption": f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}."} for i in range(n)]
+    places = [
+        "next to a wooden fence",
+        "on a busy city street",
+        "in a green park",
+        "near the river bank",
+        "inside a kitchen",
+    ]
+    rows = [
+        {"id": f"{seed}-{i}", "caption": f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}."}
+        for i in range(n)
+    ]
     for i in range(0, n - 1, 7):
         rows[i + 1]["caption"] = rows[i]["caption"]
     return rows
@@ -118,7 +146,9 @@ class Stack:
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.web_port}/graphql", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.web_port}/graphql", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             doc = json.loads(r.read())
         assert "errors" not in doc, doc["errors"]
@@ -152,7 +182,8 @@ class Stack:
         return self.graphql(q)["instance"]["concurrencyLimit"]
 
     def reexecute_from_failure(self, run_id: str) -> str:
-        q = """mutation($id: String!) { launchPipelineReexecution(reexecutionParams: {parentRunId: $id, strategy: FROM_FAILURE}) {
+        q = """mutation($id: String!) {
+               launchPipelineReexecution(reexecutionParams: {parentRunId: $id, strategy: FROM_FAILURE}) {
                  __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }"""
         result = self.graphql(q, {"id": run_id})["launchPipelineReexecution"]
         assert result["__typename"] == "LaunchRunSuccess", result
@@ -205,20 +236,31 @@ def report(request):
 @pytest.fixture(scope="module")
 def images(report):
     """Build the stand-in base images and the project's images (code, worker) from this checkout."""
-    assert shutil.which("docker-compose") or sh("docker", "compose", "version", check=False).returncode == 0, \
+    assert shutil.which("docker-compose") or sh("docker", "compose", "version", check=False).returncode == 0, (
         "a Docker engine is here but no Compose (v2 plugin or v1 docker-compose): apt-get install docker-compose"
+    )
     t0 = time.monotonic()
     sh("bash", "scripts/build_base_images.sh", timeout=900)
     t1 = time.monotonic()
-    env = {"SYNTHVLM_WHEELHOUSE": str(REPO / "build" / "wheelhouse"), "SYNTHVLM_PYTHON_IMAGE": STANDINS["SYNTHVLM_PYTHON_IMAGE"],
-           "SYNTHVLM_CODE_IMAGE": CODE_IMAGE, "SYNTHVLM_WORKER_IMAGE": WORKER_IMAGE,
-           # The checkout by default; a commit (git archive) with SYNTHVLM_CONTAINER_TEST_REF.
-           "SYNTHVLM_BUILD_REF": os.environ.get("SYNTHVLM_CONTAINER_TEST_REF", "")}  # fmt: skip
+    env = {
+        "SYNTHVLM_WHEELHOUSE": str(REPO / "build" / "wheelhouse"),
+        "SYNTHVLM_PYTHON_IMAGE": STANDINS["SYNTHVLM_PYTHON_IMAGE"],
+        "SYNTHVLM_CODE_IMAGE": CODE_IMAGE,
+        "SYNTHVLM_WORKER_IMAGE": WORKER_IMAGE,
+        # The checkout by default; a commit (git archive) with SYNTHVLM_CONTAINER_TEST_REF.
+        "SYNTHVLM_BUILD_REF": os.environ.get("SYNTHVLM_CONTAINER_TEST_REF", ""),
+    }
     built = sh("bash", "docker/build.sh", "code", "worker", env=env, timeout=1800)
     t2 = time.monotonic()
-    sizes = {tag: int(sh("docker", "image", "inspect", "-f", "{{.Size}}", tag).stdout) for tag in (CODE_IMAGE, WORKER_IMAGE)}
-    report.update(base_images_s=round(t1 - t0), project_images_s=round(t2 - t1), build_log=built.stdout.strip().splitlines(),
-                  image_gb={tag: round(size / 1e9, 2) for tag, size in sizes.items()})  # fmt: skip
+    sizes = {
+        tag: int(sh("docker", "image", "inspect", "-f", "{{.Size}}", tag).stdout) for tag in (CODE_IMAGE, WORKER_IMAGE)
+    }
+    report.update(
+        base_images_s=round(t1 - t0),
+        project_images_s=round(t2 - t1),
+        build_log=built.stdout.strip().splitlines(),
+        image_gb={tag: round(size / 1e9, 2) for tag, size in sizes.items()},
+    )
     print(f"image sizes: code {sizes[CODE_IMAGE] / 1e9:.2f} GB, worker {sizes[WORKER_IMAGE] / 1e9:.2f} GB")
     return sizes
 
@@ -266,8 +308,14 @@ def _wait_chain(stack: Stack, shards: list[str], timeout: float) -> None:
 
 
 def _shards_of(stack: Stack, file_name: str, count: int) -> list[str]:
+    from synthvlm_assets.shards import file_tag
+
+    tag = file_tag(f"s3://synthvlm/inbox/{file_name}")  # shard keys: <file tag>-<start>-<end>
+
     def found():
-        keys = sorted({m["partition"] for m in stack.materialized("raw_caption_pool") if file_name.split(".")[0] in m["partition"]})
+        keys = sorted(
+            {m["partition"] for m in stack.materialized("raw_caption_pool") if m["partition"].startswith(tag)}
+        )
         return keys if len(keys) == count else None
 
     return wait_for(found, 600, f"{count} shard(s) of {file_name} registered and loaded", interval=5)
@@ -284,7 +332,9 @@ def test_caption_file_to_selected_dataset_in_run_containers(stack, report):
     wait_for(lambda: any(r["status"] == "SUCCESS" and r["runId"] not in scored_runs
                          for m in stack.materialized("synthvlm_100k") for r in [stack.run(m["runId"])]), 600,
              "synthvlm_100k materialized by a run after the scores")  # fmt: skip
-    wait_for(lambda: all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in stack.runs()), 300, "every run finished")
+    wait_for(
+        lambda: all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in stack.runs()), 300, "every run finished"
+    )
     report["pipeline_s"] = round(time.monotonic() - t0)
 
     runs = stack.runs()
