@@ -4,18 +4,19 @@
     .venv/bin/python benchmarks/orchestration_benchmark.py --quick     # COCO + a 20,000-caption pool (smoke test)
 
 For each pool (COCO val2017's captions file as is, and a synthetic JSONL pool of --captions captions made
-from them by curation_benchmark.write_pool) it measures, one after the other on the same cores:
+from them by curation_benchmark.write_pool) it measures, one after the other on the same cores (slowest last):
 
 - kernel: curation_benchmark's worker functions in a process pool (--workers), register + curate;
 - CLI: what the README tells a user, as subprocesses in a fresh temp dir with its own DAGSTER_HOME (the
   repo's dagster.yaml) and SYNTHVLM_STORAGE_ROOT: `synthvlm register FILE`, then
   `synthvlm materialize --image-shards 0`; each timed from process start to exit;
-- backfill (COCO always, the pool with --daemon-pool): a second fresh DAGSTER_HOME, `synthvlm register FILE`,
-  then what a UI user does: `dagster-webserver` and `dagster-daemon run` on the repo's workspace.yaml, the
-  sensors switched off (as the README says to run things by hand), and the asset page's "Materialize all
-  partitions" of raw_caption_pool + curated_captions (the UI's LaunchPartitionBackfill mutation with every
-  partition key); timed from the mutation to the backfill's COMPLETED status in the instance;
-- Data-Juicer 1.6.1 (unless --no-dj): its own ops with the SPEC thresholds, `dj-process` on a YAML recipe
+- backfill (COCO unless --no-daemon, the pool with --daemon-pool): a second fresh DAGSTER_HOME,
+  `synthvlm register FILE`, then what a UI user does: `dagster-webserver` and `dagster-daemon run` on the
+  repo's workspace.yaml, the sensors switched off (as the README says to run things by hand), and the asset
+  page's "Materialize all partitions" of raw_caption_pool + curated_captions (the UI's LaunchPartitionBackfill
+  mutation with every partition key); timed from the mutation to the backfill's COMPLETED status in the
+  instance;
+- Data-Juicer 1.6.1 (unless --no-dj): its own ops with the SPEC thresholds, `dj-process` on a recipe
   over the same captions as JSONL, num_proc = cores, in a venv of its own (benchmarks/.venv-dj, created on
   first use), timed from process start to exit;
 - the UI's GraphQL queries for the `curated_captions` asset page (the query texts are taken from the
