@@ -5,7 +5,7 @@
 
 The pool is synthesised from the COCO val2017 captions by repeating and perturbing them (word
 swaps, casing, Unicode punctuation, mojibake, exact copies), written as JSONL, registered as shards
-and processed shard by shard by a pool of worker processes, as Dagster runs would. Prints a table.
+and curated by `curate_range` (what the caption assets run) with a pool of worker processes. Prints a table.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from synthvlm_assets.captions.filters import RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
-from synthvlm_assets.captions.stages import curate_shard, load_raw_shard
+from synthvlm_assets.captions.stages import curate_range
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
 
@@ -66,39 +65,31 @@ def rss_mb() -> float:
     return float("nan")
 
 
-_REGISTRY: ShardRegistry | None = None
-
-
-def _init(root: str) -> None:
-    global _REGISTRY
-    _REGISTRY = ShardRegistry(StorageRoot(root))
-
-
-def _process(key: str) -> tuple[str, int, int, float, float]:
-    assert _REGISTRY is not None
-    shard = _REGISTRY.shard(key)
-    fields, settings = CaptionFields(), RuleFilterSettings()
-    raw = load_raw_shard(_REGISTRY, shard, fields)
-    out = curate_shard(_REGISTRY, shard, fields, settings)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return key, raw.captions.num_rows, out.result.kept.num_rows, rss_mb(), peak
-
-
 def run(pool_path: Path, root: str, shard_rows: int, workers: int) -> dict:
+    """Register the pool and curate every shard with the kernel the assets run (`curate_range`)."""
     registry = ShardRegistry(StorageRoot(root))
     t0 = time.perf_counter()
     _, shards = registry.register_file(str(pool_path), shard_rows)
     t_register = time.perf_counter() - t0
     keys = [s.key for s in shards]
     samples, n_in, n_kept = [], 0, 0
+    marks = {max(1, len(keys) // 10), len(keys) // 4, len(keys) // 2, 3 * len(keys) // 4, len(keys)}
     t1 = time.perf_counter()
-    with ProcessPoolExecutor(workers, initializer=_init, initargs=(root,)) as pool:
-        for i, (_, rows, kept, rss, peak) in enumerate(pool.map(_process, keys, chunksize=1), 1):
-            n_in, n_kept = n_in + rows, n_kept + kept
-            if i in {max(1, len(keys) // 10), len(keys) // 4, len(keys) // 2, 3 * len(keys) // 4, len(keys)}:
-                samples.append((i / len(keys), rss, peak))
+    outcomes = curate_range(registry, keys, CaptionFields(), RuleFilterSettings(), workers=workers)
+    for i, outcome in enumerate(outcomes, 1):
+        if outcome.error:
+            raise RuntimeError(outcome.error)
+        n_in, n_kept = n_in + outcome.curated.captions_in, n_kept + outcome.curated.kept
+        if i in marks:
+            samples.append((i / len(keys), rss_mb(), _children_peak_mb()))
     t_curate = time.perf_counter() - t1
     return {"shards": len(keys), "captions": n_in, "kept": n_kept, "register_s": t_register, "curate_s": t_curate, "rss": samples}
+
+
+def _children_peak_mb() -> float:
+    """Peak RSS of the worker processes that have ended so far, or of this process when it curates alone."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return children or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -124,7 +115,7 @@ def main() -> None:
             rate = r["captions"] / r["curate_s"]
             rows.append((workers, r, rate))
             print(f"\nworkers={workers}: {r['shards']} shards, register {r['register_s']:.1f}s, curate {r['curate_s']:.1f}s, kept {r['kept']:,}/{r['captions']:,}")
-            print("  progress  worker RSS (MB)  worker peak RSS (MB)")
+            print("  progress  parent RSS (MB)  worker peak RSS (MB)")
             for frac, rss, peak in r["rss"]:
                 print(f"  {frac:7.0%}  {rss:15.0f}  {peak:20.0f}")
         print("\n| workers | shards | captions | curate s | captions/s | captions/min | worker peak RSS MB (10% -> 100%) |")

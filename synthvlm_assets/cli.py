@@ -16,9 +16,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from synthvlm_assets.captions.stages import CURATED, RAW
 from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
 
+CAPTION_ASSETS = (RAW, CURATED)
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 COCO_HINT = (
     "The COCO 2017 validation captions come with the annotations archive "
@@ -53,33 +55,60 @@ def register(uris: Sequence[str], settings: Settings, instance) -> list[str]:
     return new_keys
 
 
+def _ranges(keys: Sequence[str], all_keys: Sequence[str], size: int) -> list[tuple[str, str]]:
+    """`keys` as contiguous ranges of the partition order (Dagster runs cover ranges), each <= size."""
+    wanted, ranges, current = set(keys), [], []
+    for key in all_keys:
+        if key in wanted and len(current) < size:
+            current.append(key)
+            continue
+        if current:
+            ranges.append((current[0], current[-1]))
+        current = [key] if key in wanted else []
+    if current:
+        ranges.append((current[0], current[-1]))
+    return ranges
+
+
 def materialize(
     settings: Settings, instance, keys: Sequence[str] | None = None, missing_only: bool = False, image_shards: int | None = None
 ) -> int:
-    """Run the main job once per shard, in registration order, recorded in the instance; with
-    `image_shards`, only the first that many shards get images, the rest are only curated.
-    Returns the number of failed runs."""
+    """Curate shards in runs over ranges of up to `shards_per_run` shards, then run the GPU part of the
+    main job once per shard that gets images (`image_shards`: only the first that many; the rest are
+    only curated), all recorded in the instance. Returns the number of failed runs."""
     from dagster import AssetKey
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     defs = build_definitions(settings)
-    registry = settings.resources()["storage"].registry()
-    keys = list(keys) if keys else [s.key for s in registry.shards()]
-    with_images = set(keys if image_shards is None else keys[:image_shards])
+    all_keys = instance.get_dynamic_partitions(caption_shards.name)
+    keys = list(keys) if keys else [s.key for s in settings.resources()["storage"].registry().shards()]
+    with_images = keys if image_shards is None else keys[:image_shards]
+    to_curate, to_image = keys, with_images
     if missing_only:
-        done = {
-            "curated_captions": instance.get_materialized_partitions(AssetKey("curated_captions")),
-            "image_scores": instance.get_materialized_partitions(AssetKey("image_scores")),
-        }
-        keys = [k for k in keys if k not in done["curated_captions"] or (k in with_images and k not in done["image_scores"])]
+        curated = instance.get_materialized_partitions(AssetKey("curated_captions"))
+        scored = instance.get_materialized_partitions(AssetKey("image_scores"))
+        to_curate = [k for k in keys if k not in curated]
+        to_image = [k for k in with_images if k not in scored]
     failures = 0
     t0 = time.perf_counter()
-    for i, key in enumerate(keys, 1):
-        job = defs.resolve_job_def(MAIN_JOB if key in with_images else CURATION_JOB)
-        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=_QUIET)
-        status = "ok" if result.success else "FAILED"
+    curation = defs.resolve_job_def(CURATION_JOB)
+    ranges = _ranges(to_curate, all_keys, settings.shards_per_run)
+    for first, last in ranges:
+        tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+        result = curation.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=_QUIET)
         failures += not result.success
-        print(f"[{i}/{len(keys)}] {key}: {job.name} {status} (run {result.run_id[:8]})", flush=True)
-    print(f"materialized {len(keys) - failures}/{len(keys)} shards in {time.perf_counter() - t0:.1f}s")
+        print(f"{first} .. {last}: {curation.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+    curated = instance.get_materialized_partitions(AssetKey("curated_captions"))
+    done = sum(k in curated for k in to_curate)
+    print(f"curated {done}/{len(to_curate)} shards in {len(ranges)} run(s), {time.perf_counter() - t0:.1f}s", flush=True)
+    main = defs.resolve_job_def(MAIN_JOB)
+    gpu_part = [k for k in main.asset_layer.executable_asset_keys if k.to_user_string() not in CAPTION_ASSETS]
+    for i, key in enumerate(to_image, 1):
+        result = main.execute_in_process(
+            partition_key=key, asset_selection=gpu_part, instance=instance, raise_on_error=False, run_config=_QUIET
+        )
+        failures += not result.success
+        print(f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     return failures
 
 

@@ -12,7 +12,7 @@ from synthvlm_assets.captions import dedup
 from synthvlm_assets.captions.dedup import DedupIndex, DedupStore, _Segment, first_occurrences
 from synthvlm_assets.captions.filters import RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
-from synthvlm_assets.captions.stages import curate_shard, load_raw_shard
+from synthvlm_assets.captions.stages import curate_range, load_raw_shard
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
 
@@ -65,7 +65,8 @@ def test_curation_is_order_independent_with_consolidated_indexes(tmp_path, many_
     for shard in sequence:
         if registry.storage.manifest(f"raw_caption_pool/{shard.key}") is None:
             load_raw_shard(registry, shard, fields)
-        curate_shard(registry, shard, fields, settings)
+        [outcome] = curate_range(registry, [shard.key], fields, settings, load_raw=False, workers=1)
+        assert outcome.error is None and outcome.curated is not None
     kept = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "kept").to_pylist()]
     first_rows = {}
     for r in rows:
@@ -76,3 +77,51 @@ def test_curation_is_order_independent_with_consolidated_indexes(tmp_path, many_
     rejected = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "rejected").to_pylist()]
     tag = shards[0].file_tag
     assert all(r["duplicate_of"] == f"{tag}:{first_rows[r['caption']]}" for r in rejected)
+
+
+def _published(root: StorageRoot, shards) -> list[bytes]:
+    return [root.manifest(f"curated_captions/{s.key}")["files"][t]["sha256"] for s in shards for t in ("kept", "rejected")]
+
+
+def test_a_run_over_many_shards_publishes_what_one_run_per_shard_does(tmp_path, many_shards):
+    """curate_range over all shards with a pool of processes, over two ranges, and shard by shard: the same
+    bytes (dedup across the range boundary included), every shard materialized once, in registration order."""
+    path, _ = many_shards
+    fields, settings = CaptionFields(), RuleFilterSettings()
+    published = {}
+    for name, groups, workers in [("one_run", None, 2), ("two_runs", 7, 2), ("per_shard", 1, 1)]:
+        registry = ShardRegistry(StorageRoot(str(tmp_path / name)))
+        _, shards = registry.register_file(str(path), 20)
+        keys = [s.key for s in shards]
+        ranges = [keys] if groups is None else [keys[i : i + groups] for i in range(0, len(keys), groups)]
+        seen = []
+        for part in ranges:
+            for outcome in curate_range(registry, part, fields, settings, workers=workers):
+                assert outcome.error is None and outcome.raw is not None and outcome.curated is not None
+                assert outcome.raw.captions == outcome.curated.captions_in == outcome.curated.kept + outcome.curated.rejected
+                seen.append(outcome.shard.key)
+        assert seen == keys
+        published[name] = _published(registry.storage, shards)
+    assert published["one_run"] == published["two_runs"] == published["per_shard"]
+
+
+def test_a_shard_whose_file_vanished_fails_alone(tmp_path, many_shards):
+    """A bad shard in a range fails with a one-line error naming it and its file; the other shards of the
+    range (before and after it) are materialized; it is not worth a retry."""
+    path, _ = many_shards
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)))
+    registry = ShardRegistry(StorageRoot(str(tmp_path / "root")))
+    _, first = registry.register_file(str(path), 100)
+    _, middle = registry.register_file(str(other), 100)
+    later = tmp_path / "later.jsonl"
+    later.write_text(path.read_text())  # all duplicates of the first file
+    _, last = registry.register_file(str(later), 100)
+    assert first and middle and last
+    other.unlink()
+    outcomes = list(curate_range(registry, [s.key for s in first + middle + last], CaptionFields(), RuleFilterSettings(), workers=2))
+    failed = [o for o in outcomes if o.error]
+    assert [o.shard.key for o in failed] == [s.key for s in middle]
+    assert "other.jsonl" in failed[0].error and "\n" not in failed[0].error and not failed[0].retryable
+    assert all(o.curated is not None for o in outcomes if o.shard in first + last)
+    assert sum(o.curated.rejected_by.get("duplicate", 0) for o in outcomes if o.shard in last) == 300

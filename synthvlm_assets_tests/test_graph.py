@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import random
 
-from dagster import AssetKey, DagsterInstance, SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
+from dagster import AssetKey, serialize_value, DagsterInstance, SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
 
 from synthvlm_assets.captions.filters import RuleFilterSettings, caption_stats, failed_filters
 from synthvlm_assets.captions.normalize import normalize_caption
 from synthvlm_assets.defs.build import Settings, build_definitions
-from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.captions import caption_curation
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.query import connect
@@ -52,7 +52,7 @@ def run_shards(settings: Settings, instance: DagsterInstance, uri: str, order=No
     keys = [s.key for s in shards]
     instance.add_dynamic_partitions(caption_shards.name, keys)
     for key in order(keys) if order else keys:
-        result = materialize([raw_caption_pool, curated_captions], partition_key=key, instance=instance, resources=defs.resources)
+        result = materialize([caption_curation], partition_key=key, instance=instance, resources=defs.resources)
         assert result.success
         checks = result.get_asset_check_evaluations()
         assert len(checks) == 5 and all(c.passed for c in checks)
@@ -119,8 +119,11 @@ def test_materialization_metadata(tmp_path, coco_path):
         mat = instance.get_latest_materialization_event(AssetKey("curated_captions")).asset_materialization
     md = mat.metadata
     assert md["kept"].value + md["rejected"].value == md["captions_in"].value
-    assert "special_character_ratio" in md["filters"].value and "skipped" in md["filters"].value  # perplexity row
-    assert md["filter_histograms"].value.startswith("![plot](data:image/png;base64,")
+    filters = {r.data["filter"]: r.data for r in md["filters"].value.records}
+    assert filters["perplexity"]["fails (alone)"] == "skipped" and filters["special_character_ratio"]["p50"] > 0
+    assert sum(filters[f]["rejected by (first failing)"] for f in filters) == md["rejected"].value
+    # per shard: figures and small tables, no rendered plot (milliseconds per shard, a small event log)
+    assert not any("base64" in str(v.value) for v in md.values()) and len(serialize_value(mat)) < 16_000
     assert md["kept_parquet"].value.endswith(f"curated_captions/{key}/kept.parquet")
     assert md["perplexity"].value.startswith("skipped")
 
@@ -173,7 +176,7 @@ def test_sdxl_images_through_dagster(tmp_path, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         result = materialize(
-            [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
+            [caption_curation, pair_filtered_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
         )
         assert result.success
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("sdxl_images")}

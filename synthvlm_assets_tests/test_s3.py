@@ -9,7 +9,7 @@ import s3fs
 from dagster import AssetKey, instance_for_test, materialize
 
 from synthvlm_assets.defs.build import Settings, build_definitions
-from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.captions import caption_curation
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.query import connect
 from synthvlm_assets.storage import StorageError, StorageRetry, StorageRoot
@@ -50,7 +50,7 @@ def test_whole_graph_on_s3(tmp_path, seaweedfs, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in reversed(shards):
-            result = materialize([raw_caption_pool, curated_captions], partition_key=shard.key, instance=instance, resources=defs.resources)
+            result = materialize([caption_curation], partition_key=shard.key, instance=instance, resources=defs.resources)
             assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
         assert instance.get_materialized_partitions(AssetKey("curated_captions")) == {s.key for s in shards}
 

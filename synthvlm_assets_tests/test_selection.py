@@ -108,7 +108,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     import webdataset as wds
 
     from synthvlm_assets.defs.build import Settings, build_definitions
-    from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+    from synthvlm_assets.defs.captions import caption_curation
     from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
     from synthvlm_assets.defs.partitions import caption_shards
     from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
@@ -127,7 +127,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in shards:
-            r = materialize([raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
+            r = materialize([caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
             assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         r = materialize([synthvlm_100k], instance=instance, resources=defs.resources, selection=[synthvlm_100k])
         assert r.success and all(c.passed for c in r.get_asset_check_evaluations())

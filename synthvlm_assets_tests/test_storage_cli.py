@@ -56,7 +56,7 @@ def test_cli_demo_register_and_sql(tmp_path, coco_path):
     cli = [sys.executable, "-m", "synthvlm_assets.cli"]
     run = subprocess.run([*cli, "demo", "--input", str(pool), "--image-shards", "0"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "materialized 2/2 shards" in run.stdout
+    assert "curated 2/2 shards in 1 run(s)" in run.stdout
     assert "raw captions 1500 (+0 malformed rows)" in run.stdout
     again = subprocess.run([*cli, "register", str(pool)], env=env, capture_output=True, text=True, timeout=120)
     assert "already registered" in again.stdout

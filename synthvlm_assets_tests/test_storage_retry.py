@@ -166,12 +166,12 @@ def test_unreachable_store_gives_up_naming_the_object():
 def test_per_shard_assets_have_a_backoff_retry_policy():
     from dagster import Backoff
 
-    from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+    from synthvlm_assets.defs.captions import caption_curation
     from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
     from synthvlm_assets.defs.selection import image_scores
     from synthvlm_assets.defs.synthesis import sdxl_images
 
-    for asset_def in (raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores):
+    for asset_def in (caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores):
         policy = asset_def.op.retry_policy
         assert policy is not None, asset_def.key
         assert policy.max_retries >= 1 and policy.backoff == Backoff.EXPONENTIAL and policy.delay > 0

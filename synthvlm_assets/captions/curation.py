@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -15,7 +15,7 @@ from synthvlm_assets.captions.filters import (
     caption_stats,
     failed_filters,
 )
-from synthvlm_assets.captions.dedup import DedupIndex, first_occurrences
+from synthvlm_assets.captions.dedup import first_occurrences
 from synthvlm_assets.captions.sources import RAW_SCHEMA
 
 # Raw columns carried into the curated tables unchanged.
@@ -61,14 +61,17 @@ def curate_captions(
     raw: pa.Table,
     settings: RuleFilterSettings,
     file_seq: int,
-    earlier: DedupIndex | None = None,
+    earlier_ids: Sequence[str | None] | None = None,
     perplexity: PerplexityModel | None = None,
 ) -> CurationResult:
-    """Normalise, filter and deduplicate one shard's raw rows; every rejected row keeps its reason."""
+    """Normalise, filter and deduplicate one shard's raw rows; every rejected row keeps its reason.
+    `earlier_ids[i]`: the caption that had row i's text first in an earlier shard, or None."""
     bounds = settings.bounds()
     first_in_shard: dict[bytes, str] = {}
     keys: list[bytes] = raw.column("dedup_key").to_pylist()
-    earlier_ids = earlier.get_many(keys) if earlier is not None else [None] * len(keys)
+    earlier_ids = [None] * len(keys) if earlier_ids is None else earlier_ids
+    if len(earlier_ids) != len(keys):
+        raise ValueError(f"{len(earlier_ids)} earlier ids for {len(keys)} rows")
     kept: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
     rejected: dict[str, list] = {f.name: [] for f in CURATED_SCHEMA}
     for rec, key, first_earlier in zip(_rows(raw), keys, earlier_ids):

@@ -123,6 +123,28 @@ class DedupIndex:
         return out
 
 
+class RangeIndex:
+    """The index of the shards before a range of shards, plus the keys of the range's shards curated
+    so far (in registration order), so a run over many shards reads the stored keys once."""
+
+    def __init__(self, before: DedupIndex) -> None:
+        self.before = before
+        self.added: dict[bytes, tuple[int, int]] = {}  # key -> (file_seq, source_row) of its first row
+
+    def earlier_ids(self, keys: Sequence[bytes]) -> list[str | None]:
+        ids = self.before.get_many(keys)
+        for i, (found, key) in enumerate(zip(ids, keys)):
+            if found is None and (hit := self.added.get(key)) is not None:
+                ids[i] = f"{self.before.tags[hit[0]]}:{hit[1]}"
+        return ids
+
+    def add(self, keys: pa.Table) -> None:
+        """A shard's keys table (its first occurrences), after every shard before it."""
+        added = self.added
+        for key, seq, row in zip(*(keys.column(c).to_pylist() for c in ("dedup_key", "file_seq", "source_row"))):
+            added.setdefault(key, (seq, row))
+
+
 def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
     arr = column.combine_chunks()
     data = arr.buffers()[1]

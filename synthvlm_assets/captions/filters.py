@@ -155,6 +155,14 @@ class RuleFilterSettings:
     def perplexity_enabled(self) -> bool:
         return self.kenlm_model_path is not None
 
+    def perplexity_model(self) -> PerplexityModel | None:
+        """The KenLM model when one is configured (each curation process loads its own)."""
+        if not self.perplexity_enabled:
+            return None
+        if not self.sentencepiece_model_path:
+            raise ValueError("kenlm_model_path is set but sentencepiece_model_path is not: the perplexity filter needs both")
+        return PerplexityModel(self.kenlm_model_path, self.sentencepiece_model_path)
+
     def bounds(self) -> dict[str, tuple[float, float | None]]:
         """Filter name -> (min, max) in the paper's Table-1 order; Data-Juicer's default min is 0."""
         out: dict[str, tuple[float, float | None]] = {

@@ -57,7 +57,7 @@ def code_versions(resources: Mapping) -> dict[str, str]:
     scoring = resources["scoring"]
     docs = {
         "raw_caption_pool": asdict(source),
-        "curated_captions": {"rules": asdict(curation.settings()), "perplexity": curation.model_dump()},
+        "curated_captions": {"rules": asdict(curation.settings()), "perplexity": curation.model_dump(exclude={"workers"})},
         "pair_filtered_captions": {k: v for k, v in pair.items() if k not in _PAIR_EXECUTION} if pair["enabled"] else {"enabled": False},
         "judged_captions": {k: judge[k] for k in _JUDGE_OUTPUT},
         "sdxl_images": resources["synthesis"].settings().image_settings(),
@@ -70,7 +70,11 @@ def code_versions(resources: Mapping) -> dict[str, str]:
 def partition_data_version(root: StorageRoot, prefix: str) -> DataVersion:
     """A hash of the bytes a partition published (its files' sha256 from the manifest, not its run id
     or timestamp): a rerun that writes the same data keeps the same data version."""
-    manifest = root.manifest(prefix) or {}
+    return manifest_data_version(root.manifest(prefix) or {})
+
+
+def manifest_data_version(manifest: Mapping) -> DataVersion:
+    """`partition_data_version` from a manifest at hand."""
     files = {name: f["sha256"] for name, f in manifest.get("files", {}).items()}
     if "tar" in manifest:
         files["tar"] = manifest["tar"]["sha256"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from synthvlm_assets.defs.automation import PER_SHARD, SELECTION, automation_sensor, code_versions, nightly_schedule
-from synthvlm_assets.defs.captions import curated_captions, raw_caption_pool
+from synthvlm_assets.defs.captions import caption_curation_asset
 from synthvlm_assets.defs.evaluation import BenchmarkEvalResource, llava_benchmark_eval, llava_benchmark_job
 from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
 from synthvlm_assets.defs.resources import (
@@ -30,6 +31,9 @@ from synthvlm_assets.defs.training import checkpoint_assets, llava_stage1_export
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
+# The main job mixes caption_curation's runs over many shards with the GPU stages' runs of one shard: a
+# backfill of it from the job page runs one shard a run (asset backfills follow each asset's policy).
+warnings.filterwarnings("ignore", message=f"Asset job {MAIN_JOB} materializes assets with varying BackfillPolicies")
 CURATION_JOB = "caption_curation_job"
 DATASET_JOB = "synthvlm_100k_job"
 TRAINING_JOB = "llava_training_job"
@@ -44,6 +48,7 @@ class Settings:
     s3_endpoint_url: str | None = None
     input_uri: str | None = None  # default: <storage_root>/inbox
     shard_rows: int = 1000
+    shards_per_run: int = 1000  # caption shards one curation run covers (its backfill policy)
     curation: dict = field(default_factory=dict)
     pair_filters: dict = field(default_factory=dict)  # PairFilterResource fields (off by default)
     judge: dict = field(default_factory=dict)  # JudgeResource fields; {"model": "tiny"} offline
@@ -62,6 +67,7 @@ class Settings:
             s3_endpoint_url=env.get("SYNTHVLM_S3_ENDPOINT_URL") or None,
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
+            shards_per_run=int(env.get("SYNTHVLM_SHARDS_PER_RUN", "1000")),
             judge={k: v for k, v in {"model": env.get("SYNTHVLM_JUDGE_MODEL"), "backend": env.get("SYNTHVLM_JUDGE_BACKEND"), "endpoint_url": env.get("SYNTHVLM_JUDGE_ENDPOINT_URL")}.items() if v},
             synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
             scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
@@ -109,7 +115,8 @@ class Settings:
 
 
 def build_definitions(settings: Settings) -> Definitions:
-    per_shard = [raw_caption_pool, curated_captions, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
+    caption_curation = caption_curation_asset(settings.shards_per_run)
+    per_shard = [caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
     assets = [*per_shard, synthvlm_100k]
     # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
     # Training in a GPU pod of its own (launcher "k8s"): its step needs no GPU.
@@ -126,12 +133,12 @@ def build_definitions(settings: Settings) -> Definitions:
     )
     curation_job = define_asset_job(
         CURATION_JOB,
-        selection=AssetSelection.assets(raw_caption_pool, curated_captions),
+        selection=AssetSelection.assets(caption_curation),
         description="The CPU part per caption shard: load the raw pool and curate it.",
     )
     resources = settings.resources()
     versions = code_versions(resources)
-    conditions = {a.key: SELECTION if a is synthvlm_100k else PER_SHARD for a in assets}
+    conditions = {key: SELECTION if a is synthvlm_100k else PER_SHARD for a in assets for key in a.keys}
     assets = [
         a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()], automation_condition=conditions[spec.key]))
         for a in assets

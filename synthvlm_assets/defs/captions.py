@@ -1,157 +1,264 @@
-"""SPEC §1 as assets: raw_caption_pool -> curated_captions, one partition per caption shard."""
+"""SPEC §1 as assets: raw_caption_pool -> curated_captions, one partition per caption shard.
 
-from collections import Counter
+Both stages are one op over a range of shards (a backfill policy): curation costs milliseconds per
+shard, so a run covers up to `shards_per_run` shards and pays Dagster's start-up once. Each shard
+still gets its own materializations, metadata, data version and check results, and fails alone: the
+run materializes every other shard of its range, then fails naming the shards that did not make it
+(a retry or the next automation tick redoes only those).
+"""
 
-import pyarrow.compute as pc
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
+    AssetsDefinition,
+    AssetSpec,
+    BackfillPolicy,
+    DagsterEventType,
+    DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
-    asset,
+    PreviewWarning,
+    multi_asset,
 )
 
-from synthvlm_assets.captions.filters import FILTER_NAMES
-from synthvlm_assets.captions.stages import CURATED, RAW, curate_shard, load_raw_shard
-from synthvlm_assets.defs.automation import partition_data_version
-from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
+# The tags Dagster puts on a materialization it derives from an output; written here for the
+# materializations of a range, which Dagster can only derive with one data version for all of them.
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+    NULL_EVENT_POINTER,
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
+
+from synthvlm_assets.captions.filters import FILTER_NAMES, RuleFilterSettings
+from synthvlm_assets.captions.stages import CURATED, RAW, CuratedSummary, RawSummary, ShardOutcome, curate_range
+from synthvlm_assets.defs.automation import manifest_data_version
+from synthvlm_assets.defs.metadata import table
 from synthvlm_assets.defs.partitions import caption_shards
-from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
+from synthvlm_assets.storage import StorageRoot
+
+RAW_KEY, CURATED_KEY = AssetKey(RAW), AssetKey(CURATED)
+
+# Partitioned checks (a preview feature of Dagster 1.13, pinned): a shard's check results belong to it,
+# so a run over many shards records them per shard, and the UI shows them per partition.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", PreviewWarning)
+    CHECK_SPECS = [
+        AssetCheckSpec("rows_accounted_for", asset=RAW, blocking=True, partitions_def=caption_shards,
+                       description="Shard rows = captions + malformed rows."),
+        AssetCheckSpec("unique_caption_ids", asset=RAW, blocking=True, partitions_def=caption_shards),
+        AssetCheckSpec("shard_size", asset=RAW, partitions_def=caption_shards,
+                       description="1 <= shard rows <= the shard size its file was registered with."),
+        AssetCheckSpec("rows_accounted_for", asset=CURATED, blocking=True, partitions_def=caption_shards,
+                       description="Raw captions = kept + rejected."),
+        AssetCheckSpec("unique_caption_ids", asset=CURATED, blocking=True, partitions_def=caption_shards),
+    ]  # fmt: skip
 
 
-def _unique(column) -> bool:
-    return pc.count_distinct(column).as_py() == len(column)
+def caption_curation_asset(shards_per_run: int) -> AssetsDefinition:
+    """The op that materializes raw_caption_pool and curated_captions for a range of shards."""
+
+    @multi_asset(
+        name="caption_curation",
+        specs=[
+            AssetSpec(
+                RAW,
+                description="One shard of a registered caption file, loaded in one schema; malformed rows kept "
+                "with their reason.",
+                kinds={"parquet"},
+                group_name="captions",
+                skippable=True,
+            ),
+            AssetSpec(
+                CURATED,
+                deps=[RAW],
+                description="Normalised captions that pass the paper's Table-1 rule filters, without exact "
+                "duplicates (the first occurrence in registration order wins, across shards). Rejects keep "
+                "their reason.",
+                kinds={"parquet"},
+                group_name="captions",
+                skippable=True,
+            ),
+        ],
+        check_specs=CHECK_SPECS,
+        partitions_def=caption_shards,
+        can_subset=True,
+        backfill_policy=BackfillPolicy.multi_run(shards_per_run),
+        retry_policy=SHARD_RETRY_POLICY,
+    )
+    def caption_curation(
+        context: AssetExecutionContext,
+        storage: StorageResource,
+        caption_source: CaptionSourceResource,
+        curation: CurationResource,
+    ) -> Iterator[Any]:
+        selected = context.selected_asset_keys
+        keys = _still_to_do(context, selected) if context.retry_number else list(context.partition_keys)
+        emit = _emit_result if len(context.partition_keys) == 1 else _emit_events
+        versions = context.assets_def.code_versions_by_key
+        root, settings = storage.root(), curation.settings()
+        failed: list[ShardOutcome] = []
+        outcomes = curate_range(
+            storage.registry(),
+            keys,
+            caption_source.fields(),
+            settings,
+            load_raw=RAW_KEY in selected,
+            curate=CURATED_KEY in selected,
+            run_id=context.run.run_id,
+            workers=curation.workers,
+        )
+        for done, outcome in enumerate(outcomes, 1):
+            raw_version = manifest_data_version(outcome.raw.manifest) if outcome.raw else None
+            if outcome.raw:
+                yield from emit(outcome.shard.key, RAW_KEY, *_raw(outcome, root), versions[RAW_KEY], None)
+            if outcome.curated:
+                parent = raw_version or _published_version(root, RAW, outcome.shard.key)
+                yield from emit(
+                    outcome.shard.key, CURATED_KEY, *_curated(outcome, root, settings), versions[CURATED_KEY], parent
+                )
+            if outcome.error:
+                context.log.error(outcome.error)
+                failed.append(outcome)
+            if done % 100 == 0 or done == len(keys):
+                context.log.info(f"caption_curation: {done}/{len(keys)} shards done, {len(failed)} failed")
+        if failed:
+            raise Failure(
+                description=f"{len(failed)} of {len(keys)} shards failed (the others are materialized); "
+                f"the first: {failed[0].error}",
+                metadata={"failed_shards": MetadataValue.json({o.shard.key: o.error for o in failed})},
+                # Only a transient cause (storage) is worth a retry; bad input fails the same way again.
+                allow_retries=any(o.retryable for o in failed),
+            )
+
+    return caption_curation
 
 
-@asset(
-    partitions_def=caption_shards,
-    retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
-    kinds={"parquet"},
-    group_name="captions",
-    check_specs=[
-        AssetCheckSpec("rows_accounted_for", asset=RAW, blocking=True, description="Shard rows = captions + malformed rows."),
-        AssetCheckSpec("unique_caption_ids", asset=RAW, blocking=True),
-        AssetCheckSpec("shard_size", asset=RAW, description="1 <= shard rows <= the shard size its file was registered with."),
-    ],
-)
-def raw_caption_pool(
-    context: AssetExecutionContext, storage: StorageResource, caption_source: CaptionSourceResource
-) -> MaterializeResult:
-    """One shard of a registered caption file, loaded in one schema; malformed rows kept with their reason."""
-    registry = storage.registry()
-    root = registry.storage
-    shard = registry.shard(context.partition_key)
-    out = load_raw_shard(registry, shard, caption_source.fields(), context.run.run_id)
-    captions, malformed, prefix = out.captions, out.malformed, out.prefix
+def _still_to_do(context: AssetExecutionContext, selected: set[AssetKey]) -> list[str]:
+    """On a retry: the shards of the range that the earlier attempts did not materialize."""
+    done: dict[str, set[AssetKey]] = {}
+    for entry in context.instance.all_logs(context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION):
+        mat = entry.asset_materialization
+        if mat is not None and mat.partition is not None:
+            done.setdefault(mat.partition, set()).add(mat.asset_key)
+    return [k for k in context.partition_keys if not selected <= done.get(k, set())]
 
-    reasons = Counter(malformed.column("reason").to_pylist())
-    lengths = pc.utf8_length(captions.column("caption")).to_pylist()
-    return MaterializeResult(
-        data_version=partition_data_version(root, prefix),
-        metadata={
-            "source_file": MetadataValue.path(shard.uri),
-            "rows": shard.rows,
-            "captions": captions.num_rows,
-            "malformed": malformed.num_rows,
-            "malformed_by_reason": md_table(["reason", "rows"], sorted(reasons.items())),
-            "malformed_sample": md_table(["row", "reason", "detail"], sample_rows(malformed, ["source_row", "reason", "detail"])),
-            "caption_sample": md_table(["caption_id", "caption"], sample_rows(captions, ["caption_id", "caption"])),
-            "caption_length_histogram": histograms([("caption length (code points)", lengths, [])], shard.key),
-            "captions_parquet": MetadataValue.path(root.uri(f"{prefix}/captions.parquet")),
-            "malformed_parquet": MetadataValue.path(root.uri(f"{prefix}/malformed.parquet")),
-        },
+
+def _published_version(root: StorageRoot, asset: str, key: str) -> DataVersion | None:
+    manifest = root.manifest(f"{asset}/{key}")
+    return manifest_data_version(manifest) if manifest else None
+
+
+Checks = list[tuple[str, bool, AssetCheckSeverity, dict[str, Any]]]
+
+
+def _emit_result(key, asset_key, metadata, data_version, checks: Checks, code_version, parent) -> Iterator[Any]:
+    """A single shard: Dagster derives the materialization from the result (the usual path)."""
+    yield MaterializeResult(
+        asset_key=asset_key,
+        metadata=metadata,
+        data_version=data_version,
         check_results=[
-            AssetCheckResult(
-                check_name="rows_accounted_for",
-                passed=captions.num_rows + malformed.num_rows == shard.rows,
-                metadata={"shard_rows": shard.rows, "captions": captions.num_rows, "malformed": malformed.num_rows},
-            ),
-            AssetCheckResult(check_name="unique_caption_ids", passed=_unique(captions.column("caption_id"))),
-            AssetCheckResult(
-                check_name="shard_size",
-                passed=1 <= shard.rows <= shard.shard_rows,
-                severity=AssetCheckSeverity.WARN,
-                metadata={"rows": shard.rows, "shard_rows": shard.shard_rows},
-            ),
+            AssetCheckResult(asset_key=asset_key, check_name=n, passed=p, severity=s, metadata=m)
+            for n, p, s, m in checks
         ],
     )
 
 
-@asset(
-    deps=[raw_caption_pool],
-    partitions_def=caption_shards,
-    retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
-    kinds={"parquet"},
-    group_name="captions",
-    check_specs=[
-        AssetCheckSpec("rows_accounted_for", asset=CURATED, blocking=True, description="Raw captions = kept + rejected."),
-        AssetCheckSpec("unique_caption_ids", asset=CURATED, blocking=True),
-    ],
-)
-def curated_captions(
-    context: AssetExecutionContext,
-    storage: StorageResource,
-    caption_source: CaptionSourceResource,
-    curation: CurationResource,
-) -> MaterializeResult:
-    """Normalised captions that pass the paper's Table-1 rule filters, without exact duplicates
-    (the first occurrence in registration order wins, across shards). Rejects keep their reason."""
-    registry = storage.registry()
-    root = registry.storage
-    shard = registry.shard(context.partition_key)
-    settings = curation.settings()
-    out = curate_shard(registry, shard, caption_source.fields(), settings, curation.perplexity_model(), context.run.run_id)
-    result, prefix = out.result, out.prefix
+def _emit_events(key, asset_key, metadata, data_version, checks: Checks, code_version, parent) -> Iterator[Any]:
+    """A shard of a range: its own materialization (with its own data version) and check results."""
+    tags = {CODE_VERSION_TAG: code_version or "", DATA_VERSION_TAG: data_version.value,
+            DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}  # fmt: skip
+    if asset_key == CURATED_KEY:
+        tags[get_input_data_version_tag(RAW_KEY)] = parent.value if parent else "INITIAL"
+        tags[get_input_event_pointer_tag(RAW_KEY)] = NULL_EVENT_POINTER
+    yield AssetMaterialization(asset_key=asset_key, partition=key, metadata=metadata, tags=tags)
+    blocking = {spec.name for spec in CHECK_SPECS if spec.asset_key == asset_key and spec.blocking}
+    for name, passed, severity, meta in checks:
+        yield AssetCheckEvaluation(
+            asset_key=asset_key, check_name=name, passed=passed, metadata=meta, severity=severity,
+            blocking=name in blocking, partition=key,
+        )  # fmt: skip
 
-    reasons = result.reason_counts()
-    failures = result.failure_counts()
+
+def _raw(outcome: ShardOutcome, root: StorageRoot) -> tuple[dict[str, Any], DataVersion, Checks]:
+    r: RawSummary = outcome.raw  # type: ignore[assignment]
+    shard = outcome.shard
+    metadata = {
+        "source_file": MetadataValue.path(shard.uri),
+        "rows": r.rows,
+        "captions": r.captions,
+        "malformed": r.malformed,
+        "malformed_by_reason": table(["reason", "rows"], list(r.malformed_by_reason.items())),
+        "malformed_sample": table(["row", "reason", "detail"], r.malformed_sample),
+        "caption_sample": table(["caption_id", "caption"], r.caption_sample),
+        "caption_length": table(["p5", "p50", "p95"], [list(r.caption_length.values())] if r.caption_length else []),
+        "captions_parquet": MetadataValue.path(root.uri(f"{r.prefix}/captions.parquet")),
+        "malformed_parquet": MetadataValue.path(root.uri(f"{r.prefix}/malformed.parquet")),
+    }
+    counts = {"shard_rows": r.rows, "captions": r.captions, "malformed": r.malformed}
+    checks: Checks = [
+        ("rows_accounted_for", r.captions + r.malformed == r.rows, AssetCheckSeverity.ERROR, counts),
+        ("unique_caption_ids", r.unique_ids, AssetCheckSeverity.ERROR, {}),
+        ("shard_size", 1 <= r.rows <= shard.shard_rows, AssetCheckSeverity.WARN,
+         {"rows": r.rows, "shard_rows": shard.shard_rows}),
+    ]  # fmt: skip
+    return metadata, manifest_data_version(r.manifest), checks
+
+
+def _curated(
+    outcome: ShardOutcome, root: StorageRoot, settings: RuleFilterSettings
+) -> tuple[dict[str, Any], DataVersion, Checks]:
+    c: CuratedSummary = outcome.curated  # type: ignore[assignment]
     bounds = settings.bounds()
+    perplexity = "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured"
     per_filter = [
-        [name, _bound_text(bounds.get(name)), failures[name] if name in bounds else "skipped", reasons.get(name, 0)]
+        [
+            name,
+            _bound_text(bounds.get(name)),
+            c.fails_alone[name] if name in bounds else "skipped",
+            c.rejected_by.get(name, 0),
+            *c.quantiles.get(name, {}).values(),
+        ]
         for name in FILTER_NAMES
-    ] + [["duplicate", "first occurrence wins", reasons.get("duplicate", 0), reasons.get("duplicate", 0)]]
-    both = [result.kept, result.rejected]
-    panels = [("caption length", [n for t in both for n in pc.utf8_length(t.column("caption")).to_pylist()], [])]
-    panels += [
-        (name, [v for t in both for v in t.column(name).to_pylist()], [b for b in bounds[name] if b is not None])
-        for name in FILTER_NAMES
-        if name in bounds and name != "flagged_word_ratio"
+    ] + [["duplicate", "first occurrence wins", c.rejected_by.get("duplicate", 0), c.rejected_by.get("duplicate", 0)]]
+    metadata = {
+        "captions_in": c.captions_in,
+        "kept": c.kept,
+        "rejected": c.rejected,
+        "kept_fraction": round(c.kept / c.captions_in, 4) if c.captions_in else 0.0,
+        **{f"rejected_by_{reason}": n for reason, n in sorted(c.rejected_by.items())},
+        "earlier_shards": c.earlier_shards,
+        "earlier_distinct_captions": c.earlier_distinct,
+        "perplexity": perplexity,
+        "filters": table(
+            ["filter", "keep when", "fails (alone)", "rejected by (first failing)", "p5", "p50", "p95"], per_filter
+        ),
+        "kept_sample": table(["caption_id", "caption"], c.kept_sample),
+        "rejected_sample": table(["caption_id", "reason", "value", "caption"], c.rejected_sample),
+        "kept_parquet": MetadataValue.path(root.uri(f"{c.prefix}/kept.parquet")),
+        "rejected_parquet": MetadataValue.path(root.uri(f"{c.prefix}/rejected.parquet")),
+    }
+    counts = {"in": c.captions_in, "kept": c.kept, "rejected": c.rejected}
+    checks: Checks = [
+        ("rows_accounted_for", c.kept + c.rejected == c.captions_in, AssetCheckSeverity.ERROR, counts),
+        ("unique_caption_ids", c.unique_ids, AssetCheckSeverity.ERROR, {}),
     ]
-    n_in = out.raw_rows
-    return MaterializeResult(
-        data_version=partition_data_version(root, prefix),
-        metadata={
-            "captions_in": n_in,
-            "kept": result.kept.num_rows,
-            "rejected": result.rejected.num_rows,
-            "kept_fraction": result.kept.num_rows / n_in if n_in else 0.0,
-            "earlier_shards_checked_for_duplicates": out.earlier_shards,
-            "earlier_distinct_captions": out.earlier_distinct,
-            "perplexity": "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured",
-            "filters": md_table(["filter", "keep when", "fails (alone)", "rejected by (first failing)"], per_filter),
-            "filter_histograms": histograms(panels, f"{shard.key} (dashed: thresholds)"),
-            "kept_sample": md_table(["caption_id", "caption"], sample_rows(result.kept, ["caption_id", "caption"])),
-            "rejected_sample": md_table(
-                ["caption_id", "reason", "value", "caption"],
-                sample_rows(result.rejected, ["caption_id", "reject_reason", "reject_value", "caption"]),
-            ),
-            "kept_parquet": MetadataValue.path(root.uri(f"{prefix}/kept.parquet")),
-            "rejected_parquet": MetadataValue.path(root.uri(f"{prefix}/rejected.parquet")),
-        },
-        check_results=[
-            AssetCheckResult(
-                check_name="rows_accounted_for",
-                passed=result.kept.num_rows + result.rejected.num_rows == n_in,
-                metadata={"in": n_in, "kept": result.kept.num_rows, "rejected": result.rejected.num_rows},
-            ),
-            AssetCheckResult(check_name="unique_caption_ids", passed=_unique(result.kept.column("caption_id"))),
-        ],
-    )
+    return metadata, manifest_data_version(c.manifest), checks
 
 
 def _bound_text(bound: tuple[float, float | None] | None) -> str:
@@ -159,3 +266,7 @@ def _bound_text(bound: tuple[float, float | None] | None) -> str:
         return "-"
     lo, hi = bound
     return f">= {lo:g}" if hi is None else (f"<= {hi:g}" if lo == 0 else f"in [{lo:g}, {hi:g}]")
+
+
+# With the default run size, for tests and scripts that materialize assets directly.
+caption_curation = caption_curation_asset(1000)

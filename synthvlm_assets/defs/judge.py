@@ -7,8 +7,8 @@ from synthvlm_assets.captions.judge.prompt import INSTRUCTION
 from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
 from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_shard
+from synthvlm_assets.captions.stages import CURATED
 from synthvlm_assets.defs.automation import partition_data_version
-from synthvlm_assets.defs.captions import curated_captions
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import JudgeResource, PairFilterResource, StorageResource
@@ -16,7 +16,7 @@ from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
 
 
 @asset(
-    deps=[curated_captions],
+    deps=[CURATED],
     partitions_def=caption_shards,
     retry_policy=SHARD_RETRY_POLICY,
     code_version="1",

@@ -8,8 +8,9 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-import pyarrow as pa
-from dagster import MetadataValue
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+
+from synthvlm_assets.captions.stages import sample_rows  # noqa: F401 - the assets' samples, one definition
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValue:
@@ -23,13 +24,26 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataV
     return MetadataValue.md("\n".join(lines))
 
 
-def sample_rows(table: pa.Table, columns: Sequence[str], n: int = 10) -> list[list[Any]]:
-    """An evenly spaced, deterministic sample of a table's rows."""
-    if table.num_rows == 0:
-        return []
-    step = max(1, table.num_rows // n)
-    picked = table.take(list(range(0, table.num_rows, step))[:n]).select(list(columns))
-    return [list(r.values()) for r in picked.to_pylist()]
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValue:
+    """A small table the UI shows inline (no markdown to expand); long text cut, floats rounded."""
+
+    def cell(v: Any) -> str | int | float | bool | None:
+        if isinstance(v, float):
+            return float(f"{v:.4g}")
+        if v is None or isinstance(v, (int, bool)):
+            return v
+        text = str(v).replace("\n", " ")
+        return text if len(text) <= 160 else text[:157] + "..."
+
+    cells = [[cell(v) for v in row] + [None] * (len(headers) - len(row)) for row in rows]
+
+    def kind(i: int) -> str:
+        seen = {type(r[i]) for r in cells if i < len(r) and r[i] is not None}
+        return "int" if seen == {int} else "float" if seen and seen <= {int, float} else "string"
+
+    columns = [TableColumn(h, kind(i)) for i, h in enumerate(headers)]
+    records = [TableRecord(dict(zip(headers, row))) for row in cells]
+    return MetadataValue.table(records, schema=TableSchema(columns=columns))
 
 
 def png_markdown(fig: Any) -> MetadataValue:

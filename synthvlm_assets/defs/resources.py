@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from synthvlm_assets.captions.filters import PerplexityModel, RuleFilterSettings
+from synthvlm_assets.captions.filters import RuleFilterSettings
 from synthvlm_assets.captions.judge.stage import JudgeSettings
 from synthvlm_assets.captions.pair_filters import PairFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields
@@ -81,17 +81,10 @@ class CurationResource(ConfigurableResource):
     special_character_ratio_max: float = _RULES.special_character_ratio_max
     word_repetition_n: int = _RULES.word_repetition_n
     word_repetition_ratio_max: float = _RULES.word_repetition_ratio_max
+    workers: int = Field(default=0, description="Processes that curate the shards of a run (0: one per CPU core).")
 
     def settings(self) -> RuleFilterSettings:
-        return RuleFilterSettings(**self.model_dump())
-
-    def perplexity_model(self) -> PerplexityModel | None:
-        s = self.settings()
-        if not s.perplexity_enabled:
-            return None
-        if not s.sentencepiece_model_path:
-            raise ValueError("kenlm_model_path is set but sentencepiece_model_path is not: the perplexity filter needs both")
-        return PerplexityModel(s.kenlm_model_path, s.sentencepiece_model_path)
+        return RuleFilterSettings(**self.model_dump(exclude={"workers"}))
 
 
 _SYN = SynthesisSettings()
