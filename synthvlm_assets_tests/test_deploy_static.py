@@ -377,6 +377,7 @@ def test_helm_values_deploy_the_k8s_launcher_gpu_pool_and_object_storage():
 def test_gpu_steps_become_pods_that_request_a_gpu():
     """What dagster-k8s builds from the GPU assets' tags for their step pods (k8s_job_executor):
     one `nvidia.com/gpu`, a toleration for tainted GPU nodes, and the `gpu` pool."""
+    from dagster._core.definitions.dependency import NodeHandle
     from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
     from synthvlm_assets.defs.build import Settings, build_definitions
@@ -391,11 +392,15 @@ def test_gpu_steps_become_pods_that_request_a_gpu():
             ["dagster", "api", "execute_step"], f"step-{node.name}".replace("_", "-"), user_defined_k8s_config=k8s,
         ).spec.template.spec  # fmt: skip
         limits = pod.containers[0].resources.limits if pod.containers[0].resources else None
-        gpu_steps[node.name] = (
+        step = (
             (limits or {}).get("nvidia.com/gpu"),
             [t.key for t in pod.tolerations or []],
             node.definition.pool,
         )
+        # Keyed by asset: one node may materialize several assets (a multi-asset of the caption stages).
+        assets_def = job.asset_layer.get_assets_def_for_node(NodeHandle(node.name, None))
+        for key in assets_def.keys if assets_def else []:
+            gpu_steps[key.to_user_string()] = step
     assert gpu_steps["sdxl_images"] == gpu_steps["image_scores"] == ("1", ["nvidia.com/gpu"], "gpu")
     assert gpu_steps["raw_caption_pool"] == gpu_steps["curated_captions"] == (None, [], None)
 
