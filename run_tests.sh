@@ -3,7 +3,7 @@
 #   ./run_tests.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")"
-bash scripts/setup.sh
+bash scripts/setup.sh test
 # lmms-eval, for the benchmark asset's tests, in .venv-eval (an environment of its own: see the script).
 bash scripts/setup_eval_env.sh
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"
