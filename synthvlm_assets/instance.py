@@ -38,6 +38,7 @@ class LocalEventLogStorage(SqliteEventLogStorage):
 
     def __init__(self, dagster_home: str, inst_data: ConfigurableClassData | None = None) -> None:
         self._engines: OrderedDict[str, db.engine.Engine] = OrderedDict()
+        self._tables: set[str] = set()
         super().__init__(os.path.join(dagster_home, "history", "runs"), inst_data)
 
     @classmethod
@@ -66,6 +67,12 @@ class LocalEventLogStorage(SqliteEventLogStorage):
         while len(self._engines) > _OPEN_ENGINES:
             self._engines.popitem(last=False)[1].dispose()
         return engine
+
+    def has_table(self, table_name: str) -> bool:
+        """Asked for every event (a new engine each time upstream); tables are only ever added."""
+        if table_name not in self._tables and super().has_table(table_name):  # may run under the lock
+            self._tables.add(table_name)
+        return table_name in self._tables
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[db.engine.Connection]:

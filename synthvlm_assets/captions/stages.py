@@ -31,7 +31,7 @@ from synthvlm_assets.storage import StorageError, StorageRoot, is_transient
 
 RAW = "raw_caption_pool"
 CURATED = "curated_captions"
-SAMPLE_ROWS = 5  # rows of each sample a shard records for the UI
+SAMPLE_ROWS = 2  # rows of each sample a shard records for the UI (its Parquet tables hold them all)
 
 
 @dataclass
@@ -91,7 +91,6 @@ class RawSummary:
     malformed: int
     malformed_by_reason: dict[str, int]
     malformed_sample: list[list[Any]]  # source_row, reason, detail
-    caption_sample: list[list[Any]]  # caption_id, caption
     caption_length: dict[str, float]  # quantiles of the caption length in code points
     unique_ids: bool
 
@@ -161,7 +160,6 @@ def summarize_raw(shard: Shard, out: RawShard) -> RawSummary:
         malformed=out.malformed.num_rows,
         malformed_by_reason=dict(sorted(reasons.items())),
         malformed_sample=sample_rows(out.malformed, ["source_row", "reason", "detail"]),
-        caption_sample=sample_rows(out.captions, ["caption_id", "caption"]),
         caption_length=_quantiles(pc.utf8_length(out.captions.column("caption"))),
         unique_ids=_unique(out.captions.column("caption_id")),
     )
@@ -180,7 +178,7 @@ def summarize_curated(out: CuratedShard, earlier_shards: int, earlier_distinct: 
         fails_alone=result.failure_counts(),
         quantiles={name: _quantiles(both.column(name)) for name in FILTER_NAMES},
         kept_sample=sample_rows(result.kept, ["caption_id", "caption"]),
-        rejected_sample=sample_rows(result.rejected, ["caption_id", "reject_reason", "reject_value", "caption"]),
+        rejected_sample=sample_rows(result.rejected, ["caption_id", "reject_reason", "caption"]),
         unique_ids=_unique(result.kept.column("caption_id")),
         earlier_shards=earlier_shards,
         earlier_distinct=earlier_distinct,

@@ -198,18 +198,18 @@ def _emit_events(key, asset_key, metadata, data_version, checks: Checks, code_ve
 def _raw(outcome: ShardOutcome, root: StorageRoot) -> tuple[dict[str, Any], DataVersion, Checks]:
     r: RawSummary = outcome.raw  # type: ignore[assignment]
     shard = outcome.shard
-    metadata = {
+    metadata: dict[str, Any] = {
         "source_file": MetadataValue.path(shard.uri),
         "rows": r.rows,
         "captions": r.captions,
         "malformed": r.malformed,
-        "malformed_by_reason": table(["reason", "rows"], list(r.malformed_by_reason.items())),
-        "malformed_sample": table(["row", "reason", "detail"], r.malformed_sample),
-        "caption_sample": table(["caption_id", "caption"], r.caption_sample),
         "caption_length": table(["p5", "p50", "p95"], [list(r.caption_length.values())] if r.caption_length else []),
         "captions_parquet": MetadataValue.path(root.uri(f"{r.prefix}/captions.parquet")),
-        "malformed_parquet": MetadataValue.path(root.uri(f"{r.prefix}/malformed.parquet")),
     }
+    if r.malformed:  # an empty table costs the event log as much as a full one
+        metadata["malformed_by_reason"] = table(["reason", "rows"], list(r.malformed_by_reason.items()))
+        metadata["malformed_sample"] = table(["row", "reason", "detail"], r.malformed_sample)
+        metadata["malformed_parquet"] = MetadataValue.path(root.uri(f"{r.prefix}/malformed.parquet"))
     counts = {"shard_rows": r.rows, "captions": r.captions, "malformed": r.malformed}
     checks: Checks = [
         ("rows_accounted_for", r.captions + r.malformed == r.rows, AssetCheckSeverity.ERROR, counts),
@@ -249,7 +249,7 @@ def _curated(
             ["filter", "keep when", "fails (alone)", "rejected by (first failing)", "p5", "p50", "p95"], per_filter
         ),
         "kept_sample": table(["caption_id", "caption"], c.kept_sample),
-        "rejected_sample": table(["caption_id", "reason", "value", "caption"], c.rejected_sample),
+        "rejected_sample": table(["caption_id", "reason", "caption"], c.rejected_sample),
         "kept_parquet": MetadataValue.path(root.uri(f"{c.prefix}/kept.parquet")),
         "rejected_parquet": MetadataValue.path(root.uri(f"{c.prefix}/rejected.parquet")),
     }

@@ -33,7 +33,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValu
         if v is None or isinstance(v, (int, bool)):
             return v
         text = str(v).replace("\n", " ")
-        return text if len(text) <= 160 else text[:157] + "..."
+        return text if len(text) <= 100 else text[:97] + "..."
 
     cells = [[cell(v) for v in row] + [None] * (len(headers) - len(row)) for row in rows]
 
