@@ -16,7 +16,11 @@ from synthvlm_assets.captions.stages import curate_range, load_raw_shard
 from synthvlm_assets.shards import ShardRegistry
 from synthvlm_assets.storage import StorageRoot
 
-CAPTIONS = [f"A photo of a {c} {a} standing near the old stone wall." for c in ("red", "blue", "green", "small", "large") for a in ("dog", "cat", "horse", "bird")]
+CAPTIONS = [
+    f"A photo of a {c} {a} standing near the old stone wall."
+    for c in ("red", "blue", "green", "small", "large")
+    for a in ("dog", "cat", "horse", "bird")
+]
 
 
 def test_index_keeps_first_occurrence_and_handles_nul_ended_keys():
@@ -58,29 +62,34 @@ def test_curation_is_order_independent_with_consolidated_indexes(tmp_path, many_
     registry = ShardRegistry(StorageRoot(str(tmp_path / order)))
     _, shards = registry.register_file(str(path), 13)  # 24 shards: indexes at 4, 8, ... 20
     fields, settings = CaptionFields(), RuleFilterSettings()
-    sequence = {"forward": shards, "reverse": shards[::-1], "shuffled": random.Random(2).sample(shards, len(shards))}[order]
-    for i, shard in enumerate(sequence):
-        if i % 2 == 0:  # half the raw shards are missing when their successors are curated
-            load_raw_shard(registry, shard, fields)
+    sequence = {"forward": shards, "reverse": shards[::-1], "shuffled": random.Random(2).sample(shards, len(shards))}[
+        order
+    ]
+    for shard in sequence:  # loaded in any order, then curated in any order, shard by shard
+        load_raw_shard(registry, shard, fields)
     for shard in sequence:
-        if registry.storage.manifest(f"raw_caption_pool/{shard.key}") is None:
-            load_raw_shard(registry, shard, fields)
         [outcome] = curate_range(registry, [shard.key], fields, settings, load_raw=False, workers=1)
         assert outcome.error is None and outcome.curated is not None
-    kept = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "kept").to_pylist()]
+    kept = [
+        r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "kept").to_pylist()
+    ]
     first_rows = {}
     for r in rows:
         first_rows.setdefault(r["caption"], r["id"])
     assert sorted(r["source_row"] for r in kept) == sorted(first_rows.values())
     index_files = registry.storage.list(f"{DedupStore(registry.storage, fields).prefix}/index")
     assert index_files, "consolidated indexes were written"
-    rejected = [r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "rejected").to_pylist()]
+    rejected = [
+        r for s in shards for r in registry.storage.read_partition(f"curated_captions/{s.key}", "rejected").to_pylist()
+    ]
     tag = shards[0].file_tag
     assert all(r["duplicate_of"] == f"{tag}:{first_rows[r['caption']]}" for r in rejected)
 
 
 def _published(root: StorageRoot, shards) -> list[bytes]:
-    return [root.manifest(f"curated_captions/{s.key}")["files"][t]["sha256"] for s in shards for t in ("kept", "rejected")]
+    return [
+        root.manifest(f"curated_captions/{s.key}")["files"][t]["sha256"] for s in shards for t in ("kept", "rejected")
+    ]
 
 
 def test_a_run_over_many_shards_publishes_what_one_run_per_shard_does(tmp_path, many_shards):
@@ -98,7 +107,11 @@ def test_a_run_over_many_shards_publishes_what_one_run_per_shard_does(tmp_path, 
         for part in ranges:
             for outcome in curate_range(registry, part, fields, settings, workers=workers):
                 assert outcome.error is None and outcome.raw is not None and outcome.curated is not None
-                assert outcome.raw.captions == outcome.curated.captions_in == outcome.curated.kept + outcome.curated.rejected
+                assert (
+                    outcome.raw.captions
+                    == outcome.curated.captions_in
+                    == outcome.curated.kept + outcome.curated.rejected
+                )
                 seen.append(outcome.shard.key)
         assert seen == keys
         published[name] = _published(registry.storage, shards)
@@ -119,9 +132,40 @@ def test_a_shard_whose_file_vanished_fails_alone(tmp_path, many_shards):
     _, last = registry.register_file(str(later), 100)
     assert first and middle and last
     other.unlink()
-    outcomes = list(curate_range(registry, [s.key for s in first + middle + last], CaptionFields(), RuleFilterSettings(), workers=2))
+    outcomes = list(
+        curate_range(
+            registry, [s.key for s in first + middle + last], CaptionFields(), RuleFilterSettings(), workers=2
+        )
+    )
     failed = [o for o in outcomes if o.error]
     assert [o.shard.key for o in failed] == [s.key for s in middle]
     assert "other.jsonl" in failed[0].error and "\n" not in failed[0].error and not failed[0].retryable
     assert all(o.curated is not None for o in outcomes if o.shard in first + last)
     assert sum(o.curated.rejected_by.get("duplicate", 0) for o in outcomes if o.shard in last) == 300
+
+
+def test_dedup_rests_on_what_earlier_shards_published(tmp_path):
+    """An earlier shard not loaded yet makes a later one wait (a retryable error naming it); one whose file
+    vanished or changed since registration can never publish, so it neither blocks later shards nor feeds
+    them its new text."""
+    fields, settings = CaptionFields(), RuleFilterSettings()
+    first, second, third = (tmp_path / f"{n}.jsonl" for n in ("first", "second", "third"))
+    first.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS[:10])))
+    second.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS[10:])))
+    third.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)))
+    registry = ShardRegistry(StorageRoot(str(tmp_path / "root")))
+    keys = [registry.register_file(str(f), 100)[1][0].key for f in (first, second, third)]
+    [waiting] = curate_range(registry, [keys[2]], fields, settings, workers=1)
+    assert waiting.raw is not None and waiting.curated is None and waiting.retryable
+    assert f"earlier shard {keys[0]} is not loaded yet" in waiting.error
+    [ok] = curate_range(registry, [keys[0]], fields, settings, workers=1)
+    assert ok.error is None
+    # the second file changes after registration (new text) before it is loaded: it can never load
+    second.write_text(json.dumps({"id": 0, "caption": CAPTIONS[-1] + " changed"}) + "\n")
+    [bad] = curate_range(registry, [keys[1]], fields, settings, workers=1)
+    assert "changed since it was registered" in bad.error and not bad.retryable
+    [later] = curate_range(registry, [keys[2]], fields, settings, load_raw=False, workers=1)
+    assert later.error is None
+    # the third file's first 10 captions duplicate the first file's; the rest are kept (the changed second file
+    # published nothing, so nothing is a duplicate of it)
+    assert later.curated.rejected_by == {"duplicate": 10} and later.curated.kept == len(CAPTIONS) - 10

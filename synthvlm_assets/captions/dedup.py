@@ -5,8 +5,9 @@ captions. Curating shard N needs the keys of shards 0..N-1: they come from a con
 index covering a prefix of the registered shards (rebuilt every `CONSOLIDATE_EVERY` shards, so a
 1,000-shard pool reads one index plus a few small files, not 999 files), plus the per-shard files
 after that prefix. A shard whose keys are not stored yet (it was not curated yet) gets them from
-its raw_caption_pool partition or straight from its source file, so the answer never depends on
-the order in which shards are materialized.
+its published raw_caption_pool partition; one that was not loaded yet makes the later shard wait,
+so the answer never depends on the order in which shards are materialized; one that can never load
+(its file changed or vanished) contributes no keys. Sources are never re-read for this.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
 from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION
-from synthvlm_assets.captions.sources import CaptionFields, read_shard
-from synthvlm_assets.shards import Shard
+from synthvlm_assets.captions.sources import CaptionFields
+from synthvlm_assets.shards import Shard, ShardRegistryError
 from synthvlm_assets.storage import StorageError, StorageRoot
 
 CONSOLIDATE_EVERY = 16
@@ -37,7 +37,10 @@ def first_occurrences(keys: Sequence[bytes], file_seq: int, rows: Sequence[int])
     first: dict[bytes, int] = {}
     for k, r in zip(keys, rows):
         first.setdefault(k, r)
-    return pa.table({"dedup_key": list(first), "file_seq": [file_seq] * len(first), "source_row": list(first.values())}, schema=KEYS_SCHEMA)
+    return pa.table(
+        {"dedup_key": list(first), "file_seq": [file_seq] * len(first), "source_row": list(first.values())},
+        schema=KEYS_SCHEMA,
+    )
 
 
 def keys_of_raw(raw: pa.Table, file_seq: int) -> pa.Table:
@@ -68,7 +71,9 @@ class _Segment:
     @classmethod
     def from_sorted_table(cls, t: pa.Table) -> _Segment:
         """A consolidated index table, already sorted and unique."""
-        return cls(_keys_array(t.column("dedup_key")), t.column("file_seq").to_numpy(), t.column("source_row").to_numpy())
+        return cls(
+            _keys_array(t.column("dedup_key")), t.column("file_seq").to_numpy(), t.column("source_row").to_numpy()
+        )
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
@@ -82,10 +87,16 @@ class _Segment:
         later = later.select(~self.contains(later.keys))
         keys = np.concatenate([self.keys, later.keys])
         order = np.argsort(keys, kind="stable")
-        return _Segment(keys[order], np.concatenate([self.file_seq, later.file_seq])[order], np.concatenate([self.rows, later.rows])[order])
+        return _Segment(
+            keys[order],
+            np.concatenate([self.file_seq, later.file_seq])[order],
+            np.concatenate([self.rows, later.rows])[order],
+        )
 
     def table(self) -> pa.Table:
-        keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())])
+        keys = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(16), len(self.keys), [None, pa.py_buffer(self.keys.tobytes())]
+        )
         return pa.table({"dedup_key": keys, "file_seq": self.file_seq, "source_row": self.rows}, schema=KEYS_SCHEMA)
 
 
@@ -151,6 +162,13 @@ def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
     return np.frombuffer(data, dtype="S16", count=len(arr) + arr.offset)[arr.offset :].copy()
 
 
+class EarlierShardNotLoaded(RuntimeError):
+    """A shard registered earlier has not published its keys yet (worth a retry: it will)."""
+
+
+_EMPTY_KEYS = KEYS_SCHEMA.empty_table()
+
+
 class DedupStore:
     """Per-shard key files and consolidated indexes under the storage root."""
 
@@ -174,18 +192,27 @@ class DedupStore:
                 return None
             raise
 
-    def _shard_keys(self, shard: Shard, fs_for: Callable[[str], fsspec.AbstractFileSystem]) -> pa.Table:
+    def shard_keys(self, shard: Shard, check_unchanged: Callable[[Shard], None]) -> pa.Table | None:
+        """An earlier shard's keys, from what it published: its stored keys, or its raw_caption_pool
+        partition's. None when it can never publish (its file changed or vanished since registration: its
+        rows are in no table, so no later row can duplicate one). Never from re-reading its source."""
         cached = self._read(self.shard_key(shard))
         if cached is not None:
             return cached
         raw_prefix = f"raw_caption_pool/{shard.key}"
         if self.storage.manifest(raw_prefix) is not None:
             raw = self.storage.read_partition(raw_prefix, "captions", columns=["dedup_key", "source_row"])
-        else:
-            raw = read_shard(shard, self.fields, fs_for(shard.uri))[0]
-        keys = keys_of_raw(raw, shard.file_seq)
-        self.store(shard, keys)
-        return keys
+            keys = keys_of_raw(raw, shard.file_seq)
+            self.store(shard, keys)
+            return keys
+        try:
+            check_unchanged(shard)
+        except ShardRegistryError:
+            return None
+        raise EarlierShardNotLoaded(
+            f"earlier shard {shard.key} is not loaded yet (no raw_caption_pool partition): its captions win "
+            "duplicate ties, so this shard is curated after it"
+        )
 
     def _consolidated(self, key: str) -> _Segment | None:
         """A consolidated index; immutable once written, so a process keeps the last one it read."""
@@ -199,9 +226,10 @@ class DedupStore:
         return _CONSOLIDATED[uri]
 
     def earlier_index(
-        self, earlier: Sequence[Shard], tags: dict[int, str], fs_for: Callable[[str], fsspec.AbstractFileSystem]
+        self, earlier: Sequence[Shard], tags: dict[int, str], check_unchanged: Callable[[Shard], None]
     ) -> DedupIndex:
-        """The index of every key in `earlier` (the shards registered before the one being curated)."""
+        """The index of every key in `earlier` (the shards registered before the one being curated).
+        Raises EarlierShardNotLoaded when one of them has not published its keys yet."""
         n = len(earlier)
         covered, base = 0, None
         for key in reversed(self.storage.list(f"{self.prefix}/index")):
@@ -212,10 +240,11 @@ class DedupStore:
                     covered = int(m.group(1))
                     break
         if self.storage.is_local:
-            rest = [self._shard_keys(s, fs_for) for s in earlier[covered:]]
+            found = [self.shard_keys(s, check_unchanged) for s in earlier[covered:]]
         else:
             with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
-                rest = list(pool.map(lambda s: self._shard_keys(s, fs_for), earlier[covered:]))
+                found = list(pool.map(lambda s: self.shard_keys(s, check_unchanged), earlier[covered:]))
+        rest = [t if t is not None else _EMPTY_KEYS for t in found]
         tail = _Segment.from_tables(rest)
         if base is not None:
             tail = tail.select(~base.contains(tail.keys))

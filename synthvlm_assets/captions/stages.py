@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from synthvlm_assets.captions.curation import CurationResult, curate_captions
-from synthvlm_assets.captions.dedup import DedupStore, RangeIndex, keys_of_raw
+from synthvlm_assets.captions.dedup import DedupStore, EarlierShardNotLoaded, RangeIndex, keys_of_raw
 from synthvlm_assets.captions.filters import FILTER_NAMES, PerplexityModel, RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, read_shard
 from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError
@@ -261,6 +261,8 @@ class _Inline:
 def retryable(exc: BaseException) -> bool:
     """Bad input (a changed, missing or unreadable file, a missing upstream partition) is not worth a
     retry; a storage operation that failed for a transient reason is."""
+    if isinstance(exc, EarlierShardNotLoaded):
+        return True
     if isinstance(exc, (ShardRegistryError, SourceFormatError, ValueError, UnicodeError)):
         return False
     if isinstance(exc, StorageError):
@@ -290,20 +292,24 @@ def curate_range(
 ) -> Iterator[ShardOutcome]:
     """Run raw_caption_pool and/or curated_captions for shards `keys`, yielding each shard's outcome
     in registration order as it completes. `workers`: processes (0: one per core; 1: this process)."""
-    by_key = {s.key: (i, s) for i, s in enumerate(registry.shards())}
+    registered = registry.shards()
+    by_key = {s.key: (i, s) for i, s in enumerate(registered)}
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise ShardRegistryError(f"shards not registered: {', '.join(missing[:5])}")
     ordered = sorted((by_key[k] for k in keys), key=lambda p: p[0])
     if not ordered:
         return
+    dedup = DedupStore(registry.storage, fields)
     index: RangeIndex | None = None
+    blocked: str | None = None  # why later shards of the range cannot be deduplicated now (a retry will)
     if curate:
-        first = ordered[0][0]
-        before = [s for i, s in by_key.values() if i < first]
-        index = RangeIndex(
-            DedupStore(registry.storage, fields).earlier_index(before, registry.file_tags(), registry.source_fs)
-        )
+        try:
+            before = registered[: ordered[0][0]]
+            index = RangeIndex(dedup.earlier_index(before, registry.file_tags(), registry.check_unchanged))
+        except EarlierShardNotLoaded as exc:
+            blocked = str(exc)
+    previous = ordered[0][0]  # the registration position of the last shard whose keys the index has
     job = CurationJob(registry.storage, fields, settings, run_id)
     workers = min(workers or default_workers(), len(ordered))
     if workers > 1:
@@ -319,7 +325,6 @@ def curate_range(
     todo = deque(s for _, s in ordered)
     loading: deque[tuple[Shard, Future]] = deque()
     curating: deque[tuple[ShardOutcome, Future | None]] = deque()
-    blocked_by: str | None = None  # an earlier shard whose keys are unknown for a transient reason
     try:
         while todo or loading or curating:
             while todo and len(loading) < window:
@@ -334,20 +339,29 @@ def curate_range(
                     outcome.error, outcome.retryable, outcome.stage = _describe(shard, RAW, exc), retryable(exc), RAW
                     # A file that cannot be read never published a row for a later row to duplicate; one
                     # that failed for a transient reason may have, so later shards wait for a rerun.
-                    if outcome.retryable and curate and blocked_by is None:
-                        blocked_by = shard.key
+                    if outcome.retryable and curate and blocked is None:
+                        blocked = f"earlier shard {shard.key} failed to load"
                     curating.append((outcome, None))
                     continue
-                if not curate or index is None:
+                position = by_key[shard.key][0]
+                if index is not None and blocked is None:
+                    try:  # shards between this one and the last of the range (a retry of part of a range)
+                        for gap in registered[previous + 1 : position]:
+                            if (gap_keys := dedup.shard_keys(gap, registry.check_unchanged)) is not None:
+                                index.add(gap_keys)
+                    except EarlierShardNotLoaded as exc:
+                        blocked = str(exc)
+                previous = position
+                if not curate:
                     curating.append((outcome, None))
                     continue
-                if blocked_by is not None:
-                    outcome.error = f"shard {shard.key}: {CURATED}: not curated: earlier shard {blocked_by} failed"
+                if blocked is not None or index is None:
+                    outcome.error = f"shard {shard.key}: {CURATED}: not curated: {blocked}"
                     outcome.retryable, outcome.stage = True, CURATED
                     curating.append((outcome, None))
                     continue
                 earlier_ids = index.earlier_ids(row_keys)
-                n_before, distinct = by_key[shard.key][0], len(index.before) + len(index.added)
+                n_before, distinct = position, len(index.before) + len(index.added)
                 index.add(shard_keys)
                 curating.append((outcome, pool.submit(_curate, shard, earlier_ids, n_before, distinct)))
                 continue
