@@ -355,8 +355,10 @@ def test_caption_file_to_selected_dataset_in_run_containers(stack, report):
     for shard in shards:
         for prefix in (f"sdxl_images/{shard}", f"image_scores/{shard}"):
             assert root.manifest(prefix) is not None, prefix
-    selected = [k for k in root.list("synthvlm_100k") if k.endswith(".parquet")]
-    assert selected, root.list("synthvlm_100k")
+    dataset = root.manifest("synthvlm_100k")  # the switch readers follow: {version, prefix, records}
+    assert dataset and dataset["records"] > 0, dataset
+    records = json.loads(root.read_bytes(f"{dataset['prefix']}/synthvlm_100k.json"))
+    assert len(records) == dataset["records"]
 
 
 def _verify_published(root, prefix: str) -> dict:
