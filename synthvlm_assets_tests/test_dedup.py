@@ -144,28 +144,22 @@ def test_a_shard_whose_file_vanished_fails_alone(tmp_path, many_shards):
     assert sum(o.curated.rejected_by.get("duplicate", 0) for o in outcomes if o.shard in last) == 300
 
 
-def test_dedup_rests_on_what_earlier_shards_published(tmp_path):
-    """An earlier shard not loaded yet makes a later one wait (a retryable error naming it); one whose file
-    vanished or changed since registration can never publish, so it neither blocks later shards nor feeds
-    them its new text."""
+def test_dedup_of_earlier_shards_survives_bad_and_changed_files(tmp_path):
+    """An earlier shard whose file vanished or changed since registration can never publish: it neither blocks
+    later shards nor feeds them its new text. One not loaded yet counts with its registered (verified) text."""
     fields, settings = CaptionFields(), RuleFilterSettings()
-    first, second, third = (tmp_path / f"{n}.jsonl" for n in ("first", "second", "third"))
-    first.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS[:10])))
-    second.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS[10:])))
-    third.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(CAPTIONS)))
+    files = [tmp_path / f"{n}.jsonl" for n in ("first", "second", "third", "fourth")]
+    texts = [CAPTIONS[:10], CAPTIONS[10:15], CAPTIONS[15:], CAPTIONS]
+    for f, captions in zip(files, texts):
+        f.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in enumerate(captions)))
     registry = ShardRegistry(StorageRoot(str(tmp_path / "root")))
-    keys = [registry.register_file(str(f), 100)[1][0].key for f in (first, second, third)]
-    [waiting] = curate_range(registry, [keys[2]], fields, settings, workers=1)
-    assert waiting.raw is not None and waiting.curated is None and waiting.retryable
-    assert f"earlier shard {keys[0]} is not loaded yet" in waiting.error
-    [ok] = curate_range(registry, [keys[0]], fields, settings, workers=1)
-    assert ok.error is None
-    # the second file changes after registration (new text) before it is loaded: it can never load
-    second.write_text(json.dumps({"id": 0, "caption": CAPTIONS[-1] + " changed"}) + "\n")
-    [bad] = curate_range(registry, [keys[1]], fields, settings, workers=1)
-    assert "changed since it was registered" in bad.error and not bad.retryable
-    [later] = curate_range(registry, [keys[2]], fields, settings, load_raw=False, workers=1)
-    assert later.error is None
-    # the third file's first 10 captions duplicate the first file's; the rest are kept (the changed second file
-    # published nothing, so nothing is a duplicate of it)
-    assert later.curated.rejected_by == {"duplicate": 10} and later.curated.kept == len(CAPTIONS) - 10
+    keys = [registry.register_file(str(f), 100)[1][0].key for f in files]
+    files[1].unlink()  # deleted before it was loaded
+    files[2].write_text(json.dumps({"id": 0, "caption": "A brand new caption written after registration."}) + "\n")
+    # the first file is not loaded yet: its captions still win (from its verified, unchanged source)
+    [fourth] = curate_range(registry, [keys[3]], fields, settings, workers=1)
+    assert fourth.error is None
+    assert fourth.curated.rejected_by == {"duplicate": 10} and fourth.curated.kept == len(CAPTIONS) - 10
+    outcomes = list(curate_range(registry, keys[:3], fields, settings, workers=1))
+    assert [o.error is None for o in outcomes] == [True, False, False]
+    assert "no longer exists" in outcomes[1].error and "changed since it was registered" in outcomes[2].error

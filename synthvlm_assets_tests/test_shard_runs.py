@@ -102,3 +102,29 @@ def test_curation_backfills_run_many_shards_a_run_and_automation_emits_backfills
     assert defs.resolve_assets_def("sdxl_images").backfill_policy is None
     # the automation sensor submits what it requests as backfills, which follow the backfill policies
     assert automation_sensor.emit_backfills
+
+
+def test_bad_input_fails_a_gpu_step_at_once_without_retries(tmp_path):
+    """judged_captions of a shard whose curated partition was never published: not worth a retry."""
+    from dagster import materialize
+
+    from synthvlm_assets.defs.judge import judged_captions
+
+    uris = _files(tmp_path, 1, 10)
+    settings = Settings(storage_root=str(tmp_path / "root"), shard_rows=20, judge={"model": "tiny"})
+    with instance_for_test() as instance:
+        (key,) = register(uris, settings, instance)
+        result = materialize(
+            [judged_captions],
+            partition_key=key,
+            instance=instance,
+            resources=settings.resources(),
+            raise_on_error=False,
+        )
+        assert not result.success
+        events = instance.all_logs(result.run_id)
+        assert not [
+            e for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_UP_FOR_RETRY
+        ]
+        failure = next(e for e in events if e.dagster_event and e.dagster_event.is_step_failure)
+        assert "is not materialized" in failure.dagster_event.step_failure_data.error.message

@@ -5,16 +5,16 @@ captions. Curating shard N needs the keys of shards 0..N-1: they come from a con
 index covering a prefix of the registered shards (rebuilt every `CONSOLIDATE_EVERY` shards, so a
 1,000-shard pool reads one index plus a few small files, not 999 files), plus the per-shard files
 after that prefix. A shard whose keys are not stored yet (it was not curated yet) gets them from
-its published raw_caption_pool partition; one that was not loaded yet makes the later shard wait,
-so the answer never depends on the order in which shards are materialized; one that can never load
-(its file changed or vanished) contributes no keys. Sources are never re-read for this.
+its published raw_caption_pool partition, or, not loaded yet, from its source file verified unchanged
+since registration, so the answer never depends on the order in which shards are materialized; one
+that can never load (its file changed or vanished) contributes no keys and blocks nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION
-from synthvlm_assets.captions.sources import CaptionFields
-from synthvlm_assets.shards import Shard, ShardRegistryError
+from synthvlm_assets.captions.sources import CaptionFields, read_shard
+from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError
 from synthvlm_assets.storage import StorageError, StorageRoot
 
 CONSOLIDATE_EVERY = 16
@@ -162,10 +162,6 @@ def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
     return np.frombuffer(data, dtype="S16", count=len(arr) + arr.offset)[arr.offset :].copy()
 
 
-class EarlierShardNotLoaded(RuntimeError):
-    """A shard registered earlier has not published its keys yet (worth a retry: it will)."""
-
-
 _EMPTY_KEYS = KEYS_SCHEMA.empty_table()
 
 
@@ -192,27 +188,26 @@ class DedupStore:
                 return None
             raise
 
-    def shard_keys(self, shard: Shard, check_unchanged: Callable[[Shard], None]) -> pa.Table | None:
-        """An earlier shard's keys, from what it published: its stored keys, or its raw_caption_pool
-        partition's. None when it can never publish (its file changed or vanished since registration: its
-        rows are in no table, so no later row can duplicate one). Never from re-reading its source."""
+    def shard_keys(self, shard: Shard, registry: ShardRegistry) -> pa.Table | None:
+        """An earlier shard's keys: what it published (its stored keys, or its raw_caption_pool partition's),
+        or, not loaded yet, from its source file once that is verified unchanged since registration (so a
+        rewritten file never feeds its new text into later shards). None when it can never publish (its
+        file changed or vanished: its rows are in no table, so no later row can duplicate one)."""
         cached = self._read(self.shard_key(shard))
         if cached is not None:
             return cached
         raw_prefix = f"raw_caption_pool/{shard.key}"
         if self.storage.manifest(raw_prefix) is not None:
             raw = self.storage.read_partition(raw_prefix, "captions", columns=["dedup_key", "source_row"])
-            keys = keys_of_raw(raw, shard.file_seq)
-            self.store(shard, keys)
-            return keys
-        try:
-            check_unchanged(shard)
-        except ShardRegistryError:
-            return None
-        raise EarlierShardNotLoaded(
-            f"earlier shard {shard.key} is not loaded yet (no raw_caption_pool partition): its captions win "
-            "duplicate ties, so this shard is curated after it"
-        )
+        else:
+            try:
+                registry.check_unchanged(shard)
+            except ShardRegistryError:
+                return None
+            raw = read_shard(shard, self.fields, registry.source_fs(shard.uri))[0]
+        keys = keys_of_raw(raw, shard.file_seq)
+        self.store(shard, keys)
+        return keys
 
     def _consolidated(self, key: str) -> _Segment | None:
         """A consolidated index; immutable once written, so a process keeps the last one it read."""
@@ -225,11 +220,8 @@ class DedupStore:
             _CONSOLIDATED[uri] = _Segment.from_sorted_table(table)
         return _CONSOLIDATED[uri]
 
-    def earlier_index(
-        self, earlier: Sequence[Shard], tags: dict[int, str], check_unchanged: Callable[[Shard], None]
-    ) -> DedupIndex:
-        """The index of every key in `earlier` (the shards registered before the one being curated).
-        Raises EarlierShardNotLoaded when one of them has not published its keys yet."""
+    def earlier_index(self, earlier: Sequence[Shard], registry: ShardRegistry) -> DedupIndex:
+        """The index of every key in `earlier` (the shards registered before the one being curated)."""
         n = len(earlier)
         covered, base = 0, None
         for key in reversed(self.storage.list(f"{self.prefix}/index")):
@@ -240,10 +232,10 @@ class DedupStore:
                     covered = int(m.group(1))
                     break
         if self.storage.is_local:
-            found = [self.shard_keys(s, check_unchanged) for s in earlier[covered:]]
+            found = [self.shard_keys(s, registry) for s in earlier[covered:]]
         else:
             with ThreadPoolExecutor(max_workers=8) as pool:  # object stores answer small GETs in parallel
-                found = list(pool.map(lambda s: self.shard_keys(s, check_unchanged), earlier[covered:]))
+                found = list(pool.map(lambda s: self.shard_keys(s, registry), earlier[covered:]))
         rest = [t if t is not None else _EMPTY_KEYS for t in found]
         tail = _Segment.from_tables(rest)
         if base is not None:
@@ -255,4 +247,4 @@ class DedupStore:
             head = tail if upto == n else _Segment.from_tables(rest[: upto - covered])
             head = base.union(head) if base is not None else head
             self.storage.write_parquet(f"{self.prefix}/index/upto-{upto:08d}.parquet", head.table())
-        return DedupIndex(tail, tags, earlier=base)
+        return DedupIndex(tail, registry.file_tags(), earlier=base)

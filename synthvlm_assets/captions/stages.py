@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from synthvlm_assets.captions.curation import CurationResult, curate_captions
-from synthvlm_assets.captions.dedup import DedupStore, EarlierShardNotLoaded, RangeIndex, keys_of_raw
+from synthvlm_assets.captions.dedup import DedupStore, RangeIndex, keys_of_raw
 from synthvlm_assets.captions.filters import FILTER_NAMES, PerplexityModel, RuleFilterSettings
 from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, read_shard
 from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError
@@ -261,8 +261,6 @@ class _Inline:
 def retryable(exc: BaseException) -> bool:
     """Bad input (a changed, missing or unreadable file, a missing upstream partition) is not worth a
     retry; a storage operation that failed for a transient reason is."""
-    if isinstance(exc, EarlierShardNotLoaded):
-        return True
     if isinstance(exc, (ShardRegistryError, SourceFormatError, ValueError, UnicodeError)):
         return False
     if isinstance(exc, StorageError):
@@ -305,10 +303,11 @@ def curate_range(
     blocked: str | None = None  # why later shards of the range cannot be deduplicated now (a retry will)
     if curate:
         try:
-            before = registered[: ordered[0][0]]
-            index = RangeIndex(dedup.earlier_index(before, registry.file_tags(), registry.check_unchanged))
-        except EarlierShardNotLoaded as exc:
-            blocked = str(exc)
+            index = RangeIndex(dedup.earlier_index(registered[: ordered[0][0]], registry))
+        except Exception as exc:  # noqa: BLE001 - the raw stage of the range still runs
+            if not retryable(exc):
+                raise
+            blocked = f"the keys of earlier shards cannot be read now: {type(exc).__name__}: {exc}"
     previous = ordered[0][0]  # the registration position of the last shard whose keys the index has
     job = CurationJob(registry.storage, fields, settings, run_id)
     workers = min(workers or default_workers(), len(ordered))
@@ -347,10 +346,12 @@ def curate_range(
                 if index is not None and blocked is None:
                     try:  # shards between this one and the last of the range (a retry of part of a range)
                         for gap in registered[previous + 1 : position]:
-                            if (gap_keys := dedup.shard_keys(gap, registry.check_unchanged)) is not None:
+                            if (gap_keys := dedup.shard_keys(gap, registry)) is not None:
                                 index.add(gap_keys)
-                    except EarlierShardNotLoaded as exc:
-                        blocked = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - as above
+                        if not retryable(exc):
+                            raise
+                        blocked = f"the keys of earlier shard {gap.key} cannot be read now: {exc}"
                 previous = position
                 if not curate:
                     curating.append((outcome, None))

@@ -12,7 +12,7 @@ from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import JudgeResource, PairFilterResource, StorageResource
-from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 
 
 @asset(
@@ -24,6 +24,7 @@ from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
     group_name="captions",
     check_specs=[AssetCheckSpec("rows_accounted_for", asset=PAIR_FILTERED, blocking=True, description="Curated = kept + rejected.")],
 )
+@retry_only_transient
 def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResource, pair_filters: PairFilterResource) -> MaterializeResult:
     """SPEC §1's optional pair filters on the original web images (BLIP ITM >= 0.8, CLIP cosine >= 0.28).
     Off by default: every curated caption passes through unscored."""
@@ -77,6 +78,7 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
         AssetCheckSpec("only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."),
     ],
 )
+@retry_only_transient
 def judged_captions(context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource) -> MaterializeResult:
     """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1).
     Every caption keeps its verdict (yes / no / parse_failure / unjudgeable), p_yes, raw token, model

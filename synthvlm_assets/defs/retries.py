@@ -1,9 +1,35 @@
 """Step retries of the per-shard assets (the storage layer retries single operations first)."""
 
-from dagster import Backoff, Jitter, RetryPolicy
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+from dagster import Backoff, Failure, Jitter, RetryPolicy
+
+from synthvlm_assets.captions.stages import retryable
+
+F = TypeVar("F", bound=Callable)
 
 # A step whose storage operations kept failing past the storage layer's own retries (a store down for
 # longer than ~25 s, a worker that lost its node) is run again whole: every per-shard asset rewrites
 # its partition idempotently (same bytes; the manifest goes last), and synthesis resumes from staged
 # batches, so a retry never duplicates rows. 30 s, then 60 s (+-50%).
 SHARD_RETRY_POLICY = RetryPolicy(max_retries=2, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+
+def retry_only_transient(fn: F) -> F:
+    """Under @asset: an error that a retry cannot heal (bad input, a changed file, missing weights, a bug)
+    fails the step at once with its one-line cause; transient ones (storage, network) take the retry policy."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Failure:
+            raise
+        except Exception as exc:
+            if retryable(exc):
+                raise
+            raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+
+    return wrapper  # type: ignore[return-value]

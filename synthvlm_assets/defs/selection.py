@@ -18,7 +18,7 @@ from dagster import (
 from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
 from synthvlm_assets.defs.partitions import caption_shards
-from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
 from synthvlm_assets.defs.partitions import GPU_TAGS
 from synthvlm_assets.defs.synthesis import sdxl_images
@@ -46,6 +46,7 @@ from synthvlm_assets.selection import select
         AssetCheckSpec("one_row_per_image", asset=SCORES, blocking=True, description="Every usable image scored once."),
     ],
 )
+@retry_only_transient
 def image_scores(
     context: AssetExecutionContext, storage: StorageResource, scoring: ScoringResource, selection: SelectionResource
 ) -> MaterializeResult:

@@ -20,7 +20,7 @@ from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import contact_sheet, md_table
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
-from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
 
 
@@ -41,6 +41,7 @@ from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_imag
                        description="No NaN, black or constant image (flagged ones are left out of the tar, listed here)."),
     ],  # fmt: skip
 )
+@retry_only_transient
 def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthesis: SynthesisResource) -> MaterializeResult:
     """SDXL images of the shard's judged (kept) captions (`images_per_caption` candidates each, seeded by
     caption id and candidate), as a WebDataset tar of JPEGs plus a Parquet manifest."""
