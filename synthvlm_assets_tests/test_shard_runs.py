@@ -128,3 +128,30 @@ def test_bad_input_fails_a_gpu_step_at_once_without_retries(tmp_path):
         ]
         failure = next(e for e in events if e.dagster_event and e.dagster_event.is_step_failure)
         assert "is not materialized" in failure.dagster_event.step_failure_data.error.message
+
+
+def test_a_caption_run_imports_no_heavy_library(tmp_path):
+    """Start-up is paid once and is small: curating shards through Dagster imports no torch, diffusers,
+    transformers or matplotlib (the GPU stages import them inside their own steps)."""
+    import subprocess
+    import sys
+
+    uris = _files(tmp_path, 1, 40)
+    script = f"""
+import sys
+from dagster import instance_for_test
+from synthvlm_assets.cli import materialize, register
+from synthvlm_assets.defs.build import Settings
+
+if __name__ == "__main__":
+    settings = Settings(storage_root={str(tmp_path / "root")!r}, shard_rows=20)
+    with instance_for_test() as instance:
+        register({uris!r}, settings, instance)
+        assert materialize(settings, instance, image_shards=0) == 0
+    print(sorted(m for m in ("torch", "diffusers", "transformers", "matplotlib", "open_clip") if m in sys.modules))
+"""
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
