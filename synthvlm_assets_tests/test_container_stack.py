@@ -222,19 +222,24 @@ def _leftovers() -> dict:
     return {"containers": containers, "volumes": sorted(volumes), "networks": networks}
 
 
+def _say(request, message: str) -> None:
+    """A line on the terminal whatever pytest captures (image sizes and timings belong in the CI log)."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(f"\n{message}", flush=True)
+
+
 @pytest.fixture(scope="module")
 def report(request):
     doc: dict = {}
     yield doc
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(json.dumps(doc, indent=2))
-    writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    if writer is not None:
-        writer.write_line(f"\ncontainer stack: {json.dumps(doc)}")
+    _say(request, f"container stack: {json.dumps(doc)}")
 
 
 @pytest.fixture(scope="module")
-def images(report):
+def images(report, request):
     """Build the stand-in base images and the project's images (code, worker) from this checkout."""
     assert shutil.which("docker-compose") or sh("docker", "compose", "version", check=False).returncode == 0, (
         "a Docker engine is here but no Compose (v2 plugin or v1 docker-compose): apt-get install docker-compose"
@@ -261,7 +266,7 @@ def images(report):
         build_log=built.stdout.strip().splitlines(),
         image_gb={tag: round(size / 1e9, 2) for tag, size in sizes.items()},
     )
-    print(f"image sizes: code {sizes[CODE_IMAGE] / 1e9:.2f} GB, worker {sizes[WORKER_IMAGE] / 1e9:.2f} GB")
+    _say(request, f"image sizes: code {sizes[CODE_IMAGE] / 1e9:.2f} GB, worker {sizes[WORKER_IMAGE] / 1e9:.2f} GB")
     return sizes
 
 
