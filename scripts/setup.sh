@@ -14,7 +14,8 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 hash="$(sha256sum pyproject.toml | cut -c1-16)"
-# The test extra includes gpu: a venv set up for the tests serves the demo too. (.installed-$hash: older stamp of test.)
+# The test extra includes gpu: a venv set up for the tests serves the demo too.
+# (.installed-$hash without an extra: the stamp of an older setup.sh, which installed test.)
 [ -f ".venv/.installed-$hash" ] && mv ".venv/.installed-$hash" ".venv/.installed-$hash-test"
 if [ -f ".venv/.installed-$hash-$extra" ] || { [ "$extra" = gpu ] && [ -f ".venv/.installed-$hash-test" ]; }; then
   exit 0

@@ -1,0 +1,81 @@
+"""The documentation against the code: every SYNTHVLM_* variable documented (and nothing else), every
+resource field in the configuration reference, a short README, and links that resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+ENV_NAME = re.compile(r"\bSYNTHVLM_[A-Z0-9_]*[A-Z0-9]\b")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _code_files() -> list[Path]:
+    """What reads settings: the package, the demo and setup scripts (not the deployment's own files)."""
+    return [*sorted((ROOT / "synthvlm_assets").rglob("*.py")), ROOT / "run_demo.sh", ROOT / "run_tests.sh",
+            *sorted((ROOT / "scripts").glob("setup*.sh"))]  # fmt: skip
+
+
+def _docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_every_environment_variable_in_the_code_is_documented_and_vice_versa():
+    in_code = {
+        name
+        for path in _code_files()
+        for name in ENV_NAME.findall(path.read_text(encoding="utf-8"))
+    }
+    documented = set(ENV_NAME.findall(CONFIGURATION.read_text(encoding="utf-8")))
+    assert in_code, (
+        "no SYNTHVLM_* variable found in the code: the pattern or the layout changed"
+    )
+    assert not in_code - documented, (
+        f"read by the code, missing from docs/configuration.md: {sorted(in_code - documented)}"
+    )
+    assert not documented - in_code, (
+        f"in docs/configuration.md, read nowhere in the code: {sorted(documented - in_code)}"
+    )
+
+
+def test_every_resource_field_is_documented():
+    from synthvlm_assets.definitions import defs
+
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    missing = []
+    for key, resource in defs.resources.items():
+        section = text.split(f"### `{key}`", 1)
+        if len(section) < 2:
+            missing.append(f"section ### `{key}`")
+            continue
+        body = section[1].split("\n### ", 1)[0]
+        missing += [
+            f"{key}.{name}"
+            for name in type(resource).model_fields
+            if f"| `{name}` |" not in body
+        ]
+    assert not missing, f"resource fields missing from docs/configuration.md: {missing}"
+
+
+def test_readme_is_short():
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= 8192, f"README.md is {size} bytes; move detail into docs/"
+
+
+@pytest.mark.parametrize("doc", _docs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc: Path):
+    text = re.sub(
+        r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S
+    )  # links in code blocks are code
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # a URL (http:, mailto:) or an anchor in the same page
+        path = target.split("#", 1)[0]
+        if not (doc.parent / path).exists():
+            broken.append(target)
+    assert not broken, f"{doc.relative_to(ROOT)}: links to missing files: {broken}"
