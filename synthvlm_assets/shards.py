@@ -4,6 +4,12 @@ A shard is a fixed row range of one source file; its key names the file and the 
 (`coco_captions_val2017-1a2b3c4d-00000000-00001000`). Registration order (files by sequence number,
 shards by start row) is what "first occurrence wins" means for duplicate removal. Files are treated
 as immutable once registered: a changed file is reported, never silently re-read.
+
+What "unchanged" means: the size and modification time (or ETag) are the same as at registration (the
+fast check) and so is the content, by sha256 taken while the registration scan read the file: for JSONL
+and CSV, of the shard's own byte range (checking a shard reads as much as reading it does); for JSON,
+COCO and Parquet, of the whole file, verified once per process for an unchanged size and time. Entries
+registered before hashes were recorded are checked by size and time alone.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +45,8 @@ class Shard:
     offset: int | None  # byte offset of row `start`, for line-based formats
     file_seq: int
     shard_rows: int  # the shard size the file was registered with
+    line: int | None = None  # 1-based line of row `start`, for line-based formats
+    sha256: str | None = None  # of the shard's byte range, for line-based formats
 
     @property
     def rows(self) -> int:
@@ -52,6 +61,28 @@ def file_tag(uri: str) -> str:
 
 def shard_key(tag: str, start: int, end: int, width: int) -> str:
     return f"{tag}-{start:0{width}d}-{end:0{width}d}"
+
+
+_HASH_CHUNK = 1 << 20
+# Whole files whose content hash was verified in this process: (uri, fast fingerprint, sha256).
+_VERIFIED: set[tuple[str, str, str]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str, start: int = 0, end: int | None = None) -> str:
+    """sha256 of the bytes `start <= i < end` of a file (the whole file by default), streamed."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        f.seek(start)
+        left = None if end is None else end - start
+        while left is None or left > 0:
+            chunk = f.read(_HASH_CHUNK if left is None else min(_HASH_CHUNK, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
 
 
 def fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
@@ -116,7 +147,17 @@ class ShardRegistry:
     def _shard(entry: dict[str, Any], i: int) -> Shard:
         s = entry["shards"][i]
         return Shard(
-            s["key"], entry["file_tag"], entry["uri"], entry["format"], s["start"], s["end"], s.get("offset"), entry["seq"], entry["shard_rows"]
+            s["key"],
+            entry["file_tag"],
+            entry["uri"],
+            entry["format"],
+            s["start"],
+            s["end"],
+            s.get("offset"),
+            entry["seq"],
+            entry["shard_rows"],
+            line=s.get("line"),
+            sha256=s.get("sha256"),
         )
 
     def check_unchanged(self, shard: Shard) -> None:
@@ -133,6 +174,36 @@ class ShardRegistry:
                 f"caption file {shard.uri} changed since it was registered ({entry['fingerprint']} -> {now}); "
                 "registered files are immutable: put new captions in a new file"
             )
+        try:
+            self._check_content(fs, path, entry, shard)
+        except FileNotFoundError as exc:
+            raise ShardRegistryError(f"registered caption file {shard.uri} no longer exists") from exc
+
+    @staticmethod
+    def _check_content(fs: fsspec.AbstractFileSystem, path: str, entry: dict[str, Any], shard: Shard) -> None:
+        """Same size and time, but the same bytes? A rewrite that kept both must not pass as unchanged."""
+        changed = (
+            f"caption file {shard.uri} changed since it was registered (same size and modification time,"
+            " different content{}); registered files are immutable: put new captions in a new file"
+        )
+        if shard.sha256 is not None and shard.offset is not None:
+            keys = [s["key"] for s in entry["shards"]]
+            i = keys.index(shard.key)
+            end = entry["shards"][i + 1]["offset"] if i + 1 < len(keys) else entry["fingerprint"]["size"]
+            if sha256_of(fs, path, shard.offset, end) != shard.sha256:
+                raise ShardRegistryError(changed.format(f" in rows {shard.start}-{shard.end - 1}"))
+            return
+        expected = entry.get("sha256")
+        if expected is None:
+            return  # registered before content hashes were recorded
+        verified = (shard.uri, repr(sorted(entry["fingerprint"].items())), expected)
+        with _VERIFIED_LOCK:
+            if verified in _VERIFIED:
+                return
+        if sha256_of(fs, path) != expected:
+            raise ShardRegistryError(changed.format(""))
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(verified)
 
     # -- registering ------------------------------------------------------------------------
     def register_file(self, uri: str, shard_rows: int) -> tuple[dict[str, Any], list[Shard]]:
@@ -153,8 +224,20 @@ class ShardRegistry:
         shards = []
         for i, start in enumerate(range(0, scan.n_records, shard_rows)):
             end = min(start + shard_rows, scan.n_records)
-            offset = scan.shard_offsets[i] if scan.shard_offsets is not None else None
-            shards.append({"key": shard_key(tag, start, end, width), "start": start, "end": end, "offset": offset})
+            shard: dict[str, Any] = {
+                "key": shard_key(tag, start, end, width),
+                "start": start,
+                "end": end,
+                "offset": None,
+            }
+            if scan.shard_offsets is not None:
+                shard["offset"] = scan.shard_offsets[i]
+                if scan.shard_lines is not None:
+                    shard["line"] = scan.shard_lines[i]
+                if scan.shard_sha256 is not None:
+                    shard["sha256"] = scan.shard_sha256[i]
+            shards.append(shard)
+        sha256 = scan.sha256 if scan.sha256 is not None else sha256_of(fs, path)
         seq = max((e["seq"] for e in self.entries()), default=0) + 1
         entry = {
             "seq": seq,
@@ -164,6 +247,7 @@ class ShardRegistry:
             "n_records": scan.n_records,
             "shard_rows": shard_rows,
             "fingerprint": fp,
+            "sha256": sha256,
             "columns": scan.columns,
             "registered_at": datetime.now(timezone.utc).isoformat(),
             "shards": shards,

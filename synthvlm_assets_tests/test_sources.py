@@ -20,7 +20,10 @@ from synthvlm_assets.storage import StorageRoot
 from .conftest import LLAVA_EXAMPLE
 
 FS = fsspec.filesystem("file")
-RECORDS = [{"id": f"r{i}", "caption": f"A photo of dog number {i} on a beach.", "image_url": f"http://x/{i}.jpg"} for i in range(7)]
+RECORDS = [
+    {"id": f"r{i}", "caption": f"A photo of dog number {i} on a beach.", "image_url": f"http://x/{i}.jpg"}
+    for i in range(7)
+]
 
 
 def write_jsonl(path, records):
@@ -58,7 +61,9 @@ def load_all(reg: ShardRegistry, uri: str, shard_rows: int = 3, fields: CaptionF
 
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet, write_json])
 def test_each_record_format_loads_every_row_once(tmp_path, writer):
-    ext = {"write_jsonl": "jsonl", "write_csv": "csv", "write_parquet": "parquet", "write_json": "json"}[writer.__name__]
+    ext = {"write_jsonl": "jsonl", "write_csv": "csv", "write_parquet": "parquet", "write_json": "json"}[
+        writer.__name__
+    ]
     path = writer(tmp_path / f"pool.{ext}", RECORDS)
     shards, captions, malformed = load_all(registry(tmp_path), str(path))
     assert [(s.start, s.end) for s in shards] == [(0, 3), (3, 6), (6, 7)]
@@ -90,9 +95,17 @@ def test_coco_captions_file(tmp_path):
 
 
 def test_llava_conversation_json(tmp_path):
-    records = json.loads(LLAVA_EXAMPLE.read_text()) if LLAVA_EXAMPLE.exists() else [
-        {"id": "0", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red bus."}]}
-    ]
+    records = (
+        json.loads(LLAVA_EXAMPLE.read_text())
+        if LLAVA_EXAMPLE.exists()
+        else [
+            {
+                "id": "0",
+                "image": "a.jpg",
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A red bus."}],
+            }
+        ]
+    )
     path = write_json(tmp_path / "llava.json", records)
     _, captions, malformed = load_all(registry(tmp_path), str(path))
     gpt = [next(t["value"] for t in r["conversations"] if t["from"] == "gpt") for r in records]
@@ -138,9 +151,15 @@ def test_csv_hostile_rows(tmp_path):
         b'\xef\xbb\xbfid,caption\n1,"A caption, with a comma\nand a newline"\n2,too,many,fields\n3,"bad \xff byte"\n4,Fine caption of a cat.\n'
     )
     _, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=2)
-    assert captions.column("caption").to_pylist() == ["A caption, with a comma\nand a newline", "Fine caption of a cat."]
+    assert captions.column("caption").to_pylist() == [
+        "A caption, with a comma\nand a newline",
+        "Fine caption of a cat.",
+    ]
     assert captions.column("source_id").to_pylist() == ["1", "4"]  # BOM stripped from the header
-    assert {r["source_row"]: r["reason"] for r in malformed.to_pylist()} == {1: "wrong_field_count", 2: "undecodable_text"}
+    assert {r["source_row"]: r["reason"] for r in malformed.to_pylist()} == {
+        1: "wrong_field_count",
+        2: "undecodable_text",
+    }
 
 
 def test_configurable_field_names(tmp_path):
@@ -259,3 +278,135 @@ def test_a_deleted_file_is_reported(tmp_path):
 def test_a_missing_file_cannot_be_registered(tmp_path):
     with pytest.raises(ShardRegistryError, match="caption file not found"):
         registry(tmp_path).register_file(str(tmp_path / "nope.jsonl"), 3)
+
+
+# -- every physical record accounted for (issue 17) ------------------------------------------------
+def test_csv_stray_quote_is_one_malformed_row_and_the_rows_after_it_are_kept(tmp_path):
+    lines = [
+        "id,caption,image_url",
+        "1,A dog on a beach.,",
+        '2,"A stray quote never closed,',  # the quote opens a field that never closes
+        "3,A cat on a sofa.,",
+        '4,"A caption, with a comma",',
+        "5,A horse in a field.,",
+        '6,"closed"then text,',  # a quote closed in the middle of a field
+        "7,A bird on a wire.,",
+    ]
+    path = tmp_path / "stray.csv"
+    path.write_text("\n".join(lines) + "\n")
+    reg = registry(tmp_path)
+    scan = scan_source(FS, str(path), 2)
+    assert scan.n_records == 7  # one per physical line: nothing merged
+    for shard_rows in (1, 2, 3, 100):  # the scan's offsets and the shard reader agree on every row
+        shards, captions, malformed = load_all(registry(tmp_path / str(shard_rows)), str(path), shard_rows)
+        assert captions.column("source_id").to_pylist() == ["1", "3", "4", "5", "7"]
+        assert captions.column("caption").to_pylist()[2] == "A caption, with a comma"
+        bad = {r["source_row"]: (r["reason"], r["detail"]) for r in malformed.to_pylist()}
+        assert sorted(bad) == [1, 5]
+        assert bad[1][0] == "unbalanced_quote" and f"{path} line 3" in bad[1][1]
+        assert bad[5][0] == "invalid_csv" and f"{path} line 7" in bad[5][1]
+        assert captions.num_rows + malformed.num_rows == 7
+    _, shards = reg.register_file(str(path), 2)
+    assert [(s.start, s.line) for s in shards] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+def test_csv_stray_quote_before_a_later_quoted_field_does_not_swallow_it(tmp_path):
+    path = tmp_path / "stray2.csv"
+    path.write_text('id,caption\n1,"never closed\n2,fine\n3,"quoted, ok"\n4,"multi\nline"\n5,last\n')
+    _, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=2)
+    assert captions.column("caption").to_pylist() == ["fine", "quoted, ok", "multi\nline", "last"]
+    assert [(r["source_row"], r["reason"]) for r in malformed.to_pylist()] == [(0, "unbalanced_quote")]
+
+
+@pytest.mark.parametrize(
+    "line, detail",
+    [
+        ('{"id": ' + "9" * 5000 + ', "caption": "huge id"}', "ValueError"),  # int() digit limit
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # RecursionError
+    ],
+)
+def test_jsonl_row_that_breaks_the_decoder_is_one_malformed_row(tmp_path, line, detail):
+    path = tmp_path / "deep.jsonl"
+    good = [json.dumps({"id": i, "caption": f"caption {i}"}) for i in range(4)]
+    path.write_text("\n".join([good[0], good[1], line, good[2], "", good[3]]) + "\n")
+    for shard_rows in (1, 2, 5):
+        _, captions, malformed = load_all(registry(tmp_path / str(shard_rows)), str(path), shard_rows)
+        assert captions.column("source_id").to_pylist() == ["0", "1", "2", "3"]
+        [bad] = malformed.to_pylist()
+        assert bad["source_row"] == 2 and bad["reason"] == "invalid_json"
+        assert f"{path} line 3" in bad["detail"] and detail in bad["detail"] and "\n" not in bad["detail"]
+
+
+def test_a_record_that_breaks_the_row_mapping_is_one_malformed_row(tmp_path, monkeypatch):
+    from synthvlm_assets.captions import sources
+
+    path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    real = sources.to_caption_row
+
+    def flaky(record, fields, default_source):
+        if record.row == 4:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(record, fields, default_source)
+
+    monkeypatch.setattr(sources, "to_caption_row", flaky)
+    _, captions, malformed = load_all(registry(tmp_path), str(path))
+    assert captions.num_rows == 6
+    [bad] = malformed.to_pylist()
+    assert (bad["source_row"], bad["reason"]) == (4, "invalid_record")
+    assert f"{path} line 5" in bad["detail"] and "RecursionError" in bad["detail"]
+
+
+def _rewrite_keeping_size_and_mtime(path, old: bytes, new: bytes):
+    st = os.stat(path)
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) >= 1  # Parquet: the value and its statistics
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_json, write_parquet])
+def test_a_same_size_rewrite_keeping_the_mtime_is_caught(tmp_path, writer):
+    ext = {"write_jsonl": "jsonl", "write_csv": "csv", "write_parquet": "parquet", "write_json": "json"}[
+        writer.__name__
+    ]
+    path = writer(tmp_path / f"pool.{ext}", RECORDS)
+    reg = registry(tmp_path)
+    _, shards = reg.register_file(str(path), 3)
+    _rewrite_keeping_size_and_mtime(path, b"dog number 4", b"cat number 4")  # row 4: the second shard
+    if ext in ("jsonl", "csv"):  # hashed per shard byte range: only the changed shard fails
+        reg.check_unchanged(shards[0])
+        reg.check_unchanged(shards[2])
+    with pytest.raises(ShardRegistryError, match=f"caption file {path} changed since it was registered"):
+        reg.check_unchanged(shards[1])
+
+
+def test_registry_entries_without_hashes_still_work(tmp_path):
+    root = StorageRoot(str(tmp_path / "root"))
+    path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    _, shards = ShardRegistry(root).register_file(str(path), 3)
+    [key] = root.list("registry/files")
+    entry = root.read_json(key)
+    entry.pop("sha256")
+    for s in entry["shards"]:
+        s.pop("sha256"), s.pop("line")
+    root.write_json(key, entry)
+    reg = ShardRegistry(root)
+    for shard in reg.shards():
+        reg.check_unchanged(shard)
+    got = [r for s in reg.shards() for r in read_shard(s, CaptionFields(), FS)[0].column("source_id").to_pylist()]
+    assert got == [r["id"] for r in RECORDS]
+
+
+def test_whole_file_hash_verified_once_per_process(tmp_path, monkeypatch):
+    from synthvlm_assets import shards as shards_module
+
+    path = write_json(tmp_path / "pool.json", RECORDS)
+    reg = registry(tmp_path)
+    _, shards = reg.register_file(str(path), 1)
+    calls = []
+    real = shards_module.sha256_of
+    monkeypatch.setattr(shards_module, "sha256_of", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for shard in shards:
+        reg.check_unchanged(shard)
+    assert len(calls) == 1

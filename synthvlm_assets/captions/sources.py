@@ -8,9 +8,11 @@ for line-based formats so a shard read seeks straight to it); a shard read then 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +27,18 @@ from synthvlm_assets.storage import split_protocol
 if TYPE_CHECKING:
     from synthvlm_assets.shards import Shard
 
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long caption a file error
+# A quoted CSV field may hold line breaks, but a quote opened and not closed within this many lines
+# is a stray quote: its line becomes a malformed row and the lines after it are read as their own rows.
+CSV_MAX_RECORD_LINES = 64
 
 
 RAW_SCHEMA = pa.schema(
@@ -53,6 +65,7 @@ MALFORMED_SCHEMA = pa.schema(
     ]
 )
 
+
 class SourceFormatError(ValueError):
     """The file cannot be parsed at all; the message names the file and the position."""
 
@@ -74,13 +87,27 @@ class SourceScan:
     n_records: int
     shard_offsets: list[int] | None  # byte offset of each shard's first record (jsonl, csv)
     columns: list[str] = field(default_factory=list)
+    shard_lines: list[int] | None = None  # 1-based line of each shard's first record (jsonl, csv)
+    shard_sha256: list[str] | None = None  # sha256 of each shard's bytes (jsonl, csv: up to the next shard)
+    sha256: str | None = None  # of the whole file, when the scan read it all (not Parquet)
 
 
 @dataclass
 class RawRecord:
     row: int  # 0-based record index in the file
     value: Any = None  # the parsed record (a dict for well-formed rows)
-    error: str | None = None  # why the record itself could not be parsed
+    error: str | None = None  # why the record itself could not be parsed: "reason: detail"
+    line: int | None = None  # 1-based line where the record starts (line-based formats)
+
+
+def where(path: str, row: int, line: int | None) -> str:
+    """The position of a record in words, for one-line messages."""
+    return f"{path} line {line} (row {row})" if line is not None else f"{path} row {row}"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- format detection ---------------------------------------------------------------------------
@@ -97,7 +124,9 @@ def _first_byte(f: Any) -> bytes:
 def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
     ext = posixpath.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
-        raise SourceFormatError(f"{path}: unknown caption file type {ext!r} (expected one of {', '.join(_EXTENSIONS)})")
+        raise SourceFormatError(
+            f"{path}: unknown caption file type {ext!r} (expected one of {', '.join(_EXTENSIONS)})"
+        )
     fmt = _EXTENSIONS[ext]
     if fmt == "json":
         with fs.open(path, "rb") as f:
@@ -105,16 +134,56 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
         if first == b"{":
             return "coco"  # a JSON object: COCO's {"images": [...], "annotations": [...]}
         if first != b"[":
-            raise SourceFormatError(f"{path}: a .json caption file must hold a list of records or a COCO object (starts with {first!r})")
+            raise SourceFormatError(
+                f"{path}: a .json caption file must hold a list of records or a COCO object (starts with {first!r})"
+            )
     return fmt
 
 
 # -- scanning (at registration) -------------------------------------------------------------
-def _iter_lines_with_offsets(f: Any) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    for line in f:
-        yield offset, line
-        offset += len(line)
+class _HashingReader:
+    """A binary file whose bytes, as read, also go into a sha256 (the scan's whole-file hash)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self.f:
+            self.hash.update(line)
+            yield line
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+class _ShardHasher:
+    """sha256 of each shard's byte range (from its first record to the next shard's), fed in file order."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._current: Any = None
+
+    def start_shard(self) -> None:
+        self.finish()
+        self._current = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        if self._current is not None:
+            self._current.update(data)
+
+    def finish(self) -> list[str]:
+        if self._current is not None:
+            self.digests.append(self._current.hexdigest())
+            self._current = None
+        return self.digests
 
 
 def _json_items(f: Any, prefix: str, path: str) -> Iterator[Any]:
@@ -129,24 +198,72 @@ def _json_items(f: Any, prefix: str, path: str) -> Iterator[Any]:
         raise SourceFormatError(f"{path}: undecodable bytes after record {n} of '{prefix}': {exc}") from exc
 
 
-def _csv_records(f: Any, path: str, offset: int) -> Iterator[tuple[int, list[str]]]:
-    """CSV records with the byte offset where each starts (csv pulls exactly the lines it needs)."""
+@dataclass
+class _CsvRecord:
+    offset: int  # byte offset where the record starts
+    line: int  # 1-based line where it starts
+    raw: bytes  # its bytes, line ends included
+    values: list[str] | None  # None: the line is malformed (then `error` says why)
+    error: str | None = None
+
+
+def _csv_records(
+    f: Any, path: str, offset: int, line: int | None = 1, n_fields: int | None = None
+) -> Iterator[_CsvRecord]:
+    """Every CSV record of the file from `offset` (the start of a record at `line`), each physical line
+    accounted for: a record is one line, or several when a quoted field holds line breaks. A line whose
+    quote does not close into a well-formed record (strict parsing, the header's field count, at most
+    CSV_MAX_RECORD_LINES lines) is a malformed record of that one line, and the next line starts the next
+    record: a stray quote never swallows the rows after it. The registration scan and the shard reader both
+    read through here, so they agree on every record's row, line and offset. Without `n_fields`, the first
+    record (the header) sets it."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    pos = [offset]
+    pending: deque[tuple[int, int, bytes]] = deque()  # lines read ahead and given back
+    source = iter(f)
+    pos, next_line = offset, line or 0  # line None: unknown (an old registry entry), bytes name the place
 
-    def lines() -> Iterator[str]:
-        for line in f:
-            pos[0] += len(line)
-            yield line.decode("utf-8", "surrogateescape")
+    def take() -> tuple[int, int, bytes] | None:
+        nonlocal pos, next_line
+        if pending:
+            return pending.popleft()
+        raw = next(source, None)
+        if raw is None:
+            return None
+        item = (pos, next_line, raw)
+        pos, next_line = pos + len(raw), next_line + 1
+        return item
 
-    reader = csv.reader(lines())
-    start = offset
-    try:
-        for record in reader:
-            yield start, record
-            start = pos[0]
-    except csv.Error as exc:
-        raise SourceFormatError(f"{path}: invalid CSV at line {reader.line_num}: {exc}") from exc
+    while (first := take()) is not None:
+        chunk = [first]
+        while True:
+            try:
+                rows = list(csv.reader([b.decode("utf-8", "surrogateescape") for _, _, b in chunk], strict=True))
+                error = None
+            except csv.Error as exc:
+                rows, error = [], str(exc)
+            open_quote = error is not None and error.startswith("unexpected end of data")
+            if open_quote and len(chunk) < CSV_MAX_RECORD_LINES and (more := take()) is not None:
+                chunk.append(more)
+                continue
+            break
+        ok = error is None and len(rows) == 1
+        if ok and len(chunk) > 1 and n_fields is not None and len(rows[0]) != n_fields:
+            ok = False  # a quote that closes lines later into a wrong record: the first line was the stray
+        if ok:
+            if n_fields is None:
+                n_fields = len(rows[0])
+            yield _CsvRecord(first[0], first[1], b"".join(b for _, _, b in chunk), rows[0])
+            continue
+        pending.extendleft(reversed(chunk[1:]))
+        at = f"{path} line {first[1]}" if line is not None else f"{path} byte {first[0]}"
+        if open_quote or len(chunk) > 1:
+            why = (
+                f"unbalanced_quote: {at}: a quoted field opened on this line does not close into"
+                f" a record (within {CSV_MAX_RECORD_LINES} lines); the next line is read as its own row"
+            )
+        else:
+            why = f"invalid_csv: {at}: {error or f'{len(rows)} records on one line'}"
+        yield _CsvRecord(first[0], first[1], first[2], None, why)
 
 
 def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> SourceScan:
@@ -162,49 +279,70 @@ def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> So
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
             raise SourceFormatError(f"{path}: not a readable Parquet file: {exc}") from exc
     offsets: list[int] = []
+    lines: list[int] = []
+    shard_hashes = _ShardHasher()
     n = 0
-    with fs.open(path, "rb") as f:
+    with fs.open(path, "rb") as raw_file:
+        f = _HashingReader(raw_file)
         if fmt == "jsonl":
-            for offset, line in _iter_lines_with_offsets(f):
+            offset = 0
+            for line_no, line in enumerate(f, 1):
                 if line.strip():
                     if n % shard_rows == 0:
                         offsets.append(offset)
+                        lines.append(line_no)
+                        shard_hashes.start_shard()
                     n += 1
-            return SourceScan(fmt, n, offsets)
+                shard_hashes.update(line)
+                offset += len(line)
+            return SourceScan(fmt, n, offsets, [], lines, shard_hashes.finish(), f.drain())
         if fmt == "csv":
             records = _csv_records(f, path, 0)
             header = next(records, None)
             if header is None:
                 raise SourceFormatError(f"{path}: empty CSV file (no header row)")
-            for offset, _ in records:
+            if header.values is None:
+                raise SourceFormatError(f"{path}: unreadable CSV header: {header.error}")
+            for record in records:
                 if n % shard_rows == 0:
-                    offsets.append(offset)
+                    offsets.append(record.offset)
+                    lines.append(record.line)
+                    shard_hashes.start_shard()
+                shard_hashes.update(record.raw)
                 n += 1
-            return SourceScan(fmt, n, offsets, header[1])
+            return SourceScan(fmt, n, offsets, header.values, lines, shard_hashes.finish(), f.drain())
         prefix = "annotations.item" if fmt == "coco" else "item"
         for _ in _json_items(f, prefix, path):
             n += 1
+        sha256 = f.drain()
     if fmt == "coco" and n == 0:
         with fs.open(path, "rb") as f:
             keys = {k for p, e, k in ijson.parse(f) if p == "" and e == "map_key"}
         if "annotations" not in keys:
             raise SourceFormatError(f"{path}: a JSON object without 'annotations' is not a COCO captions file")
-    return SourceScan(fmt, n, None)
+    return SourceScan(fmt, n, None, sha256=sha256)
 
 
 # -- reading one shard ----------------------------------------------------------------------
 def iter_records(
-    fs: fsspec.AbstractFileSystem, path: str, fmt: str, start: int, end: int, offset: int | None = None
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    fmt: str,
+    start: int,
+    end: int,
+    offset: int | None = None,
+    line: int | None = None,
 ) -> Iterator[RawRecord]:
-    """Records `start <= row < end` of the file, streamed."""
+    """Records `start <= row < end` of the file, streamed; `offset` and `line` (from the registration
+    scan) locate row `start` in a line-based file."""
     if fmt == "parquet":
         yield from _parquet_records(fs, path, start, end)
         return
     with fs.open(path, "rb") as f:
         if fmt == "jsonl":
-            yield from _jsonl_records(f, path, start, end, offset)
+            yield from _jsonl_records(f, path, start, end, offset, line)
         elif fmt == "csv":
-            yield from _csv_dict_records(f, path, start, end, offset)
+            yield from _csv_dict_records(f, path, start, end, offset, line)
         elif fmt == "coco":
             yield from _coco_records(fs, f, path, start, end)
         elif fmt == "json":
@@ -214,47 +352,77 @@ def iter_records(
             raise SourceFormatError(f"{path}: unknown format {fmt!r}")
 
 
-def _jsonl_records(f: Any, path: str, start: int, end: int, offset: int | None) -> Iterator[RawRecord]:
+def _jsonl_records(
+    f: Any, path: str, start: int, end: int, offset: int | None, line: int | None
+) -> Iterator[RawRecord]:
     import json
 
-    row = start
+    row, line_no = start, line
     if offset is not None:
         f.seek(offset)
-        lines: Iterable[bytes] = f
     else:  # no index: skip from the top
-        lines = (line for line in f if line.strip())
-        lines = itertools.islice(lines, start, None)
-    for line in lines:
+        row, line_no = 0, 1
+    for raw in f:
         if row >= end:
             break
-        if not line.strip():
+        if not raw.strip():
+            line_no = None if line_no is None else line_no + 1
             continue
-        try:
-            text = line.decode("utf-8").lstrip("\ufeff")
-        except UnicodeDecodeError as exc:
-            yield RawRecord(row, error=f"undecodable_text: invalid UTF-8 at byte {exc.start} of the line")
-        else:
-            try:
-                yield RawRecord(row, json.loads(text))
-            except json.JSONDecodeError as exc:
-                yield RawRecord(row, error=f"invalid_json: {exc}")
+        if row >= start:
+            yield _jsonl_record(json, raw, path, row, line_no)
         row += 1
+        line_no = None if line_no is None else line_no + 1
 
 
-def _csv_dict_records(f: Any, path: str, start: int, end: int, offset: int | None) -> Iterator[RawRecord]:
+def _jsonl_record(json: Any, raw: bytes, path: str, row: int, line: int | None) -> RawRecord:
+    """One JSONL line: whatever decoding it raises (bad UTF-8, bad JSON, an integer past Python's digit
+    limit, nesting past the recursion limit) makes it one malformed record naming the file and line."""
+    at = where(path, row, line)
+    try:
+        text = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as exc:
+        return RawRecord(
+            row, error=f"undecodable_text: {at}: invalid UTF-8 at byte {exc.start} of the line", line=line
+        )
+    try:
+        return RawRecord(row, json.loads(text), line=line)
+    except json.JSONDecodeError as exc:
+        return RawRecord(row, error=f"invalid_json: {at}: {exc}", line=line)
+    except RecursionError:
+        return RawRecord(row, error=f"invalid_json: {at}: nested too deeply to parse", line=line)
+    except Exception as exc:  # noqa: BLE001 - e.g. ValueError: an integer with more digits than int() allows
+        return RawRecord(row, error=f"invalid_json: {at}: {type(exc).__name__}: {one_line(exc)}", line=line)
+
+
+def _csv_dict_records(
+    f: Any, path: str, start: int, end: int, offset: int | None, line: int | None
+) -> Iterator[RawRecord]:
     records = _csv_records(f, path, 0)
-    _, header = next(records)
+    header_record = next(records)
+    if header_record.values is None:
+        raise SourceFormatError(f"{path}: unreadable CSV header: {header_record.error}")
+    header = header_record.values
     header = [header[0].lstrip("\ufeff"), *header[1:]] if header else header
     if offset is not None:
         f.seek(offset)
-        records = _csv_records(f, path, offset)
+        # Without the line of row `start` (a registry entry from before lines were recorded) the
+        # numbering restarts; the row number stays exact.
+        records = _csv_records(f, path, offset, line, len(header_record.values))
     else:
         records = itertools.islice(records, start, None)
-    for row, (_, values) in zip(range(start, end), records):
-        if len(values) != len(header):
-            yield RawRecord(row, error=f"wrong_field_count: {len(values)} fields, header has {len(header)}")
+    for row, record in zip(range(start, end), records):
+        at_line = record.line if (offset is None or line) else None
+        if record.values is None:
+            yield RawRecord(row, error=record.error, line=at_line)
+        elif len(record.values) != len(header):
+            yield RawRecord(
+                row,
+                error=f"wrong_field_count: {where(path, row, at_line)}: {len(record.values)} fields,"
+                f" header has {len(header)}",
+                line=at_line,
+            )
         else:
-            yield RawRecord(row, dict(zip(header, values)))
+            yield RawRecord(row, dict(zip(header, record.values)), line=at_line)
 
 
 def _coco_records(fs: fsspec.AbstractFileSystem, f: Any, path: str, start: int, end: int) -> Iterator[RawRecord]:
@@ -334,7 +502,11 @@ def to_caption_row(record: RawRecord, fields: CaptionFields, default_source: str
     is_llava = fields.caption not in value and "conversations" in value
     caption = _llava_caption(value) if is_llava else value.get(fields.caption)
     if caption is None:
-        return MalformedRow(record.row, "missing_caption", f"no {'gpt turn' if is_llava else repr(fields.caption)} in {_excerpt(value)}")
+        return MalformedRow(
+            record.row,
+            "missing_caption",
+            f"no {'gpt turn' if is_llava else repr(fields.caption)} in {_excerpt(value)}",
+        )
     if not isinstance(caption, str):
         return MalformedRow(record.row, "caption_not_string", f"{type(caption).__name__}: {_excerpt(caption)}")
     try:
@@ -342,7 +514,9 @@ def to_caption_row(record: RawRecord, fields: CaptionFields, default_source: str
     except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes or undecodable CSV bytes
         return MalformedRow(record.row, "undecodable_text", f"invalid code point at {exc.start}: {_excerpt(caption)}")
     if len(caption) > fields.max_caption_chars:
-        return MalformedRow(record.row, "caption_too_long", f"{len(caption)} chars > max_caption_chars={fields.max_caption_chars}")
+        return MalformedRow(
+            record.row, "caption_too_long", f"{len(caption)} chars > max_caption_chars={fields.max_caption_chars}"
+        )
     source_id = value.get(fields.id)
     image = next((value[k] for k in fields.image if isinstance(value.get(k), str) and value[k]), None)
     source = value.get(fields.source)
@@ -391,8 +565,12 @@ def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSyste
     default_source = path.rsplit("/", 1)[-1]
     rows: list[CaptionRow] = []
     bad: list[MalformedRow] = []
-    for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset):
-        row = to_caption_row(record, fields, default_source)
+    for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset, shard.line):
+        try:
+            row = to_caption_row(record, fields, default_source)
+        except Exception as exc:  # noqa: BLE001 - one hostile record (e.g. too deep to repr) fails only itself
+            at = where(shard.uri, record.row, record.line)
+            row = MalformedRow(record.row, "invalid_record", f"{at}: {type(exc).__name__}: {one_line(exc)}")
         (rows if isinstance(row, CaptionRow) else bad).append(row)
     normalized = [normalize_caption(r.caption) for r in rows]
     raw = pa.table(
