@@ -410,3 +410,42 @@ def test_whole_file_hash_verified_once_per_process(tmp_path, monkeypatch):
     for shard in shards:
         reg.check_unchanged(shard)
     assert len(calls) == 1
+
+
+def _hostile_csv_lines(rng, n):
+    """(line, kept caption or None) pairs: good rows, quoted commas, stray and half-closed quotes."""
+    out = []
+    for i in range(n):
+        kind = rng.choice(["plain", "quoted", "stray", "closed_then_text", "escaped"])
+        if kind == "plain":
+            out.append((f"{i},plain caption {i},", f"plain caption {i}"))
+        elif kind == "quoted":
+            out.append((f'{i},"quoted, caption {i}",', f"quoted, caption {i}"))
+        elif kind == "escaped":
+            out.append((f'{i},"say ""hi"" {i}",', f'say "hi" {i}'))
+        elif kind == "stray":
+            out.append((f'{i},"stray quote {i},', None))
+        else:
+            out.append((f'{i},"half" closed {i},', None))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_generated_hostile_csv_every_line_accounted_for(tmp_path, seed):
+    import random
+
+    rng = random.Random(seed)
+    lines = _hostile_csv_lines(rng, rng.randint(1, 40))
+    path = tmp_path / "gen.csv"
+    path.write_text("id,caption,image_url\n" + "".join(line + "\n" for line, _ in lines))
+    shard_rows = rng.randint(1, 7)
+    shards, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows)
+    assert sum(s.rows for s in shards) == len(lines)
+    for s in shards:  # per shard: rows in = kept + malformed
+        kept, bad = read_shard(s, CaptionFields(), FS)
+        assert kept.num_rows + bad.num_rows == s.rows
+    assert captions.column("caption").to_pylist() == [c for _, c in lines if c is not None]
+    assert captions.column("source_row").to_pylist() == [i for i, (_, c) in enumerate(lines) if c is not None]
+    assert malformed.column("source_row").to_pylist() == [i for i, (_, c) in enumerate(lines) if c is None]
+    for r in malformed.to_pylist():
+        assert f"{path} line {r['source_row'] + 2}" in r["detail"]

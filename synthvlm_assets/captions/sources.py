@@ -207,6 +207,29 @@ class _CsvRecord:
     error: str | None = None
 
 
+class _Feed:
+    """The lines one csv reader parses next: a chunk at a time, ending (StopIteration) after each."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []  # in reverse order
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> str:
+        if self.lines:
+            return self.lines.pop()
+        raise StopIteration
+
+
+def _simple_csv_line(raw: bytes) -> list[str] | None:
+    """The fields of a line without quotes, carriage returns or NULs (what csv gives for it), else None."""
+    body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+    if b'"' in body or b"\r" in body or b"\0" in body:
+        return None
+    return body.decode("utf-8", "surrogateescape").split(",") if body else []
+
+
 def _csv_records(
     f: Any, path: str, offset: int, line: int | None = 1, n_fields: int | None = None
 ) -> Iterator[_CsvRecord]:
@@ -218,6 +241,8 @@ def _csv_records(
     read through here, so they agree on every record's row, line and offset. Without `n_fields`, the first
     record (the header) sets it."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
+    feed = _Feed()
+    reader = csv.reader(feed, strict=True)
     pending: deque[tuple[int, int, bytes]] = deque()  # lines read ahead and given back
     source = iter(f)
     pos, next_line = offset, line or 0  # line None: unknown (an old registry entry), bytes name the place
@@ -234,10 +259,17 @@ def _csv_records(
         return item
 
     while (first := take()) is not None:
+        simple = _simple_csv_line(first[2])
+        if simple is not None:  # the common case, parsed as csv would, without a reader per line
+            if n_fields is None:
+                n_fields = len(simple)
+            yield _CsvRecord(first[0], first[1], first[2], simple)
+            continue
         chunk = [first]
         while True:
+            feed.lines = [b.decode("utf-8", "surrogateescape") for _, _, b in reversed(chunk)]
             try:
-                rows = list(csv.reader([b.decode("utf-8", "surrogateescape") for _, _, b in chunk], strict=True))
+                rows = list(reader)  # every record of the chunk's lines (the reader resets per record)
                 error = None
             except csv.Error as exc:
                 rows, error = [], str(exc)
