@@ -25,15 +25,9 @@ def _docs() -> list[Path]:
 
 
 def test_every_environment_variable_in_the_code_is_documented_and_vice_versa():
-    in_code = {
-        name
-        for path in _code_files()
-        for name in ENV_NAME.findall(path.read_text(encoding="utf-8"))
-    }
+    in_code = {name for path in _code_files() for name in ENV_NAME.findall(path.read_text(encoding="utf-8"))}
     documented = set(ENV_NAME.findall(CONFIGURATION.read_text(encoding="utf-8")))
-    assert in_code, (
-        "no SYNTHVLM_* variable found in the code: the pattern or the layout changed"
-    )
+    assert in_code, "no SYNTHVLM_* variable found in the code: the pattern or the layout changed"
     assert not in_code - documented, (
         f"read by the code, missing from docs/configuration.md: {sorted(in_code - documented)}"
     )
@@ -53,11 +47,7 @@ def test_every_resource_field_is_documented():
             missing.append(f"section ### `{key}`")
             continue
         body = section[1].split("\n### ", 1)[0]
-        missing += [
-            f"{key}.{name}"
-            for name in type(resource).model_fields
-            if f"| `{name}` |" not in body
-        ]
+        missing += [f"{key}.{name}" for name in type(resource).model_fields if f"| `{name}` |" not in body]
     assert not missing, f"resource fields missing from docs/configuration.md: {missing}"
 
 
@@ -68,9 +58,7 @@ def test_readme_is_short():
 
 @pytest.mark.parametrize("doc", _docs(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc: Path):
-    text = re.sub(
-        r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S
-    )  # links in code blocks are code
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)  # links in code blocks are code
     broken = []
     for target in LINK.findall(text):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
