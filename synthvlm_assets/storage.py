@@ -9,6 +9,13 @@ Transient errors of an object store (throttling, timeouts, dropped or refused co
 retried with exponential backoff, a bounded number of times; every operation is idempotent (a PUT of
 the same bytes, a delete, a read), so a retry cannot duplicate anything. Other errors (not found,
 access denied, any other 4xx) fail at once. Either way the error names the object.
+
+One deadline bounds each operation, retries included (`StorageRetry.deadline`, 120 s by default): the
+client's connect and read timeouts are set from it, so an attempt on a store that accepts connections
+and never answers ends in seconds, and no attempt or wait starts that could outlast the deadline; the
+error then says the operation ran out of time. Ours is the only retry layer: botocore's and s3fs's own
+retries are off. (The read timeout bounds silence, not transfer time: a large upload that keeps moving
+is never cut.)
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -83,9 +92,14 @@ def is_transient(exc: BaseException) -> bool:
         if verdict is not None:
             return verdict
         module = type(e).__module__ or ""
-        if module.startswith("botocore") and any(c.__name__ in ("ConnectionError", "HTTPClientError") for c in type(e).__mro__):
+        if module.startswith("botocore") and any(
+            c.__name__ in ("ConnectionError", "HTTPClientError") for c in type(e).__mro__
+        ):
             return True  # EndpointConnectionError, Connect/ReadTimeoutError, ConnectionClosedError, ...
-        if module.startswith("aiohttp") and any(c.__name__ in ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError") for c in type(e).__mro__):
+        if module.startswith("aiohttp") and any(
+            c.__name__ in ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError")
+            for c in type(e).__mro__
+        ):
             return True
         if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
             return True
@@ -105,9 +119,16 @@ class StorageRetry:
     initial_delay: float = 0.5
     max_delay: float = 8.0
     jitter: float = 0.2  # +- this fraction of each delay, so that many workers do not retry in step
+    deadline: float = 120.0  # seconds for a whole operation, every attempt and wait included
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.initial_delay < 0 or self.max_delay < self.initial_delay or not 0 <= self.jitter < 1:
+        if (
+            self.attempts < 1
+            or self.initial_delay < 0
+            or self.max_delay < self.initial_delay
+            or not 0 <= self.jitter < 1
+            or not self.deadline > 0
+        ):
             raise ValueError(f"invalid storage retry settings: {self}")
 
     def delays(self) -> Iterator[float]:
@@ -117,6 +138,26 @@ class StorageRetry:
             yield base * (1 + random.uniform(-self.jitter, self.jitter))
 
 
+def s3_client_config(deadline: float = 120.0) -> dict[str, Any]:
+    """botocore settings under a storage deadline: one attempt per call (our retry loop is the only one)
+    and timeouts that let several attempts fit in the deadline: the read timeout is the longest silence
+    of the server within a request (a transfer that keeps moving is never cut)."""
+    return {
+        "connect_timeout": min(5.0, deadline / 8),
+        "read_timeout": min(30.0, deadline / 4),
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
+    }
+
+
+# A transfer of a known size gets this much more time than the deadline: a second per MiB.
+TRANSFER_ALLOWANCE_BYTES_PER_S = 1 << 20
+
+
+def attempt_bound(config: dict[str, Any]) -> float:
+    """The longest an attempt can wait on a server that accepts connections and never answers."""
+    return float(config.get("connect_timeout", 60)) + float(config.get("read_timeout", 60))
+
+
 def split_protocol(uri: str) -> tuple[str, str]:
     if "://" in uri:
         protocol, path = uri.split("://", 1)
@@ -124,7 +165,9 @@ def split_protocol(uri: str) -> tuple[str, str]:
     return "file", uri
 
 
-def filesystem_options(uri: str, s3_endpoint_url: str | None = None, **storage_options: Any) -> tuple[str, dict[str, Any]]:
+def filesystem_options(
+    uri: str, s3_endpoint_url: str | None = None, **storage_options: Any
+) -> tuple[str, dict[str, Any]]:
     """(fsspec protocol, options) for a URI; S3 gets the endpoint of S3-compatible servers when given."""
     protocol, _ = split_protocol(uri)
     if protocol in ("s3", "s3a"):
@@ -133,8 +176,9 @@ def filesystem_options(uri: str, s3_endpoint_url: str | None = None, **storage_o
             options.setdefault("endpoint_url", s3_endpoint_url)
         # Several processes write the same root: never answer from a stale listing cache.
         options.setdefault("use_listings_cache", False)
-        # Fail in seconds, not minutes, when the store is unreachable.
-        options.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
+        # Fail in seconds, not minutes, when the store is unreachable or silent; one retry layer (ours:
+        # StorageRoot.retrying, bounded by its deadline), so botocore makes a single attempt per call.
+        options.setdefault("config_kwargs", s3_client_config())
         return "s3", options
     return protocol, dict(storage_options)
 
@@ -142,7 +186,10 @@ def filesystem_options(uri: str, s3_endpoint_url: str | None = None, **storage_o
 def filesystem_for(uri: str, s3_endpoint_url: str | None = None, **storage_options: Any) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for a URI."""
     protocol, options = filesystem_options(uri, s3_endpoint_url, **storage_options)
-    return fsspec.filesystem(protocol, **options)
+    fs = fsspec.filesystem(protocol, **options)
+    if protocol == "s3":
+        fs.retries = 1  # s3fs's own retry loop (5 attempts by default; a class setting) off as well
+    return fs
 
 
 def local_or_absolute(uri: str) -> str:
@@ -166,8 +213,24 @@ class StorageRoot:
     def __post_init__(self) -> None:
         self.root_uri = local_or_absolute(self.root_uri).rstrip("/")
         self.protocol, self._root_path = split_protocol(self.root_uri)
-        self.fs = filesystem_for(self.root_uri, self.s3_endpoint_url, **self.storage_options)
         self.is_local = self.protocol == "file"
+        # On an object store, every attempt is bounded by the client's timeouts, set from the deadline.
+        self._attempt_bound = 0.0
+        if not self.is_local:
+            config = self.storage_options.get("config_kwargs") or s3_client_config(self.retry.deadline)
+            self.storage_options = {**self.storage_options, "config_kwargs": config}
+            self._attempt_bound = attempt_bound(config)
+        self.fs = filesystem_for(self.root_uri, self.s3_endpoint_url, **self.storage_options)
+        self._deadlines = threading.local()  # the deadline of the operation running in this thread
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A call of the filesystem, cut off (and cancelled) at the running operation's deadline on an
+        object store: the client's timeouts do not cover every wait (aiohttp waits for an answer to
+        `Expect: 100-continue` with no timeout at all)."""
+        deadline = getattr(self._deadlines, "at", None)
+        if not self.is_local and deadline is not None:
+            kwargs["timeout"] = max(0.01, deadline - time.monotonic())
+        return getattr(self.fs, method)(*args, **kwargs)
 
     # -- addressing -------------------------------------------------------------------------
     def path(self, key: str) -> str:
@@ -186,16 +249,22 @@ class StorageRoot:
     def _fail(self, action: str, key: str, exc: BaseException) -> StorageError:
         return StorageError(f"cannot {action} {self.uri(key)}: {type(exc).__name__}: {exc}")
 
-    def retrying(self, action: str, key: str, operation: Callable[[], T]) -> T:
+    def retrying(self, action: str, key: str, operation: Callable[[], T], nbytes: int = 0) -> T:
         """Run an idempotent operation on one object, retrying transient errors with backoff.
 
         FileNotFoundError passes through unchanged (callers decide what absence means); any other
-        error becomes a StorageError naming the object, after the retries when it was transient."""
+        error becomes a StorageError naming the object, after the retries when it was transient. The
+        whole operation, retries included, ends within `retry.deadline` seconds when the store is silent:
+        no attempt starts that could outlast it (an attempt on an object store waits at most the client's
+        connect and read timeouts, which the deadline sets, and each call is cut off at the deadline) and no
+        retry waits past it. A transfer of `nbytes` gets a second more per MiB."""
         started = time.monotonic()
+        deadline = started + self.retry.deadline + nbytes / TRANSFER_ALLOWANCE_BYTES_PER_S
         delays = self.retry.delays()
         attempt = 0
         while True:
             attempt += 1
+            outer, self._deadlines.at = getattr(self._deadlines, "at", None), deadline
             try:
                 return operation()
             except FileNotFoundError:
@@ -204,19 +273,27 @@ class StorageRoot:
                 if not is_transient(exc):
                     raise self._fail(action, key, exc) from exc
                 delay = next(delays, None)
+                waited = time.monotonic() - started
                 if delay is None:
-                    waited = time.monotonic() - started
                     raise StorageError(
                         f"cannot {action} {self.uri(key)}: still failing after {attempt} attempts over {waited:.1f} s"
                         f" (transient errors, retried with backoff): {type(exc).__name__}: {exc}"
                     ) from exc
+                if time.monotonic() + delay + self._attempt_bound > deadline:
+                    raise StorageError(
+                        f"cannot {action} {self.uri(key)}: ran out of time: still failing after {attempt} attempts"
+                        f" over {waited:.1f} s (the deadline of a storage operation is {self.retry.deadline:g} s):"
+                        f" {type(exc).__name__}: {exc}"
+                    ) from exc
                 log.warning("%s %s: %s: %s; retry %d/%d in %.1f s", action, self.uri(key), type(exc).__name__, exc,
                             attempt, self.retry.attempts - 1, delay)  # fmt: skip
                 time.sleep(delay)
+            finally:
+                self._deadlines.at = outer
 
     # -- single objects ---------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return self.retrying("check", key, lambda: bool(self.fs.exists(self.path(key))))
+        return self.retrying("check", key, lambda: bool(self._call("exists", self.path(key))))
 
     def _publish_local(self, path: str, write) -> None:
         """Local files: write beside the target under a temporary name, then rename (atomic)."""
@@ -234,13 +311,13 @@ class StorageRoot:
             if self.is_local:
                 self._publish_local(path, lambda tmp: self.fs.pipe_file(tmp, data))
             else:
-                self.fs.pipe_file(path, data)  # a PUT is atomic: readers see all or nothing
+                self._call("pipe_file", path, data)  # a PUT is atomic: readers see all or nothing
 
-        self._write("write", key, write)
+        self._write("write", key, write, len(data))
 
-    def _write(self, action: str, key: str, write: Callable[[], None]) -> None:
+    def _write(self, action: str, key: str, write: Callable[[], None], nbytes: int = 0) -> None:
         try:
-            self.retrying(action, key, write)
+            self.retrying(action, key, write, nbytes)
         except FileNotFoundError as exc:  # e.g. the bucket does not exist
             raise self._fail(action, key, exc) from exc
 
@@ -252,20 +329,20 @@ class StorageRoot:
             if self.is_local:
                 self._publish_local(path, lambda tmp: self.fs.put_file(local_path, tmp))
             else:
-                self.fs.put_file(local_path, path)  # multipart upload: visible only once complete
+                self._call("put_file", local_path, path)  # multipart upload: visible only once complete
 
-        self._write("write", key, write)
+        self._write("write", key, write, os.path.getsize(local_path))
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return self.retrying("read", key, lambda: self.fs.cat_file(self.path(key)))
+            return self.retrying("read", key, lambda: self._call("cat_file", self.path(key)))
         except FileNotFoundError as exc:
             raise StorageError(f"not found: {self.uri(key)}") from exc
 
     def delete(self, key: str) -> None:
         def delete() -> None:
             try:
-                self.fs.rm(self.path(key), recursive=True)
+                self._call("rm", self.path(key), recursive=True)
             except FileNotFoundError:
                 pass  # already gone (also after a retried delete that had succeeded)
 
@@ -275,11 +352,15 @@ class StorageRoot:
     def list(self, prefix: str) -> list[str]:
         """Keys directly under a prefix (files and folders), sorted; [] when the prefix is absent."""
         try:
-            entries = self.retrying("list", prefix, lambda: self.fs.ls(self.path(prefix), detail=False, refresh=True))
+            entries = self.retrying(
+                "list", prefix, lambda: self._call("ls", self.path(prefix), detail=False, refresh=True)
+            )
         except FileNotFoundError:
             return []
         base = self.path(prefix).rstrip("/") + "/"
-        return sorted(posixpath.join(prefix, e[len(base) :] if e.startswith(base) else posixpath.basename(e)) for e in entries)
+        return sorted(
+            posixpath.join(prefix, e[len(base) :] if e.startswith(base) else posixpath.basename(e)) for e in entries
+        )
 
     def write_json(self, key: str, doc: Any) -> None:
         self.write_bytes(key, json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8"))
@@ -313,7 +394,12 @@ class StorageRoot:
         for name, table in tables.items():
             key = posixpath.join(prefix, f"{name}.parquet")
             data = self.write_parquet(key, table)
-            files[name] = {"key": key, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            files[name] = {
+                "key": key,
+                "rows": table.num_rows,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         manifest = {"files": files, "published_at": datetime.now(timezone.utc).isoformat(), **info}
         self.write_json(posixpath.join(prefix, MANIFEST), manifest)
         return manifest

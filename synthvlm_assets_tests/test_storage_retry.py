@@ -16,7 +16,10 @@ FAST = StorageRetry(attempts=4, initial_delay=0.01, max_delay=0.02)
 
 
 def client_error(code: str, status: int, operation: str = "PutObject") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": f"server says {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+    return ClientError(
+        {"Error": {"Code": code, "Message": f"server says {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
 
 
 def as_s3fs_raises(code: str, status: int) -> BaseException:
@@ -95,7 +98,9 @@ def test_classified_permanent(error):
 
 
 def test_not_found_is_never_transient():
-    assert not is_transient(as_s3fs_raises("NoSuchKey", 404)) and isinstance(as_s3fs_raises("NoSuchKey", 404), FileNotFoundError)
+    assert not is_transient(as_s3fs_raises("NoSuchKey", 404)) and isinstance(
+        as_s3fs_raises("NoSuchKey", 404), FileNotFoundError
+    )
 
 
 @pytest.mark.parametrize("error", [TRANSIENT["SlowDown 503"], TRANSIENT["endpoint unreachable"], TRANSIENT["connection reset"]],
@@ -158,8 +163,13 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
 
 
 def test_unreachable_store_gives_up_naming_the_object():
-    root = StorageRoot("s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(attempts=2, initial_delay=0.01))
-    with pytest.raises(StorageError, match=r"cannot write s3://nowhere/prefix/x\.json: still failing after 2 attempts .*EndpointConnectionError"):
+    root = StorageRoot(
+        "s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(attempts=2, initial_delay=0.01)
+    )
+    with pytest.raises(
+        StorageError,
+        match=r"cannot write s3://nowhere/prefix/x\.json: still failing after 2 attempts .*EndpointConnectionError",
+    ):
         root.write_json("x.json", {})
 
 
@@ -175,3 +185,82 @@ def test_per_shard_assets_have_a_backoff_retry_policy():
         policy = asset_def.op.retry_policy
         assert policy is not None, asset_def.key
         assert policy.max_retries >= 1 and policy.backoff == Backoff.EXPONENTIAL and policy.delay > 0
+
+
+# -- one deadline per operation (issue 17) ---------------------------------------------------------
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections and never answers (reads and discards what it is sent)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    stop = threading.Event()
+    conns = []
+
+    def serve():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.settimeout(0.1)
+            conns.append(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for c in conns:
+        c.close()
+    server.close()
+
+
+@pytest.mark.parametrize("operation", ["write", "read", "list"])
+def test_a_silent_store_fails_within_the_deadline_naming_the_object(silent_server, operation):
+    import time
+
+    retry = StorageRetry(attempts=50, initial_delay=0.01, max_delay=0.05, deadline=3.0)
+    root = StorageRoot("s3://bucket/prefix", s3_endpoint_url=silent_server, storage_options={"key": "k", "secret": "s"},
+                       retry=retry)  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        {"write": lambda: root.write_json("a/b.json", {}), "read": lambda: root.read_json("a/b.json"),
+         "list": lambda: root.list("a")}[operation]()  # fmt: skip
+    elapsed = time.monotonic() - started
+    key = "a" if operation == "list" else "a/b.json"
+    assert str(info.value).startswith(f"cannot {operation} s3://bucket/prefix/{key}: ran out of time")
+    assert "deadline of a storage operation is 3 s" in str(info.value)
+    assert elapsed < 20  # generous: the deadline is 3 s (before: 60 s read timeout x 3 x 5 x 7 attempts)
+
+
+def test_retries_stop_at_the_deadline(tmp_path):
+    import time
+
+    root = StorageRoot(str(tmp_path / "root"), retry=StorageRetry(attempts=10**6, initial_delay=0.01, max_delay=0.01,
+                                                                  deadline=1.0))  # fmt: skip
+
+    def slow_failure():
+        time.sleep(0.2)
+        return TRANSIENT["SlowDown 503"]()
+
+    flaky = root.fs = FlakyFS(root.fs, {"pipe_file"}, slow_failure, failures=10**6)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"ran out of time: still failing after \d+ attempts .* is 1 s\)"):
+        root.write_json("a.json", {})
+    assert time.monotonic() - started < 10 and 2 <= flaky.calls["pipe_file"] <= 10
+
+
+def test_one_retry_layer_and_short_client_timeouts():
+    from synthvlm_assets.storage import filesystem_options
+
+    _, options = filesystem_options("s3://b/p")
+    assert options["config_kwargs"]["retries"] == {"total_max_attempts": 1, "mode": "standard"}  # so does botocore
+    root = StorageRoot("s3://b/p", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(deadline=8))
+    config = root.fsspec_options()["config_kwargs"]
+    assert config["connect_timeout"] + config["read_timeout"] <= 8 / 2
+    assert root.fs.retries == 1  # s3fs makes one attempt

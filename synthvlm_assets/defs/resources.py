@@ -36,9 +36,15 @@ class StorageResource(ConfigurableResource):
     retry_attempts: int = Field(default=_RETRY.attempts, description="Tries per storage operation on transient errors (throttling, timeouts, 5xx).")
     retry_initial_delay: float = Field(default=_RETRY.initial_delay, description="Seconds before the first retry; doubles each time.")
     retry_max_delay: float = Field(default=_RETRY.max_delay, description="Longest wait between two tries, in seconds.")
+    operation_deadline_seconds: float = Field(
+        default=_RETRY.deadline,
+        description="Longest a storage operation may take, retries included (plus a second per MiB moved).",
+    )
 
     def root(self) -> StorageRoot:
-        retry = StorageRetry(self.retry_attempts, self.retry_initial_delay, self.retry_max_delay)
+        retry = StorageRetry(
+            self.retry_attempts, self.retry_initial_delay, self.retry_max_delay, deadline=self.operation_deadline_seconds
+        )
         return StorageRoot(self.root_uri, self.s3_endpoint_url, retry=retry)
 
     def registry(self) -> ShardRegistry:
