@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from synthvlm_assets.captions.stages import CURATED, RAW
 from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.recovery import recover_dead_runs
 
 CAPTION_ASSETS = (RAW, CURATED)
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -212,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("demo: SYNTHVLM_LLAVA_LLM is not set, so stage 1 trains the tiny preset (random weights, meaningless)")
         settings.training.update(vision_tower="tiny", llm="tiny")
     instance = _instance()
+    recover_dead_runs(instance)  # no daemon in the embedded default: runs left by a killed synthvlm, freed
     if args.command in ("demo", "register"):
         uris = args.input if args.command == "demo" else args.uris
         for uri in uris:
