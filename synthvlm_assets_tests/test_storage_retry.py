@@ -225,8 +225,8 @@ def test_a_silent_store_fails_within_the_deadline_naming_the_object(silent_serve
     import time
 
     retry = StorageRetry(attempts=50, initial_delay=0.01, max_delay=0.05, deadline=3.0)
-    root = StorageRoot("s3://bucket/prefix", s3_endpoint_url=silent_server, storage_options={"key": "k", "secret": "s"},
-                       retry=retry)  # fmt: skip
+    options = {"key": "k", "secret": "s"}
+    root = StorageRoot("s3://bucket/prefix", s3_endpoint_url=silent_server, storage_options=options, retry=retry)
     started = time.monotonic()
     with pytest.raises(StorageError) as info:
         {"write": lambda: root.write_json("a/b.json", {}), "read": lambda: root.read_json("a/b.json"),
