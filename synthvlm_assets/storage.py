@@ -149,6 +149,8 @@ def s3_client_config(deadline: float = 120.0) -> dict[str, Any]:
     }
 
 
+# The deadline of the storage operation running in this thread (a StorageRoot itself stays picklable).
+_RUNNING = threading.local()
 # A transfer of a known size gets this much more time than the deadline: a second per MiB.
 TRANSFER_ALLOWANCE_BYTES_PER_S = 1 << 20
 
@@ -221,13 +223,12 @@ class StorageRoot:
             self.storage_options = {**self.storage_options, "config_kwargs": config}
             self._attempt_bound = attempt_bound(config)
         self.fs = filesystem_for(self.root_uri, self.s3_endpoint_url, **self.storage_options)
-        self._deadlines = threading.local()  # the deadline of the operation running in this thread
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A call of the filesystem, cut off (and cancelled) at the running operation's deadline on an
         object store: the client's timeouts do not cover every wait (aiohttp waits for an answer to
         `Expect: 100-continue` with no timeout at all)."""
-        deadline = getattr(self._deadlines, "at", None)
+        deadline = getattr(_RUNNING, "deadline", None)
         if not self.is_local and deadline is not None:
             kwargs["timeout"] = max(0.01, deadline - time.monotonic())
         return getattr(self.fs, method)(*args, **kwargs)
@@ -264,7 +265,7 @@ class StorageRoot:
         attempt = 0
         while True:
             attempt += 1
-            outer, self._deadlines.at = getattr(self._deadlines, "at", None), deadline
+            outer, _RUNNING.deadline = getattr(_RUNNING, "deadline", None), deadline
             try:
                 return operation()
             except FileNotFoundError:
@@ -289,7 +290,7 @@ class StorageRoot:
                             attempt, self.retry.attempts - 1, delay)  # fmt: skip
                 time.sleep(delay)
             finally:
-                self._deadlines.at = outer
+                _RUNNING.deadline = outer
 
     # -- single objects ---------------------------------------------------------------------
     def exists(self, key: str) -> bool:
