@@ -83,7 +83,14 @@ def run(pool_path: Path, root: str, shard_rows: int, workers: int) -> dict:
         if i in marks:
             samples.append((i / len(keys), rss_mb(), _children_peak_mb()))
     t_curate = time.perf_counter() - t1
-    return {"shards": len(keys), "captions": n_in, "kept": n_kept, "register_s": t_register, "curate_s": t_curate, "rss": samples}
+    return {
+        "shards": len(keys),
+        "captions": n_in,
+        "kept": n_kept,
+        "register_s": t_register,
+        "curate_s": t_curate,
+        "rss": samples,
+    }
 
 
 def _children_peak_mb() -> float:
@@ -107,22 +114,32 @@ def main() -> None:
         pool = Path(tmp) / "pool.jsonl"
         t = time.perf_counter()
         write_pool(args.coco, args.captions, pool)
-        print(f"synthesised {args.captions:,} captions ({pool.stat().st_size / 1e6:.0f} MB JSONL) in {time.perf_counter() - t:.1f}s")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+        print(
+            f"synthesised {args.captions:,} captions ({pool.stat().st_size / 1e6:.0f} MB JSONL) in {time.perf_counter() - t:.1f}s"
+        )
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        )
         rows = []
         for workers in sorted({1, args.workers}):
             r = run(pool, str(Path(tmp) / f"root-{workers}"), args.shard_rows, workers)
             rate = r["captions"] / r["curate_s"]
             rows.append((workers, r, rate))
-            print(f"\nworkers={workers}: {r['shards']} shards, register {r['register_s']:.1f}s, curate {r['curate_s']:.1f}s, kept {r['kept']:,}/{r['captions']:,}")
+            print(
+                f"\nworkers={workers}: {r['shards']} shards, register {r['register_s']:.1f}s, curate {r['curate_s']:.1f}s, kept {r['kept']:,}/{r['captions']:,}"
+            )
             print("  progress  parent RSS (MB)  worker peak RSS (MB)")
             for frac, rss, peak in r["rss"]:
                 print(f"  {frac:7.0%}  {rss:15.0f}  {peak:20.0f}")
-        print("\n| workers | shards | captions | curate s | captions/s | captions/min | worker peak RSS MB (10% -> 100%) |")
+        print(
+            "\n| workers | shards | captions | curate s | captions/s | captions/min | worker peak RSS MB (10% -> 100%) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for workers, r, rate in rows:
             peaks = f"{r['rss'][0][2]:.0f} -> {r['rss'][-1][2]:.0f}"
-            print(f"| {workers} | {r['shards']} | {r['captions']:,} | {r['curate_s']:.1f} | {rate:,.0f} | {rate * 60:,.0f} | {peaks} |")
+            print(
+                f"| {workers} | {r['shards']} | {r['captions']:,} | {r['curate_s']:.1f} | {rate:,.0f} | {rate * 60:,.0f} | {peaks} |"
+            )
         if len(rows) == 2:
             print(f"\nspeed-up {rows[1][0]} workers vs 1: {rows[1][2] / rows[0][2]:.2f}x")
         print(f"parent peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

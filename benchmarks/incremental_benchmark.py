@@ -67,9 +67,14 @@ def main() -> None:
                 full_driver.run_until_quiet(build_definitions(full_settings))
                 full = run(full_settings, files[:step], fresh, full_driver)
             rows.append((step, step * args.captions_per_step, inc, full))
-            print(f"step {step}: incremental {inc['generated']} images in {inc['wall_s']:.1f}s, full {full['generated']} in {full['wall_s']:.1f}s", flush=True)
+            print(
+                f"step {step}: incremental {inc['generated']} images in {inc['wall_s']:.1f}s, full {full['generated']} in {full['wall_s']:.1f}s",
+                flush=True,
+            )
 
-    print("\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL generation s (incr / full) | wall s (incr / full) |")
+    print(
+        "\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL generation s (incr / full) | wall s (incr / full) |"
+    )
     print("|---|---|---|---|---|---|")
     totals = {"inc": [0, 0.0, 0.0], "full": [0, 0.0, 0.0]}
     for step, n, inc, full in rows:
@@ -80,7 +85,9 @@ def main() -> None:
             totals[k][1] += r["generation_seconds"]
             totals[k][2] += r["wall_s"]
     (gi, si, wi), (gf, sf, wf) = totals["inc"], totals["full"]
-    print(f"\nover {args.steps} steps: images {gi} vs {gf} ({1 - gi / gf:.0%} saved), SDXL seconds {si:.1f} vs {sf:.1f}, wall {wi:.1f} vs {wf:.1f} s")
+    print(
+        f"\nover {args.steps} steps: images {gi} vs {gf} ({1 - gi / gf:.0%} saved), SDXL seconds {si:.1f} vs {sf:.1f}, wall {wi:.1f} vs {wf:.1f} s"
+    )
 
 
 if __name__ == "__main__":

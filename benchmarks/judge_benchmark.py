@@ -58,7 +58,11 @@ def main() -> None:
     prompt = JudgePrompt.build(tokenizer)
     prompts = [prompt.ids(c) for c in captions]
     tokens = sum(map(len, prompts))
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}; {len(prompts)} COCO captions, batch {args.batch}; "
           f"prompt tokens: prefix {len(prompt.prefix)}, mean {tokens / len(prompts):.1f}")  # fmt: skip
 
@@ -75,16 +79,24 @@ def main() -> None:
         if gpu:
             torch.cuda.synchronize()
         s = time.perf_counter() - t
-        rows[label] = {"prompts_per_s": len(prompts) / s, "prompt_tokens_per_s": tokens / s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+        rows[label] = {
+            "prompts_per_s": len(prompts) / s,
+            "prompt_tokens_per_s": tokens / s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        }
 
     print("\n| backend: transformers | prompts / s | prompt tokens / s | peak GiB |")
     print("|---|---|---|---|")
     for label, r in rows.items():
-        print(f"| {label} | {r['prompts_per_s']:.1f} | {r['prompt_tokens_per_s']:.0f} | {r['peak_gib'] or float('nan'):.1f} |")
+        print(
+            f"| {label} | {r['prompts_per_s']:.1f} | {r['prompt_tokens_per_s']:.0f} | {r['peak_gib'] or float('nan'):.1f} |"
+        )
     ratio = rows["with shared-prefix KV cache"]["prompts_per_s"] / rows["without prefix cache"]["prompts_per_s"]
     print(f"\nprefix cache speed-up: {ratio:.2f}x (tokens/s counts every prompt token, cached or not)")
     if args.out:
-        args.out.write_text(json.dumps({"device": name, "preset": args.preset, "rows": rows, "ratio": ratio}, indent=1))
+        args.out.write_text(
+            json.dumps({"device": name, "preset": args.preset, "rows": rows, "ratio": ratio}, indent=1)
+        )
 
 
 if __name__ == "__main__":

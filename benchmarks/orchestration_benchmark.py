@@ -145,24 +145,18 @@ class Timed:
     output: str
 
 
-def run_timed(
-    cmd: Sequence[str], env: dict[str, str], cwd: Path, log: Path, timeout: float
-) -> Timed:
+def run_timed(cmd: Sequence[str], env: dict[str, str], cwd: Path, log: Path, timeout: float) -> Timed:
     """Run a command to completion, timing it from process start to exit and sampling its tree's RSS."""
     with open(log, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         with RssSampler([proc.pid]) as rss:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(
-                    f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log})"
-                ) from None
+                raise RuntimeError(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log})") from None
         seconds = time.perf_counter() - t0
     text = log.read_text(errors="replace")
     if rc != 0:
@@ -170,9 +164,7 @@ def run_timed(
     return Timed(seconds, rss.peak_tree_mb, rss.peak_proc_mb, text)
 
 
-def start_service(
-    cmd: Sequence[str], env: dict[str, str], cwd: Path, log: Path
-) -> subprocess.Popen:
+def start_service(cmd: Sequence[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     # Own session, so that stop_service can end the service and the code servers it spawned together.
     return subprocess.Popen(
         cmd,
@@ -188,9 +180,7 @@ def stop_service(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
     try:
-        os.killpg(
-            proc.pid, signal.SIGTERM
-        )  # the group this benchmark created for it (start_new_session)
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this benchmark created for it (start_new_session)
         proc.wait(timeout=30)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         try:
@@ -256,15 +246,11 @@ def synthvlm(inst: Instance, args: Sequence[str], log: str, timeout: float) -> T
     )
 
 
-def cli_path(
-    caption_file: Path, parent: Path, name: str, timeout: float
-) -> tuple[Instance, dict[str, Any]]:
+def cli_path(caption_file: Path, parent: Path, name: str, timeout: float) -> tuple[Instance, dict[str, Any]]:
     """The README's curation: `synthvlm register FILE`, then `synthvlm materialize --image-shards 0`."""
     inst = fresh_instance(parent, name)
     reg = synthvlm(inst, ["register", str(caption_file)], "register.log", timeout)
-    mat = synthvlm(
-        inst, ["materialize", "--image-shards", "0"], "materialize.log", timeout
-    )
+    mat = synthvlm(inst, ["materialize", "--image-shards", "0"], "materialize.log", timeout)
     failed = len(re.findall(r"\bFAILED\b", mat.output))
     return inst, {
         "register_s": reg.seconds,
@@ -283,13 +269,9 @@ class GraphQL:
     def __init__(self, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}/graphql"
 
-    def post(
-        self, query: str, variables: dict | None = None, timeout: float = 600
-    ) -> dict:
+    def post(self, query: str, variables: dict | None = None, timeout: float = 600) -> dict:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        req = urllib.request.Request(
-            self.url, body, {"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             out = json.loads(resp.read())
         if out.get("errors"):
@@ -307,9 +289,7 @@ _WORKSPACE_QUERY = """query { workspaceOrError { ... on Workspace { locationEntr
 } } } }"""
 
 
-def start_webserver(
-    inst: Instance, log: str
-) -> tuple[subprocess.Popen, GraphQL, dict[str, str]]:
+def start_webserver(inst: Instance, log: str) -> tuple[subprocess.Popen, GraphQL, dict[str, str]]:
     """dagster-webserver on the repo's workspace.yaml; returns once its code location has loaded."""
     port = free_port()
     cmd = [
@@ -326,13 +306,9 @@ def start_webserver(
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"dagster-webserver exited: {(inst.root / log).read_text()[-3000:]}"
-            )
+            raise RuntimeError(f"dagster-webserver exited: {(inst.root / log).read_text()[-3000:]}")
         try:
-            entries = gql.post(_WORKSPACE_QUERY, timeout=10)["workspaceOrError"][
-                "locationEntries"
-            ]
+            entries = gql.post(_WORKSPACE_QUERY, timeout=10)["workspaceOrError"]["locationEntries"]
         except (OSError, RuntimeError, KeyError):
             time.sleep(0.5)
             continue
@@ -377,14 +353,10 @@ def wait_daemon(gql: GraphQL, timeout: float = 300) -> None:
         if {"BACKFILL", "QUEUED_RUN_COORDINATOR"} <= healthy:
             return
         time.sleep(0.5)
-    raise RuntimeError(
-        "dagster-daemon: backfill and run-queue daemons not healthy after 300 s"
-    )
+    raise RuntimeError("dagster-daemon: backfill and run-queue daemons not healthy after 300 s")
 
 
-def backfill_path(
-    caption_file: Path, parent: Path, name: str, timeout: float
-) -> dict[str, Any]:
+def backfill_path(caption_file: Path, parent: Path, name: str, timeout: float) -> dict[str, Any]:
     """Register with the CLI, then a UI-style asset backfill of every partition, run by the daemon."""
     from dagster import DagsterInstance, RunsFilter
     from dagster._core.storage.tags import BACKFILL_ID_TAG
@@ -423,9 +395,7 @@ def backfill_path(
         }
         with RssSampler([daemon.pid]) as rss_daemon, RssSampler([web.pid]) as rss_web:
             t0 = time.perf_counter()
-            res = gql.post(launch, {"backfillParams": params})[
-                "launchPartitionBackfill"
-            ]
+            res = gql.post(launch, {"backfillParams": params})["launchPartitionBackfill"]
             if res["__typename"] != "LaunchBackfillSuccess":
                 raise RuntimeError(f"launchPartitionBackfill: {res}")
             backfill_id = res["backfillId"]
@@ -436,14 +406,10 @@ def backfill_path(
                     if status in DONE_BACKFILL:
                         break
                     if daemon.poll() is not None:
-                        raise RuntimeError(
-                            f"dagster-daemon exited: {(inst.root / 'daemon.log').read_text()[-3000:]}"
-                        )
+                        raise RuntimeError(f"dagster-daemon exited: {(inst.root / 'daemon.log').read_text()[-3000:]}")
                     time.sleep(0.2)
                 seconds = time.perf_counter() - t0
-                runs = instance.get_runs(
-                    RunsFilter(tags={BACKFILL_ID_TAG: backfill_id})
-                )
+                runs = instance.get_runs(RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
                 by_status: dict[str, int] = {}
                 for r in runs:
                     by_status[r.status.value] = by_status.get(r.status.value, 0) + 1
@@ -452,9 +418,7 @@ def backfill_path(
             stop_service(daemon)
         stop_service(web)
     if status not in DONE_BACKFILL:
-        raise RuntimeError(
-            f"backfill {backfill_id} still {status} after {timeout:.0f}s"
-        )
+        raise RuntimeError(f"backfill {backfill_id} still {status} after {timeout:.0f}s")
     return {
         "register_s": reg.seconds,
         "backfill_s": seconds,
@@ -493,14 +457,7 @@ def ui_query_texts(names: Sequence[str]) -> dict[str, str]:
     """The UI's own query documents, fragments resolved, from the webserver's installed JS bundle."""
     import dagster_webserver
 
-    chunks = (
-        Path(dagster_webserver.__file__).parent
-        / "webapp"
-        / "build"
-        / "_next"
-        / "static"
-        / "chunks"
-    )
+    chunks = Path(dagster_webserver.__file__).parent / "webapp" / "build" / "_next" / "static" / "chunks"
     docs = []
     for js in chunks.glob("*.js"):
         text = js.read_text(errors="replace")
@@ -546,9 +503,7 @@ def graphql_page(inst: Instance, repeats: int = 3) -> dict[str, Any]:
             if any(v not in values for v in needed):
                 results[name] = {"skipped": f"needs {needed}"}
                 continue
-            variables = {
-                v: values[v] for v in re.findall(r"\$(\w+):", header) if v in values
-            }
+            variables = {v: values[v] for v in re.findall(r"\$(\w+):", header) if v in values}
             try:
                 ms = [gql.timed(text, variables) for _ in range(repeats)]
             except (RuntimeError, OSError) as exc:
@@ -574,13 +529,9 @@ def graphql_page(inst: Instance, repeats: int = 3) -> dict[str, Any]:
 # Kernel and Data-Juicer
 
 
-def kernel_path(
-    caption_file: Path, parent: Path, name: str, shard_rows: int, workers: int
-) -> dict[str, Any]:
+def kernel_path(caption_file: Path, parent: Path, name: str, shard_rows: int, workers: int) -> dict[str, Any]:
     with RssSampler([os.getpid()]) as rss:
-        r = curation_benchmark().run(
-            caption_file, str(parent / name), shard_rows, workers
-        )
+        r = curation_benchmark().run(caption_file, str(parent / name), shard_rows, workers)
     return {
         "register_s": r["register_s"],
         "curate_s": r["curate_s"],
@@ -607,11 +558,7 @@ def ensure_dj_venv(venv: Path) -> Path:
     # import below also lets DJ lazy-install what its imports want (ray), so that no timed run installs anything.
     cpu_torch = sorted(glob.glob("/opt/wheels/torch-*+cpu-cp3*.whl"))
     torch = cpu_torch[-1] if cpu_torch else "torch"
-    extra = (
-        []
-        if cpu_torch
-        else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-    )
+    extra = [] if cpu_torch else ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
     pkgs = [f"py-data-juicer=={DJ_VERSION}", "ftfy==6.3.1", "aiohttp", torch]
     subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs, *extra], check=True)
     subprocess.run(probe, check=True)
@@ -620,9 +567,7 @@ def ensure_dj_venv(venv: Path) -> Path:
 
 def dj_version(py: Path) -> str:
     code = "import importlib.metadata as m; print(m.version('py-data-juicer'))"
-    return subprocess.run(
-        [str(py), "-c", code], capture_output=True, text=True
-    ).stdout.strip()
+    return subprocess.run([str(py), "-c", code], capture_output=True, text=True).stdout.strip()
 
 
 def to_jsonl(caption_file: Path, out: Path) -> Path:
@@ -634,9 +579,7 @@ def to_jsonl(caption_file: Path, out: Path) -> Path:
     return out
 
 
-def dj_path(
-    py: Path, jsonl: Path, parent: Path, name: str, num_proc: int, timeout: float
-) -> dict[str, Any]:
+def dj_path(py: Path, jsonl: Path, parent: Path, name: str, num_proc: int, timeout: float) -> dict[str, Any]:
     """`dj-process` on a recipe of DJ's own ops with the SPEC thresholds (= RuleFilterSettings' defaults)."""
     from synthvlm_assets.captions.filters import RuleFilterSettings
 
@@ -757,9 +700,7 @@ def bench_pool(
     k = kernel_path(caption_file, tmp, f"{label}-kernel", args.shard_rows, args.workers)
     n, shards = k["captions"], k["shards"]
     out.update(kernel=k, captions=n, shards=shards)
-    print(
-        f"   {k['total_s']:.1f}s ({n / k['total_s']:,.0f}/s), {shards} shards, kept {k['kept']:,}"
-    )
+    print(f"   {k['total_s']:.1f}s ({n / k['total_s']:,.0f}/s), {shards} shards, kept {k['kept']:,}")
     save(out)
 
     if dj_py is not None:
@@ -796,9 +737,7 @@ def bench_pool(
             shutil.rmtree(inst.root, ignore_errors=True)
 
     if daemon:
-        print(
-            f"== {label}: daemon backfill of {' + '.join(BACKFILL_ASSETS)}", flush=True
-        )
+        print(f"== {label}: daemon backfill of {' + '.join(BACKFILL_ASSETS)}", flush=True)
         bf_args = (caption_file, tmp, f"{label}-backfill", args.timeout)
         b = _stage(out, "backfill", backfill_path, *bf_args)
         if b is not None:
@@ -832,9 +771,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     if "backfill" in r:
         b = r["backfill"]
         s["backfill_cps"] = _rate(n, b["backfill_s"])
-        s["backfill_overhead_ms_per_shard"] = (
-            (b["backfill_s"] - k["curate_s"]) / shards * 1000
-        )
+        s["backfill_overhead_ms_per_shard"] = (b["backfill_s"] - k["curate_s"]) / shards * 1000
     if "dj" in r:
         d = _rate(n, r["dj"]["total_s"])
         s["dj_cps"] = d
@@ -876,9 +813,7 @@ def render_table(pools: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ",.0f",
     )
     add("CLI register s", lambda p: p["cli"]["register_s"], ".1f")
-    add(
-        "CLI materialize --image-shards 0 s", lambda p: p["cli"]["materialize_s"], ".1f"
-    )
+    add("CLI materialize --image-shards 0 s", lambda p: p["cli"]["materialize_s"], ".1f")
     add("CLI total s (incl. process start)", lambda p: p["cli"]["total_s"], ".1f")
     add("CLI runs", lambda p: p["cli"]["runs"], ",")
     add("CLI captions/s", lambda p: p["summary"]["cli_cps"], ",.0f")
@@ -892,9 +827,7 @@ def render_table(pools: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lambda p: f"{p['cli']['peak_tree_mb']:.0f} / {p['cli']['peak_proc_mb']:.0f}",
         "",
     )
-    add(
-        "CLI event log MB (SQLite)", lambda p: p["cli"]["event_log_bytes"] / 1e6, ",.1f"
-    )
+    add("CLI event log MB (SQLite)", lambda p: p["cli"]["event_log_bytes"] / 1e6, ",.1f")
     add(
         "backfill s (mutation -> COMPLETED)",
         lambda p: p["backfill"]["backfill_s"],
@@ -955,33 +888,19 @@ def render_table(pools: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"dagster {meta['versions']['dagster']}, Data-Juicer {meta['versions'].get('py-data-juicer') or '—'}, "
         f"commit {meta['commit']}; load average at start "
         + "/".join(f"{x:.1f}" for x in meta["machine"]["load_avg_at_start"]),
-        "| "
-        + "metric".ljust(width)
-        + " | "
-        + " | ".join(c.rjust(w) for c, w in zip(cols, colw))
-        + " |",
+        "| " + "metric".ljust(width) + " | " + " | ".join(c.rjust(w) for c, w in zip(cols, colw)) + " |",
         "|" + "-" * (width + 2) + "|" + "|".join("-" * (w + 2) for w in colw) + "|",
     ]
     for label, vals in rows:
-        lines.append(
-            "| "
-            + label.ljust(width)
-            + " | "
-            + " | ".join(v.rjust(w) for v, w in zip(vals, colw))
-            + " |"
-        )
+        lines.append("| " + label.ljust(width) + " | " + " | ".join(v.rjust(w) for v, w in zip(vals, colw)) + " |")
     for p in pools:
         g = p.get("graphql")
         if g:
             per = ", ".join(
-                f"{k} {v['median_ms']:.0f}"
-                if "median_ms" in v
-                else f"{k} ({next(iter(v))})"
+                f"{k} {v['median_ms']:.0f}" if "median_ms" in v else f"{k} ({next(iter(v))})"
                 for k, v in g["queries"].items()
             )
-            lines.append(
-                f"GraphQL {p['pool']} ({g['partitions']} partitions), ms: {per}"
-            )
+            lines.append(f"GraphQL {p['pool']} ({g['partitions']} partitions), ms: {per}")
     return "\n".join(lines)
 
 
@@ -1005,9 +924,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--coco",
         type=Path,
@@ -1033,24 +950,16 @@ def main() -> None:
         action="store_true",
         help="a 20,000-caption pool: a smoke test in a few minutes",
     )
-    p.add_argument(
-        "--no-dj", action="store_true", help="skip Data-Juicer (and its venv)"
-    )
+    p.add_argument("--no-dj", action="store_true", help="skip Data-Juicer (and its venv)")
     p.add_argument("--dj-venv", type=Path, default=REPO / "benchmarks" / ".venv-dj")
-    p.add_argument(
-        "--no-daemon", action="store_true", help="skip the daemon backfill (COCO's too)"
-    )
+    p.add_argument("--no-daemon", action="store_true", help="skip the daemon backfill (COCO's too)")
     p.add_argument(
         "--daemon-pool",
         action="store_true",
         help="also backfill the synthetic pool through the daemon",
     )
-    p.add_argument(
-        "--no-graphql", action="store_true", help="skip the asset page's GraphQL timing"
-    )
-    p.add_argument(
-        "--timeout", type=float, default=4 * 3600, help="per command, seconds"
-    )
+    p.add_argument("--no-graphql", action="store_true", help="skip the asset page's GraphQL timing")
+    p.add_argument("--timeout", type=float, default=4 * 3600, help="per command, seconds")
     p.add_argument(
         "--workdir",
         type=Path,
@@ -1081,13 +990,7 @@ def main() -> None:
     if not args.coco.exists():
         sys.exit(f"COCO captions not found at {args.coco} (--coco PATH)")
     cores = os.cpu_count() or 1
-    out = (
-        args.out
-        or REPO
-        / "benchmarks"
-        / "results"
-        / f"orchestration-cpu{cores}{'-quick' if args.quick else ''}"
-    )
+    out = args.out or REPO / "benchmarks" / "results" / f"orchestration-cpu{cores}{'-quick' if args.quick else ''}"
 
     from importlib.metadata import version
 
@@ -1135,17 +1038,13 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".txt").write_text(table + "\n")
         doc = {**meta, "complete": final, "pools": done}
-        path.with_suffix(".json").write_text(
-            json.dumps(doc, indent=1, default=str) + "\n"
-        )
+        path.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         return table
 
     with tempfile.TemporaryDirectory(prefix="orch-bench-", dir=args.workdir) as tmp_s:
         tmp = Path(tmp_s)
         coco_jsonl = to_jsonl(args.coco, tmp / "coco.jsonl")
-        coco = bench_pool(
-            "coco", args.coco, coco_jsonl, tmp, args, dj_py, not args.no_daemon, save
-        )
+        coco = bench_pool("coco", args.coco, coco_jsonl, tmp, args, dj_py, not args.no_daemon, save)
         pools.append(coco)
         pool = tmp / f"pool-{args.captions}.jsonl"
         t = time.perf_counter()
@@ -1158,9 +1057,7 @@ def main() -> None:
         pools.append(bench_pool(label, pool, pool, tmp, args, dj_py, daemon, save))
     table = save(final=True)
     for partial in (".txt", ".json"):
-        out.with_name(out.name + "-partial").with_suffix(partial).unlink(
-            missing_ok=True
-        )
+        out.with_name(out.name + "-partial").with_suffix(partial).unlink(missing_ok=True)
     print("\n" + table)
     print(f"\nwrote {out.with_suffix('.txt')} and .json")
 

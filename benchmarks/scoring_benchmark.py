@@ -40,7 +40,9 @@ def make_jpegs(n: int, size: int = 1024, seed: int = 0) -> list[bytes]:
     return out
 
 
-def reference(jpegs: list[bytes], captions: list[str], scorer: ClipScorer, ssim: SSIMSettings) -> tuple[list[float], list[float], float]:
+def reference(
+    jpegs: list[bytes], captions: list[str], scorer: ClipScorer, ssim: SSIMSettings
+) -> tuple[list[float], list[float], float]:
     import torch.nn.functional as F
 
     model = scorer.model.float()
@@ -50,7 +52,10 @@ def reference(jpegs: list[bytes], captions: list[str], scorer: ClipScorer, ssim:
         image = Image.open(io.BytesIO(jpeg)).convert("RGB")
         with torch.inference_mode():
             i = F.normalize(model.encode_image(scorer.preprocess(image)[None].to(scorer.device)).float(), dim=-1)
-            tt = F.normalize(model.encode_text(scorer.tokenizer([scorer.settings.prefix + caption]).to(scorer.device)).float(), dim=-1)
+            tt = F.normalize(
+                model.encode_text(scorer.tokenizer([scorer.settings.prefix + caption]).to(scorer.device)).float(),
+                dim=-1,
+            )
         clip.append(max((i * tt).sum().item(), 0.0))
         ss.append(ssim_reference(image, ssim))
     if scorer.device == "cuda":
@@ -72,7 +77,9 @@ def main() -> None:
     jpegs = make_jpegs(args.images)
     captions = [f"A red bus number {i} parked next to a tall building on a sunny day." for i in range(args.images)]
     ssim = SSIMSettings()
-    print("\n| model | reference images/s (fp32, batch 1, scikit-image) | ours images/s | ratio | decode+resize only (workers) | CLIP+SSIM only (device) | max abs diff clip | max abs diff ssim |")
+    print(
+        "\n| model | reference images/s (fp32, batch 1, scikit-image) | ours images/s | ratio | decode+resize only (workers) | CLIP+SSIM only (device) | max abs diff clip | max abs diff ssim |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         settings = ClipSettings(model=name, pretrained="none", batch_size=args.batch, dtype="fp16")
@@ -98,7 +105,9 @@ def main() -> None:
         slow = n_ref / ref_s
         d_clip = max(abs(a - o[1]) for a, o in zip(ref_clip, ours))
         d_ssim = max(abs(a - o[2]) for a, o in zip(ref_ssim, ours))
-        print(f"| {name} | {slow:.1f} | {fast:.1f} | {fast / slow:.1f}x | {decode_rate:.1f} | {device_rate:.1f} | {d_clip:.1e} | {d_ssim:.1e} |")
+        print(
+            f"| {name} | {slow:.1f} | {fast:.1f} | {fast / slow:.1f}x | {decode_rate:.1f} | {device_rate:.1f} | {d_clip:.1e} | {d_ssim:.1e} |"
+        )
 
 
 def sync(gpu: bool) -> None:

@@ -56,11 +56,27 @@ def measure(pipe, batch: int, settings: SynthesisSettings, device: str, vae_dtyp
     latents = run(2)  # warm-up (and compilation)
     t2, t12 = best_of(lambda: run(2), device), best_of(lambda: run(12), device)
     step = (t12 - t2) / 10
-    text = best_of(lambda: pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=[""] * batch), device)
+    text = best_of(
+        lambda: pipe.encode_prompt(
+            prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[""] * batch,
+        ),
+        device,
+    )
     vae = pipe.vae if pipe.vae.dtype == vae_dtype else pipe.vae.to(vae_dtype)
     decode = best_of(lambda: _vae_decode(vae, latents), device)
     total = text + settings.steps * step + decode
-    out = {"batch": batch, "step_s": step, "text_s": text, "vae_s": decode, "s_per_image": total / batch, "images_per_s": batch / total}
+    out = {
+        "batch": batch,
+        "step_s": step,
+        "text_s": text,
+        "vae_s": decode,
+        "s_per_image": total / batch,
+        "images_per_s": batch / total,
+    }
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -74,9 +90,19 @@ def unet_tflop_per_image(unet_config: dict, settings: SynthesisSettings, vae_sca
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
         x = torch.randn(2, 4, settings.height // vae_scale, settings.width // vae_scale)
-        cond = {"text_embeds": torch.randn(2, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim), "time_ids": torch.randn(2, 6)}
+        cond = {
+            "text_embeds": torch.randn(
+                2, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            ),
+            "time_ids": torch.randn(2, 6),
+        }
         with FlopCounterMode(display=False) as counter:
-            unet(x, torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim), added_cond_kwargs=cond)
+            unet(
+                x,
+                torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim),
+                added_cond_kwargs=cond,
+            )
     return counter.get_total_flops() * settings.steps / 1e12
 
 
@@ -96,14 +122,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["sdxl", "tiny"], default="sdxl" if torch.cuda.is_available() else "tiny")
     p.add_argument("--batch", type=int, default=None, help="batch of path (b) (default: the project's default)")
-    p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE[,SETTING=VALUE]",
-                   help="also measure (b) with these execution settings changed, e.g. fuse_qkv=true (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE[,SETTING=VALUE]",
+        help="also measure (b) with these execution settings changed, e.g. fuse_qkv=true (repeatable)",
+    )
     p.add_argument("--validate", action="store_true", help="also time one real full-length call of (b)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.preset == "sdxl" and device != "cuda":
-        raise SystemExit("the SDXL-size benchmark needs a GPU (the full UNet takes ~30 s per step on a CPU): use --preset tiny")
+        raise SystemExit(
+            "the SDXL-size benchmark needs a GPU (the full UNet takes ~30 s per step on a CPU): use --preset tiny"
+        )
 
     if args.preset == "sdxl":
         from synthvlm_assets.models.sdxl_arch import UNET, random_sdxl_pipeline
@@ -120,8 +153,14 @@ def main() -> None:
     if args.batch:
         ours = SynthesisSettings(**{**ours.__dict__, "batch_size": args.batch})
     half = torch.float16 if device == "cuda" else torch.float32  # CPUs have no fast fp16 path
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}; {ours.height}x{ours.width}, {ours.steps} steps, guidance {ours.guidance_scale}")
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device: {name}; torch {torch.__version__}; preset {args.preset}; {ours.height}x{ours.width}, {ours.steps} steps, guidance {ours.guidance_scale}"
+    )
 
     results = {}
     pipe = build(half)
@@ -136,15 +175,26 @@ def main() -> None:
         t = best_of(lambda: gen.generate(prompts, list(range(ours.batch_size))), device, runs=1)
         results["b"]["validated_s_per_image"] = t / ours.batch_size
 
-    rows = [(f"(a) SynthVLM: {'fp16' if half == torch.float16 else 'fp32 (no fast fp16 on this device)'}, batch 1, eager, VAE fp32", results["a"]),
-            (f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}, fuse_qkv={ours.fuse_qkv}", results["b"])]
+    rows = [
+        (
+            f"(a) SynthVLM: {'fp16' if half == torch.float16 else 'fp32 (no fast fp16 on this device)'}, batch 1, eager, VAE fp32",
+            results["a"],
+        ),
+        (
+            f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}, fuse_qkv={ours.fuse_qkv}",
+            results["b"],
+        ),
+    ]
     for i, variant in enumerate(args.variant):
         del gen
         if device == "cuda":
             torch.cuda.empty_cache()
             torch._dynamo.reset()
         changes = dict(kv.split("=", 1) for kv in variant.split(","))
-        typed = {k: (v.lower() in ("1", "true", "yes")) if isinstance(getattr(ours, k), bool) else type(getattr(ours, k))(v) for k, v in changes.items()}
+        typed = {
+            k: (v.lower() in ("1", "true", "yes")) if isinstance(getattr(ours, k), bool) else type(getattr(ours, k))(v)
+            for k, v in changes.items()
+        }
         settings = SynthesisSettings(**{**ours.__dict__, **typed})
         gen = SDXLGenerator(settings, build(getattr(torch, DTYPES[settings.dtype])), device=device)
         results[f"variant{i}"] = measure(gen.base, settings.batch_size, settings, device, gen.base.vae.dtype)
@@ -156,7 +206,9 @@ def main() -> None:
     print("\n| path | UNet step (ms) | text enc (ms) | VAE (ms) | s / image | images / s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:
-        print(f"| {label} | {r['step_s'] * 1e3:.1f} | {r['text_s'] * 1e3:.1f} | {r['vae_s'] * 1e3:.1f} | {r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r.get('peak_gib', float('nan')):.1f} |")
+        print(
+            f"| {label} | {r['step_s'] * 1e3:.1f} | {r['text_s'] * 1e3:.1f} | {r['vae_s'] * 1e3:.1f} | {r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r.get('peak_gib', float('nan')):.1f} |"
+        )
     ratio = results["b"]["images_per_s"] / results["a"]["images_per_s"]
     for label, r in rows[2:]:
         print(f"ratio {label.split(')')[0]})/a: {r['images_per_s'] / results['a']['images_per_s']:.2f}x")
@@ -166,7 +218,9 @@ def main() -> None:
         print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s")
         for label, r in rows:
             r["unet_tflops"] = tflop / (r["step_s"] * ours.steps / r["batch"])
-            print(f"  {label.split(')')[0]}) UNet reaches {r['unet_tflops']:.0f} TFLOP/s = {r['unet_tflops'] / peak:.0%} of it")
+            print(
+                f"  {label.split(')')[0]}) UNet reaches {r['unet_tflops']:.0f} TFLOP/s = {r['unet_tflops'] / peak:.0%} of it"
+            )
     if "validated_s_per_image" in results["b"]:
         print(f"validation: one full call of (b) took {results['b']['validated_s_per_image']:.3f} s/image")
     results.update({"device": name, "preset": args.preset, "ratio_b_over_a": ratio, "unet_tflop_per_image": tflop})

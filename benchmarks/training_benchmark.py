@@ -81,12 +81,19 @@ def batch(model, processor, n: int, seed: int, varied: bool = False, multiple: i
         width = -(-(1 + n_img + caption.shape[1]) // multiple) * multiple
         caption = torch.nn.functional.pad(caption, (0, width - 1 - n_img - caption.shape[1]))
     caption_mask = torch.arange(caption.shape[1]) < lengths[:, None]
-    ids = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.full((n, n_img), image_id), caption.where(caption_mask, 0)], 1)
+    ids = torch.cat(
+        [torch.ones(n, 1, dtype=torch.long), torch.full((n, n_img), image_id), caption.where(caption_mask, 0)], 1
+    )
     attention_mask = torch.cat([torch.ones(n, 1 + n_img, dtype=torch.long), caption_mask.long()], 1)
     labels = ids.where(attention_mask.bool(), IGNORE_INDEX)
     labels[:, : 1 + n_img] = IGNORE_INDEX
     size = model.config.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": torch.randn(n, 3, size, size, generator=g)}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": torch.randn(n, 3, size, size, generator=g),
+    }
 
 
 def plain_step(model, b: dict, optimizer, device, dtype) -> float:
@@ -100,7 +107,15 @@ def plain_step(model, b: dict, optimizer, device, dtype) -> float:
     return loss.item()
 
 
-def measure(path: str, preset: str, micro_batch: int, steps: int, device: torch.device, profile_rows: int = 0, varied: bool = False) -> dict:
+def measure(
+    path: str,
+    preset: str,
+    micro_batch: int,
+    steps: int,
+    device: torch.device,
+    profile_rows: int = 0,
+    varied: bool = False,
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     cuda = device.type == "cuda"
@@ -164,7 +179,9 @@ def print_profile(path: str, step, rows: int, cuda: bool) -> None:
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    print(f"\nprofile of one {path} step (top {rows} by {key}); dynamo: {dict(counters['stats'])}, graph breaks: {dict(counters['graph_break'])}")
+    print(
+        f"\nprofile of one {path} step (top {rows} by {key}); dynamo: {dict(counters['stats'])}, graph breaks: {dict(counters['graph_break'])}"
+    )
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
@@ -172,23 +189,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["7b", "tiny"], default="7b")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=None, help="default: 16 (7b), 8 (tiny)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)")
-    parser.add_argument("--paths", nargs="+", choices=["plain", "project", "project-compiled"], default=["plain", "project"])
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps after one warm-up step (default 5 on GPU, 3 on CPU)"
+    )
+    parser.add_argument(
+        "--paths", nargs="+", choices=["plain", "project", "project-compiled"], default=["plain", "project"]
+    )
     parser.add_argument("--out", help="write the rows as JSON here")
-    parser.add_argument("--varied-captions", action="store_true", help="caption lengths 24..72 tokens, padded per batch (real data's shape)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N kernels of one profiled step per row")
+    parser.add_argument(
+        "--varied-captions",
+        action="store_true",
+        help="caption lengths 24..72 tokens, padded per batch (real data's shape)",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N kernels of one profiled step per row"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.preset == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # as training does for the tiny preset: threads only add hand-off cost
     if args.preset == "7b" and device.type != "cuda":
         raise SystemExit("the 7b preset needs a GPU (about 60 GB); use --preset tiny on a CPU")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     steps = args.steps or (5 if device.type == "cuda" else 3)
     import transformers
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    captions = "24..72 caption tokens, padded per batch" if args.varied_captions else f"{CAPTION_TOKENS} caption tokens"
+    captions = (
+        "24..72 caption tokens, padded per batch" if args.varied_captions else f"{CAPTION_TOKENS} caption tokens"
+    )
     print(f"stage-1 step, preset {args.preset}, {captions}, device: {device_name}, {versions}")
     print("| path | micro-batch | samples/s | s/step | TFLOP/step | TFLOP/s | peak memory GiB | first-step loss |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
@@ -197,9 +230,12 @@ def main() -> None:
         for path in args.paths:
             try:
                 r = measure(path, args.preset, mb, steps, device, args.profile, args.varied_captions)
-                print(f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
-                      f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |"
-                      + (f" (dynamo graphs: {r['compiled_graphs']})" if r["compiled_graphs"] is not None else ""), flush=True)
+                print(
+                    f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
+                    f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |"
+                    + (f" (dynamo graphs: {r['compiled_graphs']})" if r["compiled_graphs"] is not None else ""),
+                    flush=True,
+                )
             except torch.OutOfMemoryError:
                 r = {"path": path, "micro_batch": mb, "samples_per_second": None, "note": "out of memory"}
                 print(f"| {path} | {mb} | out of memory | | | | | |", flush=True)
@@ -208,7 +244,17 @@ def main() -> None:
             rows.append(r)
             if args.out:  # after every row: a run cut short keeps what it measured
                 with open(args.out, "w") as f:
-                    json.dump({"device": device_name, "preset": args.preset, "versions": versions, "captions": captions, "rows": rows}, f, indent=1)
+                    json.dump(
+                        {
+                            "device": device_name,
+                            "preset": args.preset,
+                            "versions": versions,
+                            "captions": captions,
+                            "rows": rows,
+                        },
+                        f,
+                        indent=1,
+                    )
 
 
 if __name__ == "__main__":

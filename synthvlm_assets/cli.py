@@ -1,11 +1,11 @@
 """`synthvlm`: register caption files, materialize shards, query the tables.
 
-    synthvlm demo --input ../shared/data/coco_captions_val2017.json   # the main job, embedded default
-    synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
-    synthvlm materialize --missing                                    # every shard not yet curated
-    synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
-    synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
-    (the demo ends with a stage-1 LLaVA checkpoint trained on its SynthVLM-style dataset: llava_training_job)
+synthvlm demo --input ../shared/data/coco_captions_val2017.json   # the main job, embedded default
+synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
+synthvlm materialize --missing                                    # every shard not yet curated
+synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
+synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
+(the demo ends with a stage-1 LLaVA checkpoint trained on its SynthVLM-style dataset: llava_training_job)
 """
 
 from __future__ import annotations
@@ -72,7 +72,11 @@ def _ranges(keys: Sequence[str], all_keys: Sequence[str], size: int) -> list[tup
 
 
 def materialize(
-    settings: Settings, instance, keys: Sequence[str] | None = None, missing_only: bool = False, image_shards: int | None = None
+    settings: Settings,
+    instance,
+    keys: Sequence[str] | None = None,
+    missing_only: bool = False,
+    image_shards: int | None = None,
 ) -> int:
     """Curate shards in runs over ranges of up to `shards_per_run` shards, then run the GPU part of the
     main job once per shard that gets images (`image_shards`: only the first that many; the rest are
@@ -101,7 +105,9 @@ def materialize(
         print(f"{first} .. {last}: {curation.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     curated = instance.get_materialized_partitions(AssetKey("curated_captions"))
     done = sum(k in curated for k in to_curate)
-    print(f"curated {done}/{len(to_curate)} shards in {len(ranges)} run(s), {time.perf_counter() - t0:.1f}s", flush=True)
+    print(
+        f"curated {done}/{len(to_curate)} shards in {len(ranges)} run(s), {time.perf_counter() - t0:.1f}s", flush=True
+    )
     main = defs.resolve_job_def(MAIN_JOB)
     gpu_part = [k for k in main.asset_layer.executable_asset_keys if k.to_user_string() not in CAPTION_ASSETS]
     for i, key in enumerate(to_image, 1):
@@ -109,7 +115,9 @@ def materialize(
             partition_key=key, asset_selection=gpu_part, instance=instance, raise_on_error=False, run_config=_QUIET
         )
         failures += not result.success
-        print(f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+        print(
+            f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})"
+        )
     return failures
 
 
@@ -146,12 +154,18 @@ def summary(settings: Settings) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="register the input file(s) and materialize every shard (the main job)")
     p.add_argument("--input", nargs="+", required=True, help="caption files (local paths or s3:// URIs)")
-    p.add_argument("--image-shards", type=int, default=1, help="how many shards get SDXL images (the rest: curation only)")
-    p.add_argument("--no-training", action="store_true", help="stop at SynthVLM-100K (skip the stage-1 LLaVA checkpoint)")
+    p.add_argument(
+        "--image-shards", type=int, default=1, help="how many shards get SDXL images (the rest: curation only)"
+    )
+    p.add_argument(
+        "--no-training", action="store_true", help="stop at SynthVLM-100K (skip the stage-1 LLaVA checkpoint)"
+    )
     p = sub.add_parser("register", help="register caption files as shards")
     p.add_argument("uris", nargs="+")
     p = sub.add_parser("materialize", help="run the main job for shards")
@@ -160,9 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
     p = sub.add_parser("lineage", help="print one caption's whole chain, source file to SynthVLM-100K rank")
     p.add_argument("caption_id")
-    p = sub.add_parser("sql", help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions, judged_captions, ...)")
+    p = sub.add_parser(
+        "sql",
+        help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions, judged_captions, ...)",
+    )
     p.add_argument("query", nargs="?", default=None)
-    p = sub.add_parser("judge-serve", help="serve the judge (transformers backend) as an OpenAI-compatible /v1/completions endpoint")
+    p = sub.add_parser(
+        "judge-serve", help="serve the judge (transformers backend) as an OpenAI-compatible /v1/completions endpoint"
+    )
     p.add_argument("--model", default=None, help="HF id, folder, s3:// prefix or tiny (default: SYNTHVLM_JUDGE_MODEL)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -175,9 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synthvlm_assets.defs.resources import JudgeResource
 
         model = args.model or settings.judge.get("model") or JudgeResource().model
-        judge = load_judge(JudgeResource(**{**settings.judge, "model": model, "backend": "transformers", "endpoint_url": None}).settings())
+        judge = load_judge(
+            JudgeResource(
+                **{**settings.judge, "model": model, "backend": "transformers", "endpoint_url": None}
+            ).settings()
+        )
         server = make_server(judge.backend, model, args.host, args.port)
-        print(f"judge {model} (prompt version {judge.prompt.version}) on http://{args.host}:{args.port}/v1/completions", flush=True)
+        print(
+            f"judge {model} (prompt version {judge.prompt.version}) on http://{args.host}:{args.port}/v1/completions",
+            flush=True,
+        )
         server.serve_forever()
         return 0
 
@@ -202,10 +228,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "demo" and "model" not in settings.synthesis:
-        print("demo: SYNTHVLM_SDXL_MODEL is not set, so images come from the tiny preset (random weights, meaningless)")
+        print(
+            "demo: SYNTHVLM_SDXL_MODEL is not set, so images come from the tiny preset (random weights, meaningless)"
+        )
         settings.synthesis["model"] = "tiny"
     if args.command == "demo" and "model" not in settings.judge:
-        print("demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, meaningless verdicts)")
+        print(
+            "demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, meaningless verdicts)"
+        )
         settings.judge["model"] = "tiny"
     if args.command == "demo" and "clip_model" not in settings.scoring:
         settings.scoring["clip_model"] = "tiny"
@@ -228,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.image_shards and not failures and not args.no_training:
             failures += materialize_training(settings, instance)
         print(summary(settings))
-        print(f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev")
+        print(
+            f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev"
+        )
         return 1 if failures else 0
     return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0
 

@@ -1,6 +1,6 @@
 """DuckDB over the Parquet tables in place (local folder or S3 through fsspec).
 
-    synthvlm sql "SELECT reject_reason, count(*) FROM rejected_captions GROUP BY 1"
+synthvlm sql "SELECT reject_reason, count(*) FROM rejected_captions GROUP BY 1"
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ def connect(storage: StorageRoot, database: str = ":memory:") -> duckdb.DuckDBPy
         con.register_filesystem(storage.fs)
     for view, (pattern, schema) in VIEWS.items():
         if storage.fs.glob(storage.path(pattern)):
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{storage.uri(pattern)}', union_by_name=true)")
+            con.execute(
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{storage.uri(pattern)}', union_by_name=true)"
+            )
         else:
             con.register(f"_{view}_empty", schema.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _{view}_empty")
     dataset = storage.manifest("synthvlm_100k")
     if dataset is not None:  # the current version of SynthVLM-100K
-        con.execute(f"CREATE OR REPLACE VIEW synthvlm_100k AS SELECT * FROM read_parquet('{storage.uri(dataset['prefix'] + '/selection.parquet')}')")
+        con.execute(
+            f"CREATE OR REPLACE VIEW synthvlm_100k AS SELECT * FROM read_parquet('{storage.uri(dataset['prefix'] + '/selection.parquet')}')"
+        )
     return con
 
 
@@ -57,16 +61,29 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
 
     raw = rows("SELECT * EXCLUDE (dedup_key) FROM raw_captions WHERE caption_id = $id")
     if not raw:
-        raise KeyError(f"caption {caption_id!r} is in no materialized raw_caption_pool partition under {storage.uri()}")
+        raise KeyError(
+            f"caption {caption_id!r} is in no materialized raw_caption_pool partition under {storage.uri()}"
+        )
     shard = raw[0]["shard"]
-    curated = rows("SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM rejected_captions) WHERE caption_id = $id")
-    judged = rows("SELECT verdict, p_yes, raw_token, judge_model, judge_revision, prompt_version, reject_reason FROM judged_captions WHERE caption_id = $id")
+    curated = rows(
+        "SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM rejected_captions) WHERE caption_id = $id"
+    )
+    judged = rows(
+        "SELECT verdict, p_yes, raw_token, judge_model, judge_revision, prompt_version, reject_reason FROM judged_captions WHERE caption_id = $id"
+    )
     images = rows(
         "SELECT m.candidate, m.seed, m.key, m.flag, m.model, m.model_revision, m.settings, s.clip_score, s.ssim, s.score"
         " FROM sdxl_images m LEFT JOIN image_scores s USING (caption_id, candidate) WHERE m.caption_id = $id ORDER BY m.candidate"
     )
-    selected = rows("SELECT rank, candidate, score FROM synthvlm_100k WHERE caption_id = $id") if storage.manifest("synthvlm_100k") else []
-    runs = {asset: (storage.manifest(f"{asset}/{shard}") or {}).get("run_id") for asset in ("raw_caption_pool", "curated_captions", "judged_captions", "sdxl_images", "image_scores")}
+    selected = (
+        rows("SELECT rank, candidate, score FROM synthvlm_100k WHERE caption_id = $id")
+        if storage.manifest("synthvlm_100k")
+        else []
+    )
+    runs = {
+        asset: (storage.manifest(f"{asset}/{shard}") or {}).get("run_id")
+        for asset in ("raw_caption_pool", "curated_captions", "judged_captions", "sdxl_images", "image_scores")
+    }
     runs["synthvlm_100k"] = (storage.manifest("synthvlm_100k") or {}).get("run_id")
     return {
         "caption_id": caption_id,
@@ -81,7 +98,14 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
     }
 
 
-STEPS = ("raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores")
+STEPS = (
+    "raw_caption_pool",
+    "curated_captions",
+    "pair_filtered_captions",
+    "judged_captions",
+    "sdxl_images",
+    "image_scores",
+)
 
 
 def lineage_table(storage: StorageRoot, selection: pa.Table, selection_run_id: str = "") -> pa.Table:

@@ -68,7 +68,12 @@ class SeaweedFS:
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+                fs = s3fs.S3FileSystem(
+                    key=self.access_key,
+                    secret=self.secret_key,
+                    client_kwargs={"endpoint_url": self.endpoint},
+                    skip_instance_cache=True,
+                )
                 fs.ls("")
                 return
             except Exception:  # noqa: BLE001 - not up yet
@@ -116,7 +121,10 @@ def find_initdb() -> str | None:
     found = shutil.which("initdb")
     if found:
         return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     return str(candidates[-1]) if candidates else None
 
 
@@ -140,9 +148,13 @@ class PostgreSQL:
 
                 pwd.getpwnam("postgres")
             except KeyError:
-                raise RuntimeError("running as root, and there is no `postgres` user to run PostgreSQL as (install Debian's postgresql package)")
+                raise RuntimeError(
+                    "running as root, and there is no `postgres` user to run PostgreSQL as (install Debian's postgresql package)"
+                )
             if runuser is None:
-                raise RuntimeError("running as root, and `runuser` is missing: cannot start PostgreSQL as the postgres user")
+                raise RuntimeError(
+                    "running as root, and `runuser` is missing: cannot start PostgreSQL as the postgres user"
+                )
             self.as_user = [runuser, "-u", "postgres", "--"]
         # Not under pytest's tmp_path: that is private to root (mode 700) and postgres could not enter it.
         import tempfile
@@ -168,13 +180,31 @@ class PostgreSQL:
             raise
 
     def _run(self, args: list[str], env: dict | None = None) -> None:
-        done = subprocess.run(self.as_user + args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=self.dir)
+        done = subprocess.run(
+            self.as_user + args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=self.dir
+        )
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
 
     def start(self) -> None:
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c max_connections=200"
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "postgres.log"), "-o", opts, "-w", "-t", "60", "start"])
+        self._run(
+            [
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.dir / "postgres.log"),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
 
     def stop(self) -> None:
         try:

@@ -18,7 +18,14 @@ def captions_jsonl(coco_path, path, start: int, n: int, prefix: str = "") -> Non
     path.write_text("".join(json.dumps({"id": a["id"], "caption": prefix + a["caption"]}) + "\n" for a in anns))
 
 
-PER_SHARD = ["raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores"]
+PER_SHARD = [
+    "raw_caption_pool",
+    "curated_captions",
+    "pair_filtered_captions",
+    "judged_captions",
+    "sdxl_images",
+    "image_scores",
+]
 
 
 def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
@@ -41,6 +48,7 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
         done, generated = run(defs)
         assert done == Counter({**dict.fromkeys(PER_SHARD, len(shards_a)), "synthvlm_100k": 1})
         root = settings.resources()["storage"].root()
+
         def kept_ids() -> set[str]:
             return {cid for k in instance.get_dynamic_partitions("caption_shards") if root.manifest(f"judged_captions/{k}")
                     for cid in root.read_partition(f"judged_captions/{k}", "kept").column("caption_id").to_pylist()}  # fmt: skip
@@ -68,7 +76,9 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
         assert done["raw_caption_pool"] == 0  # its settings did not change
 
         # lambda: only the selection reruns.
-        lam = build_definitions(Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}, "selection": {"k": 10, "lam": 0.9}}))
+        lam = build_definitions(
+            Settings(**{**base, "curation": {"special_character_ratio_min": 0.10}, "selection": {"k": 10, "lam": 0.9}})
+        )
         done, generated = run(lam)
         assert done == Counter({"synthvlm_100k": 1}) and generated == 0
 

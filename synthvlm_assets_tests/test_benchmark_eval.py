@@ -60,7 +60,12 @@ def test_task_table_has_only_specs_paper_numbers():
     row = bench.comparison_rows({"task": "gqa", "score": 61.9, "model_size": "7B"})
     assert row == [[bench.TASKS["gqa"].title, 61.9, "not in SPEC", "not in SPEC"]]
     rows = bench.comparison_rows({"task": "scienceqa_img", "score": 71.0, "model_size": "13B"})
-    assert rows[0][2:] == [70.4, 69.3] and rows[1][2:] == [74.9, 74.2] and "(our size)" in rows[1][0] and "(our size)" not in rows[0][0]
+    assert (
+        rows[0][2:] == [70.4, 69.3]
+        and rows[1][2:] == [74.9, 74.2]
+        and "(our size)" in rows[1][0]
+        and "(our size)" not in rows[0][0]
+    )
     # MMLU stays in the table (its paper numbers) but is no partition: llava_hf cannot run text-only tasks.
     assert "mmlu" not in bench.RUNNABLE and set(bench.RUNNABLE) == set(bench.TASKS) - {"mmlu"}
     from synthvlm_assets.defs.evaluation import benchmark_tasks
@@ -72,20 +77,33 @@ def test_eval_extra_stays_out_of_dagsters_environment():
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert f"lmms-eval[video-legacy]=={bench.LMMS_EVAL_VERSION}" in pyproject["eval"] and "filelock>=3.20,<4" in pyproject["eval"]
-    assert not any("eval" in req or "lmms" in req for req in pyproject["test"])  # antlr4 4.7.2 would break Dagster's parser
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert (
+        f"lmms-eval[video-legacy]=={bench.LMMS_EVAL_VERSION}" in pyproject["eval"]
+        and "filelock>=3.20,<4" in pyproject["eval"]
+    )
+    assert not any(
+        "eval" in req or "lmms" in req for req in pyproject["test"]
+    )  # antlr4 4.7.2 would break Dagster's parser
 
 
 def test_command():
-    cmd = bench.lmms_eval_command("/eval/bin/python", "/m/run-1", "scienceqa_img_local", "/w/output", "cpu", "/w/tasks", limit=8)
+    cmd = bench.lmms_eval_command(
+        "/eval/bin/python", "/m/run-1", "scienceqa_img_local", "/w/output", "cpu", "/w/tasks", limit=8
+    )
     assert cmd == [
         "/eval/bin/python", "-m", "lmms_eval", "--model", "llava_hf", "--model_args", "pretrained=/m/run-1,device=cpu,device_map=cpu",
         "--tasks", "scienceqa_img_local", "--batch_size", "1", "--output_path", "/w/output", "--log_samples",
         "--include_path", "/w/tasks", "--limit", "8", "--force_simple",
     ]  # fmt: skip
     cmd = bench.lmms_eval_command("py", "/m", "mme", "/o", "cuda", force_simple=False)
-    assert "pretrained=/m,device=cuda:0,device_map=cuda:0" in cmd and "--include_path" not in cmd and "--force_simple" not in cmd
+    assert (
+        "pretrained=/m,device=cuda:0,device_map=cuda:0" in cmd
+        and "--include_path" not in cmd
+        and "--force_simple" not in cmd
+    )
     assert bench.lmms_eval_command("py", "/m", "mme", "/o", "cpu", limit=0.25)[-3:-1] == ["--limit", "0.25"]
     with pytest.raises(bench.BenchmarkError, match="cannot hold"):
         bench.lmms_eval_command("py", "/m/a,b", "mme", "/o")
@@ -93,8 +111,18 @@ def test_command():
 
 def test_parse_results_real_format():
     metrics = bench.parse_results(POPE_RESULTS, "pope_local")
-    assert metrics == {"pope_accuracy": 0.75, "pope_precision": 1.0, "pope_recall": 0.5, "pope_f1_score": 0.6666666666666666, "pope_yes_ratio": 0.5}
-    other_filter = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match,flexible": 0.75, "exact_match_stderr,none": 0.1}}}
+    assert metrics == {
+        "pope_accuracy": 0.75,
+        "pope_precision": 1.0,
+        "pope_recall": 0.5,
+        "pope_f1_score": 0.6666666666666666,
+        "pope_yes_ratio": 0.5,
+    }
+    other_filter = {
+        "results": {
+            "t": {"alias": "t", "exact_match,none": 0.5, "exact_match,flexible": 0.75, "exact_match_stderr,none": 0.1}
+        }
+    }
     assert bench.parse_results(other_filter, "t") == {"exact_match": 0.5, "exact_match,flexible": 0.75}
     with pytest.raises(bench.LmmsEvalFailed, match="no 'mme'"):
         bench.parse_results(POPE_RESULTS, "mme")
@@ -124,7 +152,11 @@ def test_not_installed_names_the_extra():
         pytest.skip("lmms-eval is installed beside Dagster here")
     with pytest.raises(bench.LmmsEvalNotInstalled) as err:
         bench.probe_lmms_eval(sys.executable)
-    assert "lmms-eval is not installed" in str(err.value) and "'.[eval]'" in str(err.value) and "setup_eval_env.sh" in str(err.value)
+    assert (
+        "lmms-eval is not installed" in str(err.value)
+        and "'.[eval]'" in str(err.value)
+        and "setup_eval_env.sh" in str(err.value)
+    )
 
 
 # ---------------------------------------------------------------- with the real lmms-eval
@@ -158,7 +190,9 @@ def always_a_model(folder) -> str:
 def _readme(configs: dict[str, dict[str, str]]) -> str:
     lines = ["---", "configs:"]
     for name, splits in configs.items():
-        lines += [f"- config_name: {name}", "  data_files:"] + [f"  - split: {s}\n    path: {p}" for s, p in splits.items()]
+        lines += [f"- config_name: {name}", "  data_files:"] + [
+            f"  - split: {s}\n    path: {p}" for s, p in splits.items()
+        ]
     return "\n".join(lines + ["---", ""])
 
 
@@ -176,7 +210,9 @@ def scienceqa_copy(datasets_dir, answers: list[int], configs: dict | None = None
     text = datasets.Value("string")
     features = datasets.Features({"image": datasets.Image(), "question": text, "choices": datasets.List(text), "answer": datasets.Value("int8"),
                                   **{k: text for k in ("hint", "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")}})  # fmt: skip
-    datasets.Dataset.from_list(rows, features=features).to_parquet(str(repo / "ScienceQA-IMG" / "test-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(rows, features=features).to_parquet(
+        str(repo / "ScienceQA-IMG" / "test-00000-of-00001.parquet")
+    )
     (repo / "README.md").write_text(_readme(configs or {"ScienceQA-IMG": {"test": "ScienceQA-IMG/test-*"}}))
 
 
@@ -189,14 +225,23 @@ def gqa_copy(datasets_dir, questions: list[tuple[str, str, str]]) -> None:
     repo = datasets_dir / "lmms-lab-encoder" / "GQA"
     for config in ("testdev_balanced_instructions", "testdev_balanced_images"):
         (repo / config).mkdir(parents=True)
-    datasets.Dataset.from_list([dict(id=f"q{i}", imageId=image_id, question=q, answer=a, fullAnswer=a, isBalanced=True)
-                                for i, (image_id, q, a) in enumerate(questions)]).to_parquet(  # fmt: skip
-        str(repo / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(
+        [
+            dict(id=f"q{i}", imageId=image_id, question=q, answer=a, fullAnswer=a, isBalanced=True)
+            for i, (image_id, q, a) in enumerate(questions)
+        ]
+    ).to_parquet(  # fmt: skip
+        str(repo / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet")
+    )
     images = sorted({image_id for image_id, _, _ in questions})
     datasets.Dataset.from_list([dict(id=i, image=Image.new("RGB", (40, 30 + 10 * k), (200, 20 * k, 0))) for k, i in enumerate(images)],
                                features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})).to_parquet(
         str(repo / "testdev_balanced_images" / "testdev-00000-of-00001.parquet"))  # fmt: skip
-    (repo / "README.md").write_text(_readme({c: {"testdev": f"{c}/testdev-*"} for c in ("testdev_balanced_images", "testdev_balanced_instructions")}))
+    (repo / "README.md").write_text(
+        _readme(
+            {c: {"testdev": f"{c}/testdev-*"} for c in ("testdev_balanced_images", "testdev_balanced_instructions")}
+        )
+    )
 
 
 @needs_lmms_eval
@@ -220,7 +265,9 @@ def test_missing_local_copy_names_the_download(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     with pytest.raises(bench.DatasetNotAvailable) as err:
-        bench.run_benchmark(str(model), "gqa", str(tmp_path / "run"), python=EVAL_PYTHON, datasets_dir=str(tmp_path / "data"))
+        bench.run_benchmark(
+            str(model), "gqa", str(tmp_path / "run"), python=EVAL_PYTHON, datasets_dir=str(tmp_path / "data")
+        )
     target = tmp_path / "data" / "lmms-lab-encoder" / "GQA"
     assert f"hf download lmms-lab-encoder/GQA --repo-type dataset --local-dir {target}" in str(err.value)
 
@@ -237,7 +284,9 @@ def test_llava_hf_prompt_is_stage2_training_prompt(tmp_path):
         "print(tok.apply_chat_template([{'role': 'user', 'content': sys.argv[2]}], tokenize=False, add_generation_prompt=True), end='')"
     )
     question = "<image>\nWhat is shown?\nAnswer the question using a single word or phrase."
-    out = subprocess.run([EVAL_PYTHON, "-c", script, folder, question], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [EVAL_PYTHON, "-c", script, folder, question], capture_output=True, text=True, check=True
+    ).stdout
     trained, _ = vicuna_prompt([{"from": "human", "value": question}, {"from": "gpt", "value": "A cat"}])
     assert trained.startswith(out + " ") and trained[len(out) + 1 :] == "A cat</s>"
 
@@ -263,7 +312,10 @@ def test_asset_runs_lmms_eval_on_stage2_export(tmp_path):
     data = tmp_path / "data"
     scienceqa_copy(data, answers=[0, 1, 0, 2, 0])
 
-    settings = Settings(storage_root=root.root_uri, benchmark_eval={"datasets_dir": str(data), "lmms_eval_python": EVAL_PYTHON, "device": "cpu"})
+    settings = Settings(
+        storage_root=root.root_uri,
+        benchmark_eval={"datasets_dir": str(data), "lmms_eval_python": EVAL_PYTHON, "device": "cpu"},
+    )
     job = build_definitions(settings).resolve_job_def(BENCHMARK_JOB)
     with instance_for_test() as instance:
         result = job.execute_in_process(instance=instance, partition_key="scienceqa_img")
@@ -271,7 +323,11 @@ def test_asset_runs_lmms_eval_on_stage2_export(tmp_path):
         [mat] = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
         logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
     meta = mat.metadata
-    assert meta["score"].value == pytest.approx(60.0) and meta["samples"].value == 5 and meta["lmms_eval_version"].value == "0.7.3"
+    assert (
+        meta["score"].value == pytest.approx(60.0)
+        and meta["samples"].value == 5
+        and meta["lmms_eval_version"].value == "0.7.3"
+    )
     comparison = meta["comparison"].value
     assert "| 60 | 70.4 | 69.3 |" in comparison and "| 60 | 74.9 | 74.2 |" in comparison
     assert "--include_path" in meta["command"].value and "scienceqa_img_local" in meta["command"].value
@@ -285,7 +341,15 @@ def test_asset_runs_lmms_eval_on_stage2_export(tmp_path):
 def test_gqa_local_copy_takes_images_from_the_copy(tmp_path):
     """GQA's images are loaded by lmms-eval's code from the Hub; the override loads them from the copy."""
     model = always_a_model(tmp_path / "model")
-    gqa_copy(tmp_path / "data", [("img1", "Which letter?", "a"), ("img2", "Is it red?", "no"), ("img1", "Letter?", "A"), ("img2", "Blue?", "yes")])
+    gqa_copy(
+        tmp_path / "data",
+        [
+            ("img1", "Which letter?", "a"),
+            ("img2", "Is it red?", "no"),
+            ("img1", "Letter?", "A"),
+            ("img2", "Blue?", "yes"),
+        ],
+    )
     result = bench.run_benchmark(model, "gqa", str(tmp_path / "run"), python=EVAL_PYTHON, datasets_dir=str(tmp_path / "data"), device="cpu",
                                  log=lambda line: None)  # fmt: skip
     assert result["lmms_task"] == "gqa_local" and result["samples"] == 4
@@ -309,8 +373,18 @@ def test_without_copies_or_hub_names_datasets_dir(tmp_path):
     """No datasets_dir: lmms-eval goes to the Hub, which this run cannot reach (offline, empty HF cache)."""
     model = always_a_model(tmp_path / "model")
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    with pytest.raises(bench.DatasetNotAvailable, match=r"Couldn't reach 'lmms-lab-encoder/ScienceQA'.*set `datasets_dir`"):
-        bench.run_benchmark(model, "scienceqa_img", str(tmp_path / "new" / "run"), python=EVAL_PYTHON, device="cpu", env=env, log=lambda line: None)
+    with pytest.raises(
+        bench.DatasetNotAvailable, match=r"Couldn't reach 'lmms-lab-encoder/ScienceQA'.*set `datasets_dir`"
+    ):
+        bench.run_benchmark(
+            model,
+            "scienceqa_img",
+            str(tmp_path / "new" / "run"),
+            python=EVAL_PYTHON,
+            device="cpu",
+            env=env,
+            log=lambda line: None,
+        )
 
 
 def test_exports_are_used_in_place_or_fetched_once_per_version(tmp_path, seaweedfs, monkeypatch):

@@ -151,5 +151,9 @@ def test_coco_val2017_counts_match_data_juicer(coco_path):
         below_min += stats["special_character_ratio"] < s.special_character_ratio_min
     assert len(captions) == 25_014
     assert kept == 23_063
-    assert dict(fails) == {"character_repetition_ratio": 125, "flagged_word_ratio": 11, "special_character_ratio": 1_831}
+    assert dict(fails) == {
+        "character_repetition_ratio": 125,
+        "flagged_word_ratio": 11,
+        "special_character_ratio": 1_831,
+    }
     assert below_min == 1_831

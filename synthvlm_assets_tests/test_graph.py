@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 import random
 
-from dagster import AssetKey, serialize_value, DagsterInstance, SensorResult, SkipReason, build_sensor_context, instance_for_test, materialize
+from dagster import (
+    AssetKey,
+    serialize_value,
+    DagsterInstance,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
 
 from synthvlm_assets.captions.filters import RuleFilterSettings, caption_stats, failed_filters
 from synthvlm_assets.captions.normalize import normalize_caption
@@ -61,7 +70,11 @@ def run_shards(settings: Settings, instance: DagsterInstance, uri: str, order=No
 
 def curated_rows(settings: Settings) -> list[dict]:
     con = connect(settings.resources()["storage"].root())
-    return con.sql("SELECT caption_id, caption FROM curated_captions ORDER BY shard, source_row").to_arrow_table().to_pylist()
+    return (
+        con.sql("SELECT caption_id, caption FROM curated_captions ORDER BY shard, source_row")
+        .to_arrow_table()
+        .to_pylist()
+    )
 
 
 def test_graph_matches_brute_force_in_any_order(tmp_path, coco_path):
@@ -69,7 +82,11 @@ def test_graph_matches_brute_force_in_any_order(tmp_path, coco_path):
     rows = coco_subset_jsonl(coco_path, src)
     expected, n_duplicates = reference([r["caption"] for r in rows if isinstance(r["caption"], str)])
     results = []
-    for name, order in [("forward", None), ("reverse", lambda k: k[::-1]), ("shuffled", lambda k: random.Random(1).sample(k, len(k)))]:
+    for name, order in [
+        ("forward", None),
+        ("reverse", lambda k: k[::-1]),
+        ("shuffled", lambda k: random.Random(1).sample(k, len(k))),
+    ]:
         settings = Settings(storage_root=str(tmp_path / name), shard_rows=400)
         with instance_for_test() as instance:
             keys = run_shards(settings, instance, str(src), order)
@@ -134,11 +151,14 @@ def test_sensor_registers_new_files_once(tmp_path, coco_path):
     settings = Settings(storage_root=str(tmp_path / "root"), input_uri=str(inbox), shard_rows=200)
     resources = settings.resources()
     with instance_for_test() as instance:
+
         def tick(cursor=None):
             ctx = build_sensor_context(instance=instance, resources=resources, cursor=cursor)
             result = caption_file_sensor(ctx)
             if isinstance(result, SensorResult) and result.dynamic_partitions_requests:
-                instance.add_dynamic_partitions(caption_shards.name, list(result.dynamic_partitions_requests[0].partition_keys))
+                instance.add_dynamic_partitions(
+                    caption_shards.name, list(result.dynamic_partitions_requests[0].partition_keys)
+                )
             return result
 
         assert isinstance(tick(), SkipReason)
@@ -154,12 +174,19 @@ def test_sensor_registers_new_files_once(tmp_path, coco_path):
         assert isinstance(again, SkipReason)  # nothing new; the broken file is not rescanned
         coco_subset_jsonl(coco_path, inbox / "b.jsonl", n=100)
         third = tick(result.cursor)
-        assert list(third.dynamic_partitions_requests[0].partition_keys) == [s.key for s in resources["storage"].registry().shards()][4:]
+        assert (
+            list(third.dynamic_partitions_requests[0].partition_keys)
+            == [s.key for s in resources["storage"].registry().shards()][4:]
+        )
 
 
 def test_definitions_load():
     defs = build_definitions(Settings())
-    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {"raw_caption_pool", "curated_captions", "sdxl_images"}
+    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} >= {
+        "raw_caption_pool",
+        "curated_captions",
+        "sdxl_images",
+    }
     assert defs.resolve_job_def("synthvlm_job") is not None
 
 
@@ -169,24 +196,48 @@ def test_sdxl_images_through_dagster(tmp_path, coco_path):
 
     src = tmp_path / "pool.jsonl"
     coco_subset_jsonl(coco_path, src, n=40)
-    settings = Settings(storage_root=str(tmp_path / "root"), shard_rows=30, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2})
+    settings = Settings(
+        storage_root=str(tmp_path / "root"),
+        shard_rows=30,
+        judge={"model": "tiny"},
+        synthesis={"model": "tiny", "steps": 2},
+    )
     defs = build_definitions(settings)
     registry = settings.resources()["storage"].registry()
     _, shards = registry.register_file(str(src), settings.shard_rows)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         result = materialize(
-            [caption_curation, pair_filtered_captions, judged_captions, sdxl_images], partition_key=shards[0].key, instance=instance, resources=defs.resources
+            [caption_curation, pair_filtered_captions, judged_captions, sdxl_images],
+            partition_key=shards[0].key,
+            instance=instance,
+            resources=defs.resources,
         )
         assert result.success
-        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("sdxl_images")}
+        checks = {
+            c.check_name: c.passed
+            for c in result.get_asset_check_evaluations()
+            if c.asset_key == AssetKey("sdxl_images")
+        }
         assert checks == {"every_caption_has_its_images": True, "image_size": True, "no_unusable_images": True}
         md = instance.get_latest_materialization_event(AssetKey("sdxl_images")).asset_materialization.metadata
-        judged_md = instance.get_latest_materialization_event(AssetKey("judged_captions")).asset_materialization.metadata
-        judge_checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations() if c.asset_key == AssetKey("judged_captions")}
+        judged_md = instance.get_latest_materialization_event(
+            AssetKey("judged_captions")
+        ).asset_materialization.metadata
+        judge_checks = {
+            c.check_name: c.passed
+            for c in result.get_asset_check_evaluations()
+            if c.asset_key == AssetKey("judged_captions")
+        }
     assert judge_checks == {"every_caption_judged": True, "only_yes_kept": True}
-    assert judged_md["model"].value.startswith("tiny") and judged_md["judged_now"].value > 0 and judged_md["cache_hits"].value == 0
-    assert judged_md["verdict_yes"].value > 0 and judged_md["p_yes_histogram"].value.startswith("![plot](data:image/png;base64,")
+    assert (
+        judged_md["model"].value.startswith("tiny")
+        and judged_md["judged_now"].value > 0
+        and judged_md["cache_hits"].value == 0
+    )
+    assert judged_md["verdict_yes"].value > 0 and judged_md["p_yes_histogram"].value.startswith(
+        "![plot](data:image/png;base64,"
+    )
     kept = settings.resources()["storage"].root().read_partition(f"judged_captions/{shards[0].key}", "kept").num_rows
     assert kept == judged_md["verdict_yes"].value
     assert md["images"].value == md["generated"].value == kept > 0

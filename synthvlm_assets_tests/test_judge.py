@@ -12,7 +12,14 @@ import pyarrow as pa
 import pytest
 
 from synthvlm_assets.captions.judge.backends import FirstToken, HTTPJudge, TransformersJudge, VLLMJudge
-from synthvlm_assets.captions.judge.prompt import INSTRUCTION, JudgePrompt, Unjudgeable, answer_token_ids, p_yes, parse_verdict
+from synthvlm_assets.captions.judge.prompt import (
+    INSTRUCTION,
+    JudgePrompt,
+    Unjudgeable,
+    answer_token_ids,
+    p_yes,
+    parse_verdict,
+)
 from synthvlm_assets.captions.judge.server import make_server
 from synthvlm_assets.captions.judge.stage import Judge, JudgeSettings, judge_shard, load_judge, verdict_counts
 from synthvlm_assets.models.sources import ModelWeightsError
@@ -38,7 +45,9 @@ def trained_tokenizer(coco_path):
 
 @pytest.fixture(scope="module")
 def tiny_judge(tokenizer):
-    return Judge(JudgePrompt.build(tokenizer), TransformersJudge(tiny_llama(tokenizer), tokenizer), "tiny", "tiny-random")
+    return Judge(
+        JudgePrompt.build(tokenizer), TransformersJudge(tiny_llama(tokenizer), tokenizer), "tiny", "tiny-random"
+    )
 
 
 @pytest.mark.parametrize("which", ["tokenizer", "trained_tokenizer"])
@@ -49,7 +58,9 @@ def test_prompt_assembly_equals_tokenising_the_whole_prompt(which, request, coco
     mismatches = [c for c in captions if prompt.ids(c) != tok(prompt.render(c), add_special_tokens=False)["input_ids"]]
     assert mismatches == []
     assert prompt.ids(captions[0])[: len(prompt.prefix)] == list(prompt.prefix)
-    assert tok.decode(prompt.ids("A cat.")).endswith("A cat.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.decode(prompt.ids("A cat.")).endswith(
+        "A cat.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +105,12 @@ def test_prompt_version_follows_the_template_around_the_caption(tokenizer):
 
 
 def test_verdict_parsing_and_p_yes():
-    assert [parse_verdict(t) for t in ["Yes", " yes", "YES", "Yes.", "No", " no", "No.", "no!"]] == ["yes"] * 4 + ["no"] * 4
-    assert [parse_verdict(t) for t in ["Maybe", "", " ", "Y", "Yes, but", "<|eot_id|>", "Nope"]] == ["parse_failure"] * 7
+    assert [parse_verdict(t) for t in ["Yes", " yes", "YES", "Yes.", "No", " no", "No.", "no!"]] == ["yes"] * 4 + [
+        "no"
+    ] * 4
+    assert [parse_verdict(t) for t in ["Maybe", "", " ", "Y", "Yes, but", "<|eot_id|>", "Nope"]] == [
+        "parse_failure"
+    ] * 7
     # P(Yes) = 0.6, P(No) = 0.2 -> 0.75; works on log-probs far below exp's range too.
     assert p_yes(math.log(0.6), math.log(0.2)) == pytest.approx(0.75)
     assert p_yes(-1000.0, -1000.0 - math.log(3)) == pytest.approx(0.75)
@@ -115,7 +130,9 @@ def test_prefix_cache_gives_the_same_answers(tiny_judge, coco_path):
     cached, plain = backend.score(prompts, shared_prefix=shared), backend.score(prompts, shared_prefix=0)
     for a, b in zip(cached, plain):
         assert a.token == b.token
-        assert a.yes_logprob == pytest.approx(b.yes_logprob, abs=1e-4) and a.no_logprob == pytest.approx(b.no_logprob, abs=1e-4)
+        assert a.yes_logprob == pytest.approx(b.yes_logprob, abs=1e-4) and a.no_logprob == pytest.approx(
+            b.no_logprob, abs=1e-4
+        )
     with pytest.raises(ValueError, match="share"):
         backend.score([prompts[0], [7, *prompts[1][1:]]], shared_prefix=shared)
 
@@ -200,21 +217,31 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     assert out.cache_hits == 24 and counting.backend.prompts == 40 - 24  # resumed after the 3 durable batches
     counts = verdict_counts(out.judged)
     assert sum(counts.values()) == 41 and counts["unjudgeable"] == 1
-    assert out.judged.filter(pa.compute.equal(out.judged.column("verdict"), "unjudgeable")).column("reject_reason").to_pylist() == ["judge_unjudgeable"]
+    assert out.judged.filter(pa.compute.equal(out.judged.column("verdict"), "unjudgeable")).column(
+        "reject_reason"
+    ).to_pylist() == ["judge_unjudgeable"]
     kept = root.read_partition("judged_captions/s1", "kept")
     assert kept.num_rows == counts["yes"] and set(kept.column("verdict").to_pylist()) <= {"yes"}
 
     again = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", again, settings, captions_from="curated_captions").judged_now == 0 and again.backend.prompts == 0
+    assert (
+        judge_shard(root, "s1", again, settings, captions_from="curated_captions").judged_now == 0
+        and again.backend.prompts == 0
+    )
 
     # A re-curated shard with two new captions: only those are judged.
     _curated(root, "s1", captions + ["A brand new caption about a red kite.", "Two horses in a field."])
     more = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", more, settings, captions_from="curated_captions").judged_now == 2 and more.backend.prompts == 2
+    assert (
+        judge_shard(root, "s1", more, settings, captions_from="curated_captions").judged_now == 2
+        and more.backend.prompts == 2
+    )
 
     changed = JudgePrompt.build(tiny_judge.prompt.tokenizer, instruction=INSTRUCTION + " Be strict.")
     other = Judge(changed, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
-    assert judge_shard(root, "s1", other, settings, captions_from="curated_captions").judged_now == 43  # a new prompt version judges everything
+    assert (
+        judge_shard(root, "s1", other, settings, captions_from="curated_captions").judged_now == 43
+    )  # a new prompt version judges everything
 
 
 def test_loading_through_the_real_path(tmp_path, tokenizer, tiny_judge):

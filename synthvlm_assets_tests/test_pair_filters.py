@@ -53,7 +53,13 @@ def test_scores_thresholds_and_unreadable_images(tmp_path, scorer):
     names = _images(images, 8)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     root = StorageRoot(str(tmp_path / "root"))
-    refs = [*names, "broken.jpg", "gone.jpg", None, str(images / names[0])]  # relative, corrupt, missing, none, absolute
+    refs = [
+        *names,
+        "broken.jpg",
+        "gone.jpg",
+        None,
+        str(images / names[0]),
+    ]  # relative, corrupt, missing, none, absolute
     captions = _curated(root, refs)
 
     # The ITM probability is the softmax of BLIP's ITM head at index 1, computed here independently.
@@ -68,16 +74,29 @@ def test_scores_thresholds_and_unreadable_images(tmp_path, scorer):
     assert all(0 <= p <= 1 for p in itm) and all(-1 <= c <= 1 for c in cos)
 
     # Thresholds at the medians: both filters keep some and reject some.
-    settings = PairFilterSettings(**{**TINY.__dict__, "image_root": str(images), "itm_probability_min": statistics.median(itm), "clip_cosine_min": min(cos)})
+    settings = PairFilterSettings(
+        **{
+            **TINY.__dict__,
+            "image_root": str(images),
+            "itm_probability_min": statistics.median(itm),
+            "clip_cosine_min": min(cos),
+        }
+    )
     out = pair_filter_shard(root, "s1", settings, scorer)
     rows = {r["caption_id"]: r for r in out.table.to_pylist()}
-    assert [rows[f"f:{i}"]["reject_reason"] for i in (8, 9, 10)] == ["image_unreadable", "image_missing", "image_missing"]
+    assert [rows[f"f:{i}"]["reject_reason"] for i in (8, 9, 10)] == [
+        "image_unreadable",
+        "image_missing",
+        "image_missing",
+    ]
     assert "broken.jpg" in rows["f:8"]["reject_detail"] and "gone.jpg" in rows["f:9"]["reject_detail"]
     for i in range(8):
         r = rows[f"f:{i}"]
         expected = "itm_probability" if itm[i] < settings.itm_probability_min else None
         assert r["reject_reason"] == expected and r["itm_probability"] == pytest.approx(itm[i], abs=1e-6)
-    assert rows["f:11"]["itm_probability"] == pytest.approx(itm[0], abs=1e-3)  # image 0 by absolute path (other batch padding)
+    assert rows["f:11"]["itm_probability"] == pytest.approx(
+        itm[0], abs=1e-3
+    )  # image 0 by absolute path (other batch padding)
     kept = root.read_partition("pair_filtered_captions/s1", "kept").column("caption_id").to_pylist()
     assert kept == [cid for cid, r in rows.items() if r["reject_reason"] is None] and 0 < len(kept) < 12
 
@@ -100,7 +119,9 @@ def test_loading_through_the_real_path(tmp_path, scorer):
     clip, clip_processor = tiny_hf_clip()
     for obj, folder in ((blip, "blip"), (blip_processor, "blip"), (clip, "clip"), (clip_processor, "clip")):
         obj.save_pretrained(tmp_path / folder)
-    loaded = PairScorer.load(PairFilterSettings(enabled=True, blip_model=str(tmp_path / "blip"), clip_model=str(tmp_path / "clip")))
+    loaded = PairScorer.load(
+        PairFilterSettings(enabled=True, blip_model=str(tmp_path / "blip"), clip_model=str(tmp_path / "clip"))
+    )
     image = [Image.new("RGB", (70, 50), (200, 30, 30))]
     for a, b in zip(loaded.score(image, ["a red square"]), scorer.score(image, ["a red square"])):
         assert a == pytest.approx(b, abs=1e-5)

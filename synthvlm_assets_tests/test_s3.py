@@ -30,7 +30,9 @@ def test_storage_root_on_s3_round_trip(seaweedfs):
 
 def test_unreachable_store_fails_clearly_naming_the_object():
     # nothing listens on port 9; a short retry budget (the default retries for ~25 s)
-    root = StorageRoot("s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(attempts=2, initial_delay=0.01))
+    root = StorageRoot(
+        "s3://nowhere/prefix", s3_endpoint_url="http://127.0.0.1:9", retry=StorageRetry(attempts=2, initial_delay=0.01)
+    )
     with pytest.raises(StorageError, match=r"cannot write s3://nowhere/prefix/x\.json"):
         root.write_json("x.json", {})
 
@@ -50,7 +52,9 @@ def test_whole_graph_on_s3(tmp_path, seaweedfs, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in reversed(shards):
-            result = materialize([caption_curation], partition_key=shard.key, instance=instance, resources=defs.resources)
+            result = materialize(
+                [caption_curation], partition_key=shard.key, instance=instance, resources=defs.resources
+            )
             assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
         assert instance.get_materialized_partitions(AssetKey("curated_captions")) == {s.key for s in shards}
 
@@ -59,4 +63,6 @@ def test_whole_graph_on_s3(tmp_path, seaweedfs, coco_path):
     got = [r[0] for r in con.sql("SELECT caption FROM curated_captions ORDER BY shard, source_row").fetchall()]
     assert got == reference([r["caption"] for r in rows if isinstance(r["caption"], str)])[0]
     assert not fs.glob(f"{bucket}/synthvlm/**/.tmp-*")  # nothing half-written left behind
-    assert json.loads(fs.cat_file(f"{bucket}/synthvlm/registry/files/000001--{shards[0].file_tag}.json"))["n_records"] == len(rows)
+    assert json.loads(fs.cat_file(f"{bucket}/synthvlm/registry/files/000001--{shards[0].file_tag}.json"))[
+        "n_records"
+    ] == len(rows)

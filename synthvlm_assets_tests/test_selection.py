@@ -52,11 +52,19 @@ def test_torch_ssim_agrees_with_scikit_image(name):
 def test_torch_ssim_batched_equals_one_by_one():
     images = list(varied_images().values())
     pairs = [ssim_pair(im) for im in images]
-    batch = ssim_torch(torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+    batch = ssim_torch(
+        torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs]))
+    )
     assert np.allclose(batch.numpy(), [ssim_reference(im) for im in images], atol=1e-9)
     small = SSIMSettings(size=64, low=16)
     a, b = ssim_pair(images[1], small)
-    assert abs(ssim_torch(torch.from_numpy(a.copy())[None], torch.from_numpy(b.copy())[None], small).item() - ssim_reference(images[1], small)) < 1e-9
+    assert (
+        abs(
+            ssim_torch(torch.from_numpy(a.copy())[None], torch.from_numpy(b.copy())[None], small).item()
+            - ssim_reference(images[1], small)
+        )
+        < 1e-9
+    )
 
 
 def test_clip_score_matches_a_one_by_one_reference():
@@ -94,12 +102,26 @@ def test_selection_equals_brute_force(lam):
     for i in range(400):
         for c in range(rng.randint(1, 4)):
             # coarse values: many exact ties, broken by candidate then caption id
-            rows.append({"caption_id": f"f:{i:03d}", "candidate": c, "clip_score": rng.choice([0.2, 0.3, 0.35]), "ssim": rng.choice([0.5, 0.8, 0.9]), "score": 0.0})
+            rows.append(
+                {
+                    "caption_id": f"f:{i:03d}",
+                    "candidate": c,
+                    "clip_score": rng.choice([0.2, 0.3, 0.35]),
+                    "ssim": rng.choice([0.5, 0.8, 0.9]),
+                    "score": 0.0,
+                }
+            )
     table = pa.Table.from_pylist(rows)
-    for settings, k in [(SelectionSettings(lam=lam, k=57), 57), (SelectionSettings(lam=lam, k=None, fraction=0.25), 100), (SelectionSettings(lam=lam, k=10_000), 400)]:
+    for settings, k in [
+        (SelectionSettings(lam=lam, k=57), 57),
+        (SelectionSettings(lam=lam, k=None, fraction=0.25), 100),
+        (SelectionSettings(lam=lam, k=10_000), 400),
+    ]:
         selected, n = select(table, settings)
         assert n == 400
-        assert list(zip(selected.column("caption_id").to_pylist(), selected.column("candidate").to_pylist())) == brute_force(rows, lam, k)
+        assert list(
+            zip(selected.column("caption_id").to_pylist(), selected.column("candidate").to_pylist())
+        ) == brute_force(rows, lam, k)
         assert selected.column("rank").to_pylist() == list(range(1, k + 1))
 
 
@@ -127,7 +149,12 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(caption_shards.name, [s.key for s in shards])
         for shard in shards:
-            r = materialize([caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores], partition_key=shard.key, instance=instance, resources=defs.resources)
+            r = materialize(
+                [caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores],
+                partition_key=shard.key,
+                instance=instance,
+                resources=defs.resources,
+            )
             assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         r = materialize([synthvlm_100k], instance=instance, resources=defs.resources, selection=[synthvlm_100k])
         assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
@@ -158,7 +185,9 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     assert all(s[0].size == (32, 32) and s[1] == r["conversations"][1]["value"] for s, r in zip(samples, records))
 
     # Hugging Face datasets: an image dataset.
-    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (folder / "hf").glob("*.parquet")), split="train")
+    ds = datasets.load_dataset(
+        "parquet", data_files=sorted(str(p) for p in (folder / "hf").glob("*.parquet")), split="train"
+    )
     assert isinstance(ds.features["image"], datasets.Image) and len(ds) == 20
     assert ds[0]["image"].size == (32, 32) and ds[0]["caption_id"] == records[0]["id"]
     card = (folder / "README.md").read_text()
@@ -170,7 +199,10 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
 
     chain = lineage(root, records[0]["id"])
     assert chain["synthvlm_100k"]["rank"] == 1 and chain["curation"]["kept"] and chain["judge"]["verdict"] == "yes"
-    assert chain["source"]["source_file"] == str(src) and chain["caption_normalized"] == records[0]["conversations"][1]["value"]
+    assert (
+        chain["source"]["source_file"] == str(src)
+        and chain["caption_normalized"] == records[0]["conversations"][1]["value"]
+    )
     (image,) = chain["images"]
     assert image["seed"] == seed_for(records[0]["id"], 0) and image["score"] == pytest.approx(scores[0]["score"])
     assert all(chain["run_ids"].values())
@@ -178,12 +210,37 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     # The per-image provenance table the dataset card links, read with DuckDB in place.
     import duckdb
 
-    prov = duckdb.sql(f"SELECT * FROM '{folder / 'lineage.parquet'}' ORDER BY rank NULLS LAST").to_arrow_table().to_pylist()
-    assert "lineage.parquet" in card and len(prov) == root.read_parquet(f"{base}/selection.parquet").num_rows + sum(r["rank"] is None for r in prov)
+    prov = (
+        duckdb.sql(f"SELECT * FROM '{folder / 'lineage.parquet'}' ORDER BY rank NULLS LAST")
+        .to_arrow_table()
+        .to_pylist()
+    )
+    assert "lineage.parquet" in card and len(prov) == root.read_parquet(f"{base}/selection.parquet").num_rows + sum(
+        r["rank"] is None for r in prov
+    )
     top = prov[0]
-    assert top["rank"] == 1 and top["caption_id"] == records[0]["id"] and top["judge_verdict"] == "yes" and top["seed"] == image["seed"]
-    assert top["source_file"] == str(src) and top["special_character_ratio"] is not None and top["generator_settings_hash"]
-    assert all(top[f"run_{step}"] for step in ("raw_caption_pool", "curated_captions", "judged_captions", "sdxl_images", "image_scores", "synthvlm_100k"))
+    assert (
+        top["rank"] == 1
+        and top["caption_id"] == records[0]["id"]
+        and top["judge_verdict"] == "yes"
+        and top["seed"] == image["seed"]
+    )
+    assert (
+        top["source_file"] == str(src)
+        and top["special_character_ratio"] is not None
+        and top["generator_settings_hash"]
+    )
+    assert all(
+        top[f"run_{step}"]
+        for step in (
+            "raw_caption_pool",
+            "curated_captions",
+            "judged_captions",
+            "sdxl_images",
+            "image_scores",
+            "synthvlm_100k",
+        )
+    )
     with pytest.raises(KeyError, match="no materialized raw_caption_pool"):
         lineage(root, "nope:1")
 

@@ -54,15 +54,29 @@ def test_cli_demo_register_and_sql(tmp_path, coco_path):
         "SYNTHVLM_SHARD_ROWS": "1000",
     }
     cli = [sys.executable, "-m", "synthvlm_assets.cli"]
-    run = subprocess.run([*cli, "demo", "--input", str(pool), "--image-shards", "0"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*cli, "demo", "--input", str(pool), "--image-shards", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "curated 2/2 shards in 1 run(s)" in run.stdout
     assert "raw captions 1500 (+0 malformed rows)" in run.stdout
     again = subprocess.run([*cli, "register", str(pool)], env=env, capture_output=True, text=True, timeout=120)
     assert "already registered" in again.stdout
-    sql = subprocess.run([*cli, "sql", "SELECT count(*) AS n FROM curated_captions"], env=env, capture_output=True, text=True, timeout=120)
+    sql = subprocess.run(
+        [*cli, "sql", "SELECT count(*) AS n FROM curated_captions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sql.returncode == 0, sql.stderr
     kept = int(sql.stdout.split("│")[-2].strip()) if "│" in sql.stdout else None
     assert kept is not None and 1300 < kept < 1500
-    missing = subprocess.run([*cli, "demo", "--input", str(tmp_path / "nope.json")], env=env, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [*cli, "demo", "--input", str(tmp_path / "nope.json")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode != 0 and "caption file not found" in missing.stderr

@@ -20,7 +20,9 @@ from synthvlm_assets.synthesis.settings import SynthesisSettings, image_key, see
 from synthvlm_assets.synthesis.stage import read_tar, synthesize_shard
 
 SETTINGS = SynthesisSettings.tiny(steps=3, batch_size=4, images_per_caption=2)
-CAPTIONS = pa.table({"caption_id": [f"f:{i}" for i in range(6)], "caption": [f"A photo of a red bus number {i}." for i in range(6)]})
+CAPTIONS = pa.table(
+    {"caption_id": [f"f:{i}" for i in range(6)], "caption": [f"A photo of a red bus number {i}." for i in range(6)]}
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,9 @@ def test_seeds_and_image_keys():
     k = image_key("a dog", 5, SETTINGS)
     assert k != image_key("a cat", 5, SETTINGS) != image_key("a dog", 6, SETTINGS)
     assert k != image_key("a dog", 5, SynthesisSettings.tiny(steps=4))
-    assert k == image_key("a dog", 5, SynthesisSettings.tiny(steps=3, batch_size=1, images_per_caption=2, compile=True))
+    assert k == image_key(
+        "a dog", 5, SynthesisSettings.tiny(steps=3, batch_size=1, images_per_caption=2, compile=True)
+    )
 
 
 def test_an_image_regenerates_bit_for_bit_alone_or_in_a_batch(generator):
@@ -96,7 +100,11 @@ def test_shard_output_is_deterministic_and_rerun_does_nothing(tmp_path, generato
     assert len(samples) == len(manifest) == 12
     for row in manifest:
         meta, jpeg = samples[row["key"]].meta, samples[row["key"]].jpeg
-        assert (meta["caption_id"], meta["candidate"], meta["seed"]) == (row["caption_id"], row["candidate"], row["seed"])
+        assert (meta["caption_id"], meta["candidate"], meta["seed"]) == (
+            row["caption_id"],
+            row["candidate"],
+            row["seed"],
+        )
         assert row["seed"] == seed_for(row["caption_id"], row["candidate"])
         assert Image.open(io.BytesIO(jpeg)).size == (32, 32) and len(jpeg) == row["bytes"]
 
@@ -172,7 +180,9 @@ def test_missing_weights_fail_naming_the_setting(tmp_path, monkeypatch):
     with pytest.raises(ModelWeightsError, match=r"synthesis\.model='/no/such/sdxl': no such folder"):
         SDXLGenerator.load(SynthesisSettings(model="/no/such/sdxl"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelWeightsError, match=r"could not load synthesis\.model='synthvlm-test/no-such-model'.*'tiny'"):
+    with pytest.raises(
+        ModelWeightsError, match=r"could not load synthesis\.model='synthvlm-test/no-such-model'.*'tiny'"
+    ):
         SDXLGenerator.load(SynthesisSettings(model="synthvlm-test/no-such-model"))
 
 
@@ -199,7 +209,9 @@ def test_weights_from_an_s3_prefix(tmp_path, seaweedfs):
     gen = SDXLGenerator.load(settings, cache_dir=str(tmp_path / "cache"), s3_endpoint_url=seaweedfs.endpoint)
     assert gen.generate(["a red bus"], [7])[0].flag is None
     with pytest.raises(ModelWeightsError, match="no files under this prefix"):
-        SDXLGenerator.load(SynthesisSettings(model=f"s3://{bucket}/models/none"), str(tmp_path / "c2"), seaweedfs.endpoint)
+        SDXLGenerator.load(
+            SynthesisSettings(model=f"s3://{bucket}/models/none"), str(tmp_path / "c2"), seaweedfs.endpoint
+        )
 
 
 def test_random_sdxl_architecture_matches_sdxl_base():
@@ -226,7 +238,12 @@ def test_random_sdxl_architecture_matches_sdxl_base():
         ]
         cond = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)}
         with FlopCounterMode(display=False) as counter:
-            unet(torch.randn(2, 4, 128, 128), torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 77, 2048), added_cond_kwargs=cond)
+            unet(
+                torch.randn(2, 4, 128, 128),
+                torch.tensor([500.0, 500.0]),
+                encoder_hidden_states=torch.randn(2, 77, 2048),
+                added_cond_kwargs=cond,
+            )
     assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
     assert counter.get_total_flops() / 1e12 == pytest.approx(13.52, abs=0.01)
 
@@ -237,6 +254,13 @@ def test_resource_presets():
     tiny = SynthesisResource(model="tiny").settings()
     assert (tiny.height, tiny.dtype, tiny.steps, tiny.guidance_scale) == (32, "fp32", 60, 20.0)
     real = SynthesisResource().settings()
-    assert (real.model, real.height, real.width, real.steps, real.guidance_scale, real.negative_prompt, real.dtype) == (
-        "stabilityai/stable-diffusion-xl-base-1.0", 1024, 1024, 60, 20.0, "", "bf16")
+    assert (
+        real.model,
+        real.height,
+        real.width,
+        real.steps,
+        real.guidance_scale,
+        real.negative_prompt,
+        real.dtype,
+    ) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 1024, 60, 20.0, "", "bf16")
     assert SynthesisResource(model="tiny", dtype="bf16", steps=4).settings().dtype == "bf16"

@@ -16,13 +16,25 @@ from synthvlm_assets_tests.training_toy import publish_toy_dataset, publish_toy_
 def test_training_job_two_processes_through_pipes(tmp_path):
     root = StorageRoot(str(tmp_path / "root"))
     publish_toy_dataset(root, 100)
-    settings = Settings(storage_root=root.root_uri, training={"vision_tower": "tiny", "llm": "tiny", "processes": 2, "micro_batch": 4,
-                                                            "eval_max_records": 16, "eval_retrieval_size": 6})
+    settings = Settings(
+        storage_root=root.root_uri,
+        training={
+            "vision_tower": "tiny",
+            "llm": "tiny",
+            "processes": 2,
+            "micro_batch": 4,
+            "eval_max_records": 16,
+            "eval_retrieval_size": 6,
+        },
+    )
     job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
     with instance_for_test() as instance:
         result = job.execute_in_process(instance=instance)
         assert result.success
-        events = {m.asset_key.path[-1]: m for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+        events = {
+            m.asset_key.path[-1]: m
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+        }
         assert set(events) == {"llava_stage1_checkpoint", "llava_stage1_export", "llava_stage1_sanity_eval"}
         meta = events["llava_stage1_checkpoint"].metadata
         # Reported from the subprocess through Pipes, then completed by the asset.
@@ -31,9 +43,18 @@ def test_training_job_two_processes_through_pipes(tmp_path):
         assert meta["samples"].value == summary["train_records"] and 80 < summary["train_records"] < 100
         assert meta["samples_per_second"].value > 0 and "training_curve" in meta and "peak_gpu_memory_gib" in meta
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-        assert checks["loss_finite"] and set(checks) == {"loss_finite", "loss_falling", "heldout_loss_below_untrained", "retrieval_above_chance"}
+        assert checks["loss_finite"] and set(checks) == {
+            "loss_finite",
+            "loss_falling",
+            "heldout_loss_below_untrained",
+            "retrieval_above_chance",
+        }
         # Streamed step logs reached the run's event log.
-        logs = [e.message for e in instance.all_logs(result.run_id) if e.message and "samples/s" in e.message and "step " in e.message]
+        logs = [
+            e.message
+            for e in instance.all_logs(result.run_id)
+            if e.message and "samples/s" in e.message and "step " in e.message
+        ]
         assert len(logs) >= 6
         assert len(instance.fetch_materializations(AssetKey("llava_stage1_checkpoint"), limit=10).records) == 1
 
@@ -43,7 +64,10 @@ def test_training_job_two_processes_through_pipes(tmp_path):
                                                                 "instruct_image_folder": root.uri("instruct/images")})  # fmt: skip
         result = build_definitions(stage2).resolve_job_def(STAGE2_JOB).execute_in_process(instance=instance)
         assert result.success
-        events = {m.asset_key.path[-1]: m for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+        events = {
+            m.asset_key.path[-1]: m
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+        }
         assert set(events) == {"llava_stage2_checkpoint", "llava_stage2_export"}
         meta = events["llava_stage2_checkpoint"].metadata
         assert meta["processes"].value == 2 and meta["steps"].value == 4 and "training_curve" in meta
@@ -63,7 +87,10 @@ def test_training_job_two_processes_through_pipes(tmp_path):
     publish_toy_dataset(single_root, 100)
     single = train_stage1(single_root, ModelSettings.tiny_preset(), Stage1Settings.tiny_preset(micro_batch=4))
     assert single.run_prefix == run_prefix
-    a, b = load_weights(root, f"{run_prefix}/projector.safetensors"), load_weights(single_root, f"{run_prefix}/projector.safetensors")
+    a, b = (
+        load_weights(root, f"{run_prefix}/projector.safetensors"),
+        load_weights(single_root, f"{run_prefix}/projector.safetensors"),
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
@@ -88,5 +115,9 @@ def test_launch_takes_its_configuration_inline(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["step"] == rows[-1]["total_steps"]
     assert len(root.list("llava_stage1")) == 1
-    both = subprocess.run([sys.executable, "-m", "synthvlm_assets.training.launch", "x.json", "--config-json", cfg], capture_output=True, text=True)
+    both = subprocess.run(
+        [sys.executable, "-m", "synthvlm_assets.training.launch", "x.json", "--config-json", cfg],
+        capture_output=True,
+        text=True,
+    )
     assert both.returncode == 2 and "one of the two" in both.stderr

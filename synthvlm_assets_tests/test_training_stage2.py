@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from synthvlm_assets.storage import StorageRoot
-from synthvlm_assets.training.data import IGNORE_INDEX, VICUNA_SYSTEM, ConversationCollator, DatasetError, vicuna_prompt
+from synthvlm_assets.training.data import (
+    IGNORE_INDEX,
+    VICUNA_SYSTEM,
+    ConversationCollator,
+    DatasetError,
+    vicuna_prompt,
+)
 from synthvlm_assets.training.loop import complete_checkpoints, load_weights
 from synthvlm_assets.training.model import IMAGE_TOKEN, ModelSettings, load_model, vision_token_count
 from synthvlm_assets.training.stage1 import Stage1Settings, token_loss_sum, train_stage1
@@ -55,7 +61,11 @@ def stage1_root(tmp_path_factory):
 def test_vicuna_v1_prompt_is_llavas_and_labels_cover_the_answers_only():
     text, spans = vicuna_prompt(CONVERSATION)
     # LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep " ", sep2 "</s>"), `<image>` moved to the front of its turn.
-    assert text == VICUNA_SYSTEM + " USER: <image>\nWhat colour is it? ASSISTANT: Red.</s>USER: And the shape? ASSISTANT: A circle.</s>"
+    assert (
+        text
+        == VICUNA_SYSTEM
+        + " USER: <image>\nWhat colour is it? ASSISTANT: Red.</s>USER: And the shape? ASSISTANT: A circle.</s>"
+    )
     assert [text[a:b] for a, b in spans] == ["Red.</s>", "A circle.</s>"]
 
     model, processor = load_model(ModelSettings.tiny_preset())
@@ -85,11 +95,19 @@ def _sentencepiece_style_tokenizer():
     texts = ["What colour is it? Red. And the shape? A circle. It is red. A blue square on a table."] * 50
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=[f"<0x{i:02X}>" for i in range(256)]
+    )
     tok.train_from_iterator(texts + [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 50, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return fast
 
@@ -103,8 +121,12 @@ def test_answer_labels_with_a_sentencepiece_style_tokenizer():
     collator = ConversationCollator(build_processor(clip_image_processor(32), tok, patch_size=8), 16)
     ids, labels = collator.encode(CONVERSATION)
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-    answers = [t for a in ("Red.", "A circle.") for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert trained == answers and len(tok.convert_ids_to_tokens(answers)) < len("Red.A circle.")  # real merges, not bytes
+    answers = [
+        t for a in ("Red.", "A circle.") for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ]
+    assert trained == answers and len(tok.convert_ids_to_tokens(answers)) < len(
+        "Red.A circle."
+    )  # real merges, not bytes
 
 
 def test_batches_mix_image_and_text_only_records_and_text_only_batches_get_a_flagged_dummy(stage1_root):
@@ -160,7 +182,11 @@ def test_stage2_trains_projector_and_llm_not_the_vision_tower(stage1_root, tmp_p
     start = before.state_dict()
     projector = load_weights(root, f"{stage1_run}/projector.safetensors")
     for name, weight in trained.items():
-        initial = projector[name.removeprefix("model.multi_modal_projector.")] if "multi_modal_projector" in name else start[name]
+        initial = (
+            projector[name.removeprefix("model.multi_modal_projector.")]
+            if "multi_modal_projector" in name
+            else start[name]
+        )
         assert not torch.equal(weight, initial), f"{name} did not train"
     # The export holds the trained weights and an untouched vision tower.
     from synthvlm_assets.training.export import export_model
@@ -170,7 +196,9 @@ def test_stage2_trains_projector_and_llm_not_the_vision_tower(stage1_root, tmp_p
 
     from synthvlm_assets.training.export import download_export
 
-    reloaded = AutoModelForImageTextToText.from_pretrained(download_export(root, "export2", str(tmp_path / "export"))).state_dict()
+    reloaded = AutoModelForImageTextToText.from_pretrained(
+        download_export(root, "export2", str(tmp_path / "export"))
+    ).state_dict()
     assert torch.equal(reloaded["lm_head.weight"], trained["lm_head.weight"])
     vision = [k for k in start if k.startswith("model.vision_tower.")]
     assert vision and all(torch.equal(reloaded[k], start[k]) for k in vision)
@@ -230,14 +258,21 @@ def test_fsdp_two_processes_equal_one_process_and_resume_bit_exact(stage1_root, 
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.loop.losses), rtol=1e-5, atol=1e-6)
     # Adam hides a constant gradient scale from the weights: the gradient norms show FSDP's reduction is a sum, as here.
-    norms = [[roots[n].read_json(f"{single.run_prefix}/metrics/step-{s:07d}.json")["grad_norm"] for s in range(1, 7)] for n in ("single", "fsdp")]
+    norms = [
+        [roots[n].read_json(f"{single.run_prefix}/metrics/step-{s:07d}.json")["grad_norm"] for s in range(1, 7)]
+        for n in ("single", "fsdp")
+    ]
     torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-4, atol=1e-6)
 
     # Under FSDP: interrupted after step 3 (checkpoint 2 complete), resumed -> the same weights bit for bit.
     first = _torchrun(tmp_path, roots["interrupted"], stage1_run, dataclasses.replace(settings, stop_after_steps=3))
-    assert first["steps"] == 3 and [s for s, _ in complete_checkpoints(roots["interrupted"], first["run_prefix"])] == [2]
+    assert first["steps"] == 3 and [s for s, _ in complete_checkpoints(roots["interrupted"], first["run_prefix"])] == [
+        2
+    ]
     checkpoint = f"{first['run_prefix']}/checkpoints/step-0000002"
-    assert roots["interrupted"].exists(f"{checkpoint}/shards/.metadata") and not roots["interrupted"].exists(f"{checkpoint}/{TRAINABLE}")
+    assert roots["interrupted"].exists(f"{checkpoint}/shards/.metadata") and not roots["interrupted"].exists(
+        f"{checkpoint}/{TRAINABLE}"
+    )
     resumed = _torchrun(tmp_path, roots["interrupted"], stage1_run, settings)
     assert resumed["resumed"] == 2 and resumed["losses"] == sharded["losses"]
     c = load_weights(roots["interrupted"], f"{single.run_prefix}/{TRAINABLE}")
@@ -252,11 +287,22 @@ def test_clear_errors_for_missing_or_malformed_instruction_data(stage1_root, tmp
         train_stage2(root, ModelSettings.tiny_preset(), stage1_run, Stage2Settings.tiny_preset())
     with pytest.raises(DatasetError, match="missing.json"):
         instruct_dataset(Stage2Settings(instruct_json=root.uri("instruct/missing.json")))
-    bad = [{"id": "x", "image": "a.jpg", "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "ok"}]}]
+    bad = [
+        {
+            "id": "x",
+            "image": "a.jpg",
+            "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "ok"}],
+        }
+    ]
     root.write_json("instruct/bad.json", bad)
     with pytest.raises(DatasetError, match=r"record 0 \(x\).*0 '<image>' placeholders"):
-        instruct_dataset(Stage2Settings(instruct_json=root.uri("instruct/bad.json"), image_folder=root.uri("instruct/images")))
-    root.write_json("instruct/bad.json", [{"id": "y", "conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}])
+        instruct_dataset(
+            Stage2Settings(instruct_json=root.uri("instruct/bad.json"), image_folder=root.uri("instruct/images"))
+        )
+    root.write_json(
+        "instruct/bad.json",
+        [{"id": "y", "conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}],
+    )
     with pytest.raises(DatasetError, match="alternate"):
         instruct_dataset(Stage2Settings(instruct_json=root.uri("instruct/bad.json")))
     with pytest.raises(FileNotFoundError, match="finished stage-1 run"):
@@ -279,5 +325,7 @@ def test_fsdp_sharded_checkpoints_and_data_on_s3(stage1_root, tmp_path, seaweedf
     local = StorageRoot(str(tmp_path / "local"))
     _copy(template, local)
     straight = train_stage2(local, ModelSettings.tiny_preset(), stage1_run, _settings(template, checkpoint_every=2))
-    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight.loop.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(resumed["losses"]), torch.tensor(straight.loop.losses), rtol=1e-5, atol=1e-6
+    )
     assert root.exists(f"{resumed['run_prefix']}/{TRAINABLE}")

@@ -98,7 +98,10 @@ def publish_toy_instructions(storage: StorageRoot, n: int = 48, text_only_every:
             continue
         image = f"coco/{i:06d}.jpg"
         storage.write_bytes(f"instruct/images/{image}", shape_image(colour, shape, i // len(pairs)))
-        turns = [{"from": "human", "value": "What colour is the shape?\n<image>"}, {"from": "gpt", "value": f"It is {colour}."}]
+        turns = [
+            {"from": "human", "value": "What colour is the shape?\n<image>"},
+            {"from": "gpt", "value": f"It is {colour}."},
+        ]
         if i % 2:
             turns += [{"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": f"A {shape}."}]
         records.append({"id": f"q-{i}", "image": image, "conversations": turns})

@@ -106,4 +106,3 @@ def curate_captions(
 def _rows(table: pa.Table) -> Iterator[dict]:
     for batch in table.to_batches():
         yield from batch.to_pylist()
-

@@ -115,7 +115,10 @@ class PerplexityModel:
                 "the perplexity filter is configured (kenlm_model_path is set) but the `kenlm` and "
                 "`sentencepiece` packages are not installed; install them or unset kenlm_model_path"
             ) from exc
-        for name, path in (("kenlm_model_path", kenlm_model_path), ("sentencepiece_model_path", sentencepiece_model_path)):
+        for name, path in (
+            ("kenlm_model_path", kenlm_model_path),
+            ("sentencepiece_model_path", sentencepiece_model_path),
+        ):
             try:
                 with open(path, "rb"):
                     pass
@@ -160,7 +163,9 @@ class RuleFilterSettings:
         if not self.perplexity_enabled:
             return None
         if not self.sentencepiece_model_path:
-            raise ValueError("kenlm_model_path is set but sentencepiece_model_path is not: the perplexity filter needs both")
+            raise ValueError(
+                "kenlm_model_path is set but sentencepiece_model_path is not: the perplexity filter needs both"
+            )
         return PerplexityModel(self.kenlm_model_path, self.sentencepiece_model_path)
 
     def bounds(self) -> dict[str, tuple[float, float | None]]:

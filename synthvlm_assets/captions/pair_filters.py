@@ -25,7 +25,10 @@ PAIR_SCHEMA = pa.schema(
         ("image_ref", pa.string()),
         ("itm_probability", pa.float64()),  # null when the filters are off or the image is unreadable
         ("clip_cosine", pa.float64()),
-        ("reject_reason", pa.string()),  # null when kept: itm_probability, clip_cosine, image_missing, image_unreadable
+        (
+            "reject_reason",
+            pa.string(),
+        ),  # null when kept: itm_probability, clip_cosine, image_missing, image_unreadable
         ("reject_detail", pa.string()),
         ("shard", pa.string()),
     ]
@@ -54,7 +57,9 @@ class PairScorer:
         self.clip, self.clip_processor = clip.to(self.device).eval(), clip_processor
 
     @classmethod
-    def load(cls, settings: PairFilterSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None) -> PairScorer:
+    def load(
+        cls, settings: PairFilterSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+    ) -> PairScorer:
         from transformers import BlipForImageTextRetrieval, BlipProcessor, CLIPModel, CLIPProcessor
 
         from synthvlm_assets.models.tiny import tiny_blip_itm, tiny_hf_clip
@@ -68,7 +73,9 @@ class PairScorer:
             except (OSError, ValueError) as exc:
                 raise load_error(setting, value, exc) from exc
 
-        blip = load("pair_filters.blip_model", settings.blip_model, BlipForImageTextRetrieval, BlipProcessor, tiny_blip_itm)
+        blip = load(
+            "pair_filters.blip_model", settings.blip_model, BlipForImageTextRetrieval, BlipProcessor, tiny_blip_itm
+        )
         clip = load("pair_filters.clip_model", settings.clip_model, CLIPModel, CLIPProcessor, tiny_hf_clip)
         return cls(*blip, *clip)
 
@@ -77,15 +84,28 @@ class PairScorer:
         import torch.nn.functional as F
 
         with torch.inference_mode():
-            b = self.blip_processor(images=images, text=captions, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            b = self.blip_processor(
+                images=images, text=captions, return_tensors="pt", padding=True, truncation=True
+            ).to(self.device)
             itm = self.blip(**b, use_itm_head=True).itm_score.float().softmax(dim=1)[:, 1]
-            c = self.clip_processor(images=images, text=captions, return_tensors="pt", padding=True, truncation=True).to(self.device)
-            img = F.normalize(self.clip.get_image_features(pixel_values=c["pixel_values"]).pooler_output.float(), dim=-1)
-            txt = F.normalize(self.clip.get_text_features(input_ids=c["input_ids"], attention_mask=c["attention_mask"]).pooler_output.float(), dim=-1)
+            c = self.clip_processor(
+                images=images, text=captions, return_tensors="pt", padding=True, truncation=True
+            ).to(self.device)
+            img = F.normalize(
+                self.clip.get_image_features(pixel_values=c["pixel_values"]).pooler_output.float(), dim=-1
+            )
+            txt = F.normalize(
+                self.clip.get_text_features(
+                    input_ids=c["input_ids"], attention_mask=c["attention_mask"]
+                ).pooler_output.float(),
+                dim=-1,
+            )
         return itm.tolist(), (img * txt).sum(dim=-1).tolist()
 
 
-def open_image(ref: str | None, image_root: str | None, s3_endpoint_url: str | None = None) -> tuple[Image.Image | None, str | None, str | None]:
+def open_image(
+    ref: str | None, image_root: str | None, s3_endpoint_url: str | None = None
+) -> tuple[Image.Image | None, str | None, str | None]:
     """(image, None, None) or (None, reason, detail): image_missing (no reference or no such file) or
     image_unreadable (not an image, truncated, unreachable)."""
     if not ref:
@@ -117,7 +137,17 @@ def pair_filter_shard(
     storage: StorageRoot, shard: str, settings: PairFilterSettings, scorer: PairScorer | None, run_id: str = ""
 ) -> PairFilteredShard:
     curated = storage.read_partition(f"{CURATED}/{shard}", "kept", columns=["caption_id", "caption", "image_ref"])
-    rows = [{**r, "itm_probability": None, "clip_cosine": None, "reject_reason": None, "reject_detail": None, "shard": shard} for r in curated.to_pylist()]
+    rows = [
+        {
+            **r,
+            "itm_probability": None,
+            "clip_cosine": None,
+            "reject_reason": None,
+            "reject_detail": None,
+            "shard": shard,
+        }
+        for r in curated.to_pylist()
+    ]
     if settings.enabled:
         if scorer is None:
             raise ValueError("pair filters are enabled but no scorer was given")
@@ -135,7 +165,9 @@ def pair_filter_shard(
                 for (row, _), p, c in zip(readable, itm, cos):
                     row.update(itm_probability=p, clip_cosine=c)
                     if p < settings.itm_probability_min:
-                        row.update(reject_reason="itm_probability", reject_detail=f"{p:.4f} < {settings.itm_probability_min}")
+                        row.update(
+                            reject_reason="itm_probability", reject_detail=f"{p:.4f} < {settings.itm_probability_min}"
+                        )
                     elif c < settings.clip_cosine_min:
                         row.update(reject_reason="clip_cosine", reject_detail=f"{c:.4f} < {settings.clip_cosine_min}")
     table = pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)

@@ -57,11 +57,19 @@ def code_versions(resources: Mapping) -> dict[str, str]:
     scoring = resources["scoring"]
     docs = {
         "raw_caption_pool": asdict(source),
-        "curated_captions": {"rules": asdict(curation.settings()), "perplexity": curation.model_dump(exclude={"workers"})},
-        "pair_filtered_captions": {k: v for k, v in pair.items() if k not in _PAIR_EXECUTION} if pair["enabled"] else {"enabled": False},
+        "curated_captions": {
+            "rules": asdict(curation.settings()),
+            "perplexity": curation.model_dump(exclude={"workers"}),
+        },
+        "pair_filtered_captions": {k: v for k, v in pair.items() if k not in _PAIR_EXECUTION}
+        if pair["enabled"]
+        else {"enabled": False},
         "judged_captions": {k: judge[k] for k in _JUDGE_OUTPUT},
         "sdxl_images": resources["synthesis"].settings().image_settings(),
-        "image_scores": {"clip": {k: v for k, v in asdict(scoring.clip_settings()).items() if k != "batch_size"}, "ssim": asdict(scoring.ssim_settings())},
+        "image_scores": {
+            "clip": {k: v for k, v in asdict(scoring.clip_settings()).items() if k != "batch_size"},
+            "ssim": asdict(scoring.ssim_settings()),
+        },
         "synthvlm_100k": asdict(resources["selection"].settings()),
     }
     return {name: f"{CODE_REVISIONS[name]}.{_digest(doc)}" for name, doc in docs.items()}
@@ -89,7 +97,9 @@ _NEW_UPSTREAM_DATA = AutomationCondition.any_deps_match(
 ).with_label("any_deps_new_data")
 
 PER_SHARD = (
-    (AutomationCondition.newly_missing() | _NEW_UPSTREAM_DATA | AutomationCondition.code_version_changed()).since_last_handled()
+    (
+        AutomationCondition.newly_missing() | _NEW_UPSTREAM_DATA | AutomationCondition.code_version_changed()
+    ).since_last_handled()
     & ~AutomationCondition.any_deps_missing()
     & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.in_progress()
@@ -154,7 +164,13 @@ class AutomationDriver:
                 for partition in result.get_requested_partitions(key):
                     by_partition.setdefault(partition, []).append(key)
             for partition, selected in by_partition.items():
-                run = materialize(list(defs.assets), selection=selected, partition_key=partition, instance=self.instance, resources=defs.resources)
+                run = materialize(
+                    list(defs.assets),
+                    selection=selected,
+                    partition_key=partition,
+                    instance=self.instance,
+                    resources=defs.resources,
+                )
                 if not run.success:
                     raise RuntimeError(f"automation run for {partition} {selected} failed")
                 done.update(k.to_user_string() for k in selected)

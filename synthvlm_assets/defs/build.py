@@ -27,7 +27,12 @@ from synthvlm_assets.defs.selection import image_scores, synthvlm_100k
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.defs.synthesis import sdxl_images
-from synthvlm_assets.defs.training import checkpoint_assets, llava_stage1_export, llava_stage1_sanity_eval, llava_stage2_export
+from synthvlm_assets.defs.training import (
+    checkpoint_assets,
+    llava_stage1_export,
+    llava_stage1_sanity_eval,
+    llava_stage2_export,
+)
 from synthvlm_assets.storage import local_or_absolute
 
 MAIN_JOB = "synthvlm_job"
@@ -56,7 +61,9 @@ class Settings:
     scoring: dict = field(default_factory=dict)  # ScoringResource fields; {"clip_model": "tiny"} offline
     selection: dict = field(default_factory=dict)  # SelectionResource fields (lam, k, fraction)
     executor: str = "multiprocess"  # or "k8s": each step its own pod, GPU steps request a GPU (deploy/helm)
-    training: dict = field(default_factory=dict)  # TrainingResource fields; {"vision_tower": "tiny", "llm": "tiny"} offline
+    training: dict = field(
+        default_factory=dict
+    )  # TrainingResource fields; {"vision_tower": "tiny", "llm": "tiny"} offline
     benchmark_eval: dict = field(default_factory=dict)  # BenchmarkEvalResource fields (llava_benchmark_job)
 
     @classmethod
@@ -68,20 +75,59 @@ class Settings:
             input_uri=env.get("SYNTHVLM_INPUT_URI") or None,
             shard_rows=int(env.get("SYNTHVLM_SHARD_ROWS", "1000")),
             shards_per_run=int(env.get("SYNTHVLM_SHARDS_PER_RUN", "1000")),
-            judge={k: v for k, v in {"model": env.get("SYNTHVLM_JUDGE_MODEL"), "backend": env.get("SYNTHVLM_JUDGE_BACKEND"), "endpoint_url": env.get("SYNTHVLM_JUDGE_ENDPOINT_URL")}.items() if v},
+            judge={
+                k: v
+                for k, v in {
+                    "model": env.get("SYNTHVLM_JUDGE_MODEL"),
+                    "backend": env.get("SYNTHVLM_JUDGE_BACKEND"),
+                    "endpoint_url": env.get("SYNTHVLM_JUDGE_ENDPOINT_URL"),
+                }.items()
+                if v
+            },
             synthesis={k: v for k, v in {"model": env.get("SYNTHVLM_SDXL_MODEL")}.items() if v},
-            scoring={k: v for k, v in {"clip_model": env.get("SYNTHVLM_CLIP_MODEL"), "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED")}.items() if v},
-            selection={k: float(v) if k != "k" else int(v) for k, v in {"k": env.get("SYNTHVLM_SELECT_K"), "fraction": env.get("SYNTHVLM_SELECT_FRACTION"), "lam": env.get("SYNTHVLM_LAMBDA")}.items() if v},
+            scoring={
+                k: v
+                for k, v in {
+                    "clip_model": env.get("SYNTHVLM_CLIP_MODEL"),
+                    "clip_pretrained": env.get("SYNTHVLM_CLIP_PRETRAINED"),
+                }.items()
+                if v
+            },
+            selection={
+                k: float(v) if k != "k" else int(v)
+                for k, v in {
+                    "k": env.get("SYNTHVLM_SELECT_K"),
+                    "fraction": env.get("SYNTHVLM_SELECT_FRACTION"),
+                    "lam": env.get("SYNTHVLM_LAMBDA"),
+                }.items()
+                if v
+            },
             executor=env.get("SYNTHVLM_EXECUTOR") or "multiprocess",
-            training={k: int(v) if k in ("processes", "micro_batch") else v for k, v in {
-                "vision_tower": env.get("SYNTHVLM_LLAVA_VISION_TOWER"), "vision_revision": env.get("SYNTHVLM_LLAVA_VISION_REVISION"),
-                "llm": env.get("SYNTHVLM_LLAVA_LLM"), "llm_revision": env.get("SYNTHVLM_LLAVA_LLM_REVISION"),
-                "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"), "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH"),
-                "instruct_json": env.get("SYNTHVLM_LLAVA_INSTRUCT_JSON"),
-                "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES"),
-                "launcher": env.get("SYNTHVLM_LLAVA_LAUNCHER"), "k8s_image": env.get("SYNTHVLM_LLAVA_K8S_IMAGE")}.items() if v},  # fmt: skip
-            benchmark_eval={k: v for k, v in {"model": env.get("SYNTHVLM_EVAL_MODEL"), "datasets_dir": env.get("SYNTHVLM_EVAL_DATASETS_DIR"),
-                                              "lmms_eval_python": env.get("SYNTHVLM_LMMS_EVAL_PYTHON")}.items() if v},  # fmt: skip
+            training={
+                k: int(v) if k in ("processes", "micro_batch") else v
+                for k, v in {
+                    "vision_tower": env.get("SYNTHVLM_LLAVA_VISION_TOWER"),
+                    "vision_revision": env.get("SYNTHVLM_LLAVA_VISION_REVISION"),
+                    "llm": env.get("SYNTHVLM_LLAVA_LLM"),
+                    "llm_revision": env.get("SYNTHVLM_LLAVA_LLM_REVISION"),
+                    "processes": env.get("SYNTHVLM_LLAVA_PROCESSES"),
+                    "micro_batch": env.get("SYNTHVLM_LLAVA_MICRO_BATCH"),
+                    "instruct_json": env.get("SYNTHVLM_LLAVA_INSTRUCT_JSON"),
+                    "instruct_image_folder": env.get("SYNTHVLM_LLAVA_INSTRUCT_IMAGES"),
+                    "launcher": env.get("SYNTHVLM_LLAVA_LAUNCHER"),
+                    "k8s_image": env.get("SYNTHVLM_LLAVA_K8S_IMAGE"),
+                }.items()
+                if v
+            },  # fmt: skip
+            benchmark_eval={
+                k: v
+                for k, v in {
+                    "model": env.get("SYNTHVLM_EVAL_MODEL"),
+                    "datasets_dir": env.get("SYNTHVLM_EVAL_DATASETS_DIR"),
+                    "lmms_eval_python": env.get("SYNTHVLM_LMMS_EVAL_PYTHON"),
+                }.items()
+                if v
+            },  # fmt: skip
         )
 
     def executor_def(self):
@@ -120,7 +166,9 @@ def build_definitions(settings: Settings) -> Definitions:
     assets = [*per_shard, synthvlm_100k]
     # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
     # Training in a GPU pod of its own (launcher "k8s"): its step needs no GPU.
-    stage1_checkpoint, stage2_checkpoint = checkpoint_assets({} if settings.training.get("launcher") == "k8s" else GPU_TAGS)
+    stage1_checkpoint, stage2_checkpoint = checkpoint_assets(
+        {} if settings.training.get("launcher") == "k8s" else GPU_TAGS
+    )
     training = [stage1_checkpoint, llava_stage1_export, llava_stage1_sanity_eval]
     stage2 = [stage2_checkpoint, llava_stage2_export]
     main_job = define_asset_job(
@@ -129,7 +177,9 @@ def build_definitions(settings: Settings) -> Definitions:
         description="Everything per caption shard: load the raw pool, curate and judge it, synthesize and score its images.",
     )
     dataset_job = define_asset_job(
-        DATASET_JOB, selection=AssetSelection.assets(synthvlm_100k), description="Select the global top K into SynthVLM-100K."
+        DATASET_JOB,
+        selection=AssetSelection.assets(synthvlm_100k),
+        description="Select the global top K into SynthVLM-100K.",
     )
     curation_job = define_asset_job(
         CURATION_JOB,
@@ -140,7 +190,11 @@ def build_definitions(settings: Settings) -> Definitions:
     versions = code_versions(resources)
     conditions = {key: SELECTION if a is synthvlm_100k else PER_SHARD for a in assets for key in a.keys}
     assets = [
-        a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()], automation_condition=conditions[spec.key]))
+        a.map_asset_specs(
+            lambda spec: spec.replace_attributes(
+                code_version=versions[spec.key.to_user_string()], automation_condition=conditions[spec.key]
+            )
+        )
         for a in assets
     ]
     training_job = define_asset_job(

@@ -44,7 +44,10 @@ class BenchmarkEvalResource(ConfigurableResource):
     lmms_eval_python: str | None = Field(default=None, description=(
         "Python of the environment with the `eval` extra (lmms-eval); default: .venv-eval beside this environment."))  # fmt: skip
     device: str = Field(default="auto", description='"cuda", "cuda:N" or "cpu"; "auto": cuda when available.')
-    limit: float | None = Field(default=None, description="lmms-eval --limit: the first N documents (or a fraction): a smoke run, not the benchmark.")
+    limit: float | None = Field(
+        default=None,
+        description="lmms-eval --limit: the first N documents (or a fraction): a smoke run, not the benchmark.",
+    )
     force_simple: bool = Field(default=True, description=(
         "llava_hf's simple adapter: LLaVA-1.5's vicuna_v1 prompt, the one stage 2 trains on (the chat adapter needs a "
         "chat template in the processor)."))  # fmt: skip
@@ -68,7 +71,9 @@ def fetch_model(root: StorageRoot, model: str) -> tuple[str, str, str]:
     if model in EXPORTS:
         manifest = root.read_json(f"{model}/_manifest.json") if root.exists(f"{model}/_manifest.json") else None
         if manifest is None:
-            raise bench.BenchmarkError(f"{root.uri(model)} has no export yet: materialize {model} first (or set benchmark_eval.model)")
+            raise bench.BenchmarkError(
+                f"{root.uri(model)} has no export yet: materialize {model} first (or set benchmark_eval.model)"
+            )
         prefix = manifest["prefix"]
     elif os.path.isdir(model):
         if not os.path.exists(os.path.join(model, "config.json")):
@@ -114,7 +119,9 @@ def _throttled(log, every_s: float = 30.0):
     group_name="evaluation",
     op_tags=GPU_TAGS,
 )
-def llava_benchmark_eval(context: AssetExecutionContext, storage: StorageResource, benchmark_eval: BenchmarkEvalResource) -> MaterializeResult:
+def llava_benchmark_eval(
+    context: AssetExecutionContext, storage: StorageResource, benchmark_eval: BenchmarkEvalResource
+) -> MaterializeResult:
     """One benchmark (the partition) of the current stage-2 export (or the model `benchmark_eval.model`
     names) through lmms-eval's `llava_hf`, beside the paper's numbers where SPEC §6 states them. The parsed
     results go to `llava_benchmark_eval/<export name>/<task>.json`."""
@@ -129,7 +136,9 @@ def llava_benchmark_eval(context: AssetExecutionContext, storage: StorageResourc
         )  # fmt: skip
     key = f"{ASSET}/{export_name}/{task.key}.json"
     stored = {k: v for k, v in result.items() if k != "results_json"}
-    root.write_json(key, {**stored, "model": source, "run_id": context.run.run_id, "lmms_eval_results": result["results_json"]})
+    root.write_json(
+        key, {**stored, "model": source, "run_id": context.run.run_id, "lmms_eval_results": result["results_json"]}
+    )
     headers = ["benchmark", "ours", "SynthVLM (paper)", "LLaVA-1.5 (paper)"]
     limited = f" (--limit {result['limit']:g}: not the whole benchmark)" if result["limit"] is not None else ""
     return MaterializeResult(
@@ -137,12 +146,16 @@ def llava_benchmark_eval(context: AssetExecutionContext, storage: StorageResourc
             "comparison": md_table(headers, bench.comparison_rows(result)),
             "score": MetadataValue.float(result["score"]),
             "metrics": md_table(["metric (lmms-eval)", "value"], sorted(result["metrics"].items())),
-            "samples": MetadataValue.int(result["samples"]) if result["samples"] is not None else MetadataValue.text("?"),
+            "samples": MetadataValue.int(result["samples"])
+            if result["samples"] is not None
+            else MetadataValue.text("?"),
             "model": MetadataValue.path(source),
             "model_size": result["model_size"] or "not Vicuna 7B/13B (e.g. the tiny preset: meaningless)",
             "lmms_eval_version": result["lmms_eval_version"],
             "command": MetadataValue.md(f"```\n{shlex.join(result['command'])}\n```"),
-            "datasets": f"local copies under {result['local_datasets']}" if result["local_datasets"] else "Hugging Face Hub (or its cache)",
+            "datasets": f"local copies under {result['local_datasets']}"
+            if result["local_datasets"]
+            else "Hugging Face Hub (or its cache)",
             "results": MetadataValue.path(root.uri(key)),
             "note": (task.note or "-") + limited,
         }

@@ -22,10 +22,16 @@ from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transien
     code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="captions",
-    check_specs=[AssetCheckSpec("rows_accounted_for", asset=PAIR_FILTERED, blocking=True, description="Curated = kept + rejected.")],
+    check_specs=[
+        AssetCheckSpec(
+            "rows_accounted_for", asset=PAIR_FILTERED, blocking=True, description="Curated = kept + rejected."
+        )
+    ],
 )
 @retry_only_transient
-def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResource, pair_filters: PairFilterResource) -> MaterializeResult:
+def pair_filtered_captions(
+    context: AssetExecutionContext, storage: StorageResource, pair_filters: PairFilterResource
+) -> MaterializeResult:
     """SPEC §1's optional pair filters on the original web images (BLIP ITM >= 0.8, CLIP cosine >= 0.28).
     Off by default: every curated caption passes through unscored."""
     root = storage.root()
@@ -37,7 +43,9 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
     metadata = {"enabled": settings.enabled, "captions_in": table.num_rows, "kept": out.kept,
                 "rejected_by": md_table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons])}  # fmt: skip
     if settings.enabled:
-        metadata["models"] = f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= {settings.clip_cosine_min})"
+        metadata["models"] = (
+            f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= {settings.clip_cosine_min})"
+        )
         metadata["score_histograms"] = histograms(
             [("itm_probability", [v for v in table.column("itm_probability").to_pylist() if v is not None], [settings.itm_probability_min]),
              ("clip_cosine", [v for v in table.column("clip_cosine").to_pylist() if v is not None], [settings.clip_cosine_min])],
@@ -45,10 +53,15 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
         )  # fmt: skip
         metadata["rejected_sample"] = md_table(
             ["caption_id", "reason", "detail", "caption"],
-            sample_rows(table.filter(pc.is_valid(table.column("reject_reason"))), ["caption_id", "reject_reason", "reject_detail", "caption"]),
+            sample_rows(
+                table.filter(pc.is_valid(table.column("reject_reason"))),
+                ["caption_id", "reject_reason", "reject_detail", "caption"],
+            ),
         )
     # Against what was published: every curated caption in `pairs`, and kept + rejected = curated.
-    n_curated = root.read_partition(f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]).num_rows
+    n_curated = root.read_partition(
+        f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]
+    ).num_rows
     files = root.manifest(out.prefix)["files"]
     n_rejected = sum(r["counts"] for r in reasons)
     return MaterializeResult(
@@ -74,26 +87,43 @@ def pair_filtered_captions(context: AssetExecutionContext, storage: StorageResou
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
-        AssetCheckSpec("every_caption_judged", asset=ASSET, blocking=True, description="One verdict per caption that passed the pair filters."),
-        AssetCheckSpec("only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."),
+        AssetCheckSpec(
+            "every_caption_judged",
+            asset=ASSET,
+            blocking=True,
+            description="One verdict per caption that passed the pair filters.",
+        ),
+        AssetCheckSpec(
+            "only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."
+        ),
     ],
 )
 @retry_only_transient
-def judged_captions(context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource) -> MaterializeResult:
+def judged_captions(
+    context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource
+) -> MaterializeResult:
     """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1).
     Every caption keeps its verdict (yes / no / parse_failure / unjudgeable), p_yes, raw token, model
     and prompt version."""
     root = storage.root()
     shard = context.partition_key
     settings = judge.settings()
-    out = judge_shard(root, shard, load_judge(settings, judge.cache_dir, storage.s3_endpoint_url), settings, context.run.run_id)
+    out = judge_shard(
+        root, shard, load_judge(settings, judge.cache_dir, storage.s3_endpoint_url), settings, context.run.run_id
+    )
     judged = out.judged
     counts = verdict_counts(judged)
     prompts_per_s, tokens_per_s = timed_rate(out.stats)
-    curated = root.read_partition(f"{PAIR_FILTERED}/{shard}", "kept", columns=["caption_id"]).column("caption_id").to_pylist()
+    curated = (
+        root.read_partition(f"{PAIR_FILTERED}/{shard}", "kept", columns=["caption_id"])
+        .column("caption_id")
+        .to_pylist()
+    )
     kept_ids = [r["caption_id"] for r in judged.select(["caption_id", "verdict"]).to_pylist() if r["verdict"] == "yes"]
     columns = ["verdict", "p_yes", "raw_token", "caption"]
-    examples = [row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)]
+    examples = [
+        row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)
+    ]
     model = settings.model if not settings.is_tiny else "tiny (random weights: the verdicts are meaningless)"
     return MaterializeResult(
         data_version=partition_data_version(root, out.prefix),
@@ -110,7 +140,9 @@ def judged_captions(context: AssetExecutionContext, storage: StorageResource, ju
             "prompts_per_second": prompts_per_s,
             "prompt_tokens_per_second": tokens_per_s,
             "gpu_seconds": out.stats.seconds if settings.resolved_backend() != "http" else 0.0,
-            "p_yes_histogram": histograms([("p_yes", [p for p in judged.column("p_yes").to_pylist() if p is not None], [0.5])], f"{shard}: p_yes"),
+            "p_yes_histogram": histograms(
+                [("p_yes", [p for p in judged.column("p_yes").to_pylist() if p is not None], [0.5])], f"{shard}: p_yes"
+            ),
             "examples": md_table(["verdict", "p_yes", "raw token", "caption"], examples),
             "instruction": MetadataValue.md(f"> {INSTRUCTION}"),
             "judged_parquet": MetadataValue.path(root.uri(f"{out.prefix}/judged.parquet")),
@@ -118,9 +150,13 @@ def judged_captions(context: AssetExecutionContext, storage: StorageResource, ju
         check_results=[
             AssetCheckResult(
                 check_name="every_caption_judged",
-                passed=sorted(judged.column("caption_id").to_pylist()) == sorted(curated) and judged.column("verdict").null_count == 0,
+                passed=sorted(judged.column("caption_id").to_pylist()) == sorted(curated)
+                and judged.column("verdict").null_count == 0,
                 metadata={"curated": len(curated), "judged": judged.num_rows},
             ),
-            AssetCheckResult(check_name="only_yes_kept", passed=root.read_partition(out.prefix, "kept").column("caption_id").to_pylist() == kept_ids),
+            AssetCheckResult(
+                check_name="only_yes_kept",
+                passed=root.read_partition(out.prefix, "kept").column("caption_id").to_pylist() == kept_ids,
+            ),
         ],
     )

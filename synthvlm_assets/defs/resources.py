@@ -24,6 +24,8 @@ def _preset_settings(resource: ConfigurableResource, cls):
     preset's defaults (the tiny preset has its own sizes and dtype); `cache_dir` is not a setting."""
     given = {k: v for k, v in resource.model_dump().items() if k != "cache_dir" and v is not None}
     return cls.tiny(**given) if resource.model == "tiny" else cls(**given)
+
+
 _FIELDS = CaptionFields()
 _RETRY = StorageRetry()
 
@@ -32,9 +34,16 @@ class StorageResource(ConfigurableResource):
     """The one storage root of every artifact: a local folder or s3://bucket/prefix."""
 
     root_uri: str = Field(description="Local folder or s3://bucket/prefix holding every artifact.")
-    s3_endpoint_url: str | None = Field(default=None, description="Endpoint of an S3-compatible server (SeaweedFS, MinIO).")
-    retry_attempts: int = Field(default=_RETRY.attempts, description="Tries per storage operation on transient errors (throttling, timeouts, 5xx).")
-    retry_initial_delay: float = Field(default=_RETRY.initial_delay, description="Seconds before the first retry; doubles each time.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible server (SeaweedFS, MinIO)."
+    )
+    retry_attempts: int = Field(
+        default=_RETRY.attempts,
+        description="Tries per storage operation on transient errors (throttling, timeouts, 5xx).",
+    )
+    retry_initial_delay: float = Field(
+        default=_RETRY.initial_delay, description="Seconds before the first retry; doubles each time."
+    )
     retry_max_delay: float = Field(default=_RETRY.max_delay, description="Longest wait between two tries, in seconds.")
     operation_deadline_seconds: float = Field(
         default=_RETRY.deadline,
@@ -43,7 +52,10 @@ class StorageResource(ConfigurableResource):
 
     def root(self) -> StorageRoot:
         retry = StorageRetry(
-            self.retry_attempts, self.retry_initial_delay, self.retry_max_delay, deadline=self.operation_deadline_seconds
+            self.retry_attempts,
+            self.retry_initial_delay,
+            self.retry_max_delay,
+            deadline=self.operation_deadline_seconds,
         )
         return StorageRoot(self.root_uri, self.s3_endpoint_url, retry=retry)
 
@@ -60,7 +72,9 @@ class CaptionSourceResource(ConfigurableResource):
     caption_field: str = _FIELDS.caption
     source_field: str = _FIELDS.source
     image_fields: list[str] = list(_FIELDS.image)
-    max_caption_chars: int = Field(default=_FIELDS.max_caption_chars, description="Longer captions are malformed rows.")
+    max_caption_chars: int = Field(
+        default=_FIELDS.max_caption_chars, description="Longer captions are malformed rows."
+    )
 
     def fields(self) -> CaptionFields:
         return CaptionFields(
@@ -81,7 +95,9 @@ class CurationResource(ConfigurableResource):
     flagged_word_ratio_max: float = _RULES.flagged_word_ratio_max
     flagged_words_lang: str = _RULES.flagged_words_lang
     perplexity_max: float = _RULES.perplexity_max
-    kenlm_model_path: str | None = Field(default=None, description="KenLM model; perplexity is skipped (and recorded so) when unset.")
+    kenlm_model_path: str | None = Field(
+        default=None, description="KenLM model; perplexity is skipped (and recorded so) when unset."
+    )
     sentencepiece_model_path: str | None = None
     special_character_ratio_min: float = _RULES.special_character_ratio_min
     special_character_ratio_max: float = _RULES.special_character_ratio_max
@@ -111,12 +127,18 @@ class SynthesisResource(ConfigurableResource):
     guidance_scale: float = _SYN.guidance_scale
     negative_prompt: str = _SYN.negative_prompt
     images_per_caption: int = _SYN.images_per_caption
-    dtype: str | None = Field(default=None, description="bf16 (default), fp16 (SynthVLM's) or fp32 (the tiny preset's default).")
+    dtype: str | None = Field(
+        default=None, description="bf16 (default), fp16 (SynthVLM's) or fp32 (the tiny preset's default)."
+    )
     vae_fp32: bool = _SYN.vae_fp32
     jpeg_quality: int = _SYN.jpeg_quality
     batch_size: int | None = Field(default=None, description="Prompts per UNet call (execution only).")
-    compile: bool = Field(default=_SYN.compile, description="torch.compile the UNet on CUDA (compiles once per process, ~80 s).")
-    fuse_qkv: bool = Field(default=_SYN.fuse_qkv, description="Fuse q/k/v projections into one matmul (execution only).")
+    compile: bool = Field(
+        default=_SYN.compile, description="torch.compile the UNet on CUDA (compiles once per process, ~80 s)."
+    )
+    fuse_qkv: bool = Field(
+        default=_SYN.fuse_qkv, description="Fuse q/k/v projections into one matmul (execution only)."
+    )
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
 
     def settings(self) -> SynthesisSettings:
@@ -135,12 +157,20 @@ _PAIR = PairFilterSettings()
 class PairFilterResource(ConfigurableResource):
     """SPEC §1's optional image-text filters on the captions' original web images (off by default)."""
 
-    enabled: bool = Field(default=_PAIR.enabled, description="Score (original image, caption) pairs; off: every caption passes.")
-    blip_model: str = Field(default=_PAIR.blip_model, description='BLIP ITM: HF id, local folder, s3:// prefix, or "tiny".')
-    clip_model: str = Field(default=_PAIR.clip_model, description='CLIP (transformers): HF id, local folder, s3:// prefix, or "tiny".')
+    enabled: bool = Field(
+        default=_PAIR.enabled, description="Score (original image, caption) pairs; off: every caption passes."
+    )
+    blip_model: str = Field(
+        default=_PAIR.blip_model, description='BLIP ITM: HF id, local folder, s3:// prefix, or "tiny".'
+    )
+    clip_model: str = Field(
+        default=_PAIR.clip_model, description='CLIP (transformers): HF id, local folder, s3:// prefix, or "tiny".'
+    )
     itm_probability_min: float = _PAIR.itm_probability_min
     clip_cosine_min: float = _PAIR.clip_cosine_min
-    image_root: str | None = Field(default=None, description="Folder or s3:// prefix that relative image references are under.")
+    image_root: str | None = Field(
+        default=None, description="Folder or s3:// prefix that relative image references are under."
+    )
     batch_size: int = _PAIR.batch_size
     cache_dir: str | None = None
 
@@ -158,13 +188,23 @@ class JudgeResource(ConfigurableResource):
     model: str = Field(default=_JUDGE.model, description='HF id, local folder, s3:// prefix, or "tiny".')
     revision: str | None = None
     tokenizer: str | None = Field(default=None, description="Default: the model's tokenizer.")
-    backend: str = Field(default=_JUDGE.backend, description="auto (vllm on a GPU, else transformers) | vllm | transformers | http")
-    endpoint_url: str | None = Field(default=None, description="http backend: an OpenAI-compatible server, e.g. `vllm serve`.")
+    backend: str = Field(
+        default=_JUDGE.backend, description="auto (vllm on a GPU, else transformers) | vllm | transformers | http"
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="http backend: an OpenAI-compatible server, e.g. `vllm serve`."
+    )
     api_key_env: str = _JUDGE.api_key_env
     batch_size: int = _JUDGE.batch_size
-    max_caption_tokens: int = Field(default=_JUDGE.max_caption_tokens, description="Longer captions are rejected unjudged.")
-    forced_choice: bool | None = Field(default=None, description="Restrict the answer to Yes/No (default: off; on for tiny).")
-    tensor_parallel_size: int = Field(default=_JUDGE.tensor_parallel_size, description="vllm: GPUs per judge (70B bf16: 4-8).")
+    max_caption_tokens: int = Field(
+        default=_JUDGE.max_caption_tokens, description="Longer captions are rejected unjudged."
+    )
+    forced_choice: bool | None = Field(
+        default=None, description="Restrict the answer to Yes/No (default: off; on for tiny)."
+    )
+    tensor_parallel_size: int = Field(
+        default=_JUDGE.tensor_parallel_size, description="vllm: GPUs per judge (70B bf16: 4-8)."
+    )
     quantization: str | None = Field(default=None, description='vllm: e.g. "fp8" (70B on 2 H100s).')
     max_model_len: int = _JUDGE.max_model_len
     concurrency: int = _JUDGE.concurrency
@@ -182,12 +222,18 @@ class ScoringResource(ConfigurableResource):
     """SPEC §3: the CLIP model for CLIPScore (open_clip name + pretrained tag, a local file or an
     s3:// file; "tiny" for the random test model) and the SSIM sizes."""
 
-    clip_model: str = Field(default=_CLIP.model, description='open_clip name, e.g. ViT-B-32 or ViT-L-14-336; "tiny" offline.')
-    clip_pretrained: str = Field(default=_CLIP.pretrained, description="open_clip pretrained tag, local file or s3:// file.")
+    clip_model: str = Field(
+        default=_CLIP.model, description='open_clip name, e.g. ViT-B-32 or ViT-L-14-336; "tiny" offline.'
+    )
+    clip_pretrained: str = Field(
+        default=_CLIP.pretrained, description="open_clip pretrained tag, local file or s3:// file."
+    )
     clip_prefix: str = _CLIP.prefix
     clip_dtype: str = _CLIP.dtype
     batch_size: int = _CLIP.batch_size
-    workers: int | None = Field(default=None, description="CPU processes decoding and resizing (default: all cores on a GPU box, 0 on a CPU).")
+    workers: int | None = Field(
+        default=None, description="CPU processes decoding and resizing (default: all cores on a GPU box, 0 on a CPU)."
+    )
     ssim_size: int = _SSIM.size
     ssim_low: int = _SSIM.low
     cache_dir: str | None = None
@@ -213,7 +259,9 @@ class SelectionResource(ConfigurableResource):
 
     lam: float = _SEL.lam
     k: int | None = _SEL.k
-    fraction: float | None = Field(default=None, description="Select this fraction of the scored captions instead of k.")
+    fraction: float | None = Field(
+        default=None, description="Select this fraction of the scored captions instead of k."
+    )
 
     def settings(self) -> SelectionSettings:
         return SelectionSettings(lam=self.lam, k=None if self.fraction is not None else self.k, fraction=self.fraction)
@@ -228,8 +276,12 @@ class TrainingResource(ConfigurableResource):
     vision_revision: str | None = Field(default=None, description="Pinned revision (commit) of the vision tower.")
     llm: str = Field(default="lmsys/vicuna-7b-v1.5", description='The LLM (Vicuna-1.5 7B or 13B), or "tiny".')
     llm_revision: str | None = Field(default=None, description="Pinned revision (commit) of the LLM.")
-    global_batch: int | None = Field(default=None, description="256 (LLaVA-1.5) = processes x micro_batch x accumulation.")
-    micro_batch: int | None = Field(default=None, description="Per process and forward pass: 16 fits an 80 GB GPU at 7B.")
+    global_batch: int | None = Field(
+        default=None, description="256 (LLaVA-1.5) = processes x micro_batch x accumulation."
+    )
+    micro_batch: int | None = Field(
+        default=None, description="Per process and forward pass: 16 fits an 80 GB GPU at 7B."
+    )
     lr: float | None = None
     epochs: int | None = None
     warmup_ratio: float | None = None
@@ -237,31 +289,48 @@ class TrainingResource(ConfigurableResource):
     max_length: int | None = None
     dtype: str | None = Field(default=None, description='"auto" (bf16 on GPUs), "bf16" or "fp32".')
     seed: int = 0
-    holdout_fraction: float | None = Field(default=None, description="Records kept out of training for the sanity evaluation.")
+    holdout_fraction: float | None = Field(
+        default=None, description="Records kept out of training for the sanity evaluation."
+    )
     checkpoint_every: int | None = Field(default=None, description="Optimizer steps between checkpoints.")
     gradient_checkpointing: bool = False
     compile: bool | None = Field(
-        default=None, description="Stage 1: regional torch.compile of the vision and decoder layers (execution only); default: on CUDA."
+        default=None,
+        description="Stage 1: regional torch.compile of the vision and decoder layers (execution only); default: on CUDA.",
     )
     num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
-    processes: int | None = Field(default=None, description="Training processes (torchrun); default: one per visible GPU, else 1.")
-    export_dtype: str | None = Field(default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).')
+    processes: int | None = Field(
+        default=None, description="Training processes (torchrun); default: one per visible GPU, else 1."
+    )
+    export_dtype: str | None = Field(
+        default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).'
+    )
     # Stage 2 (optional): instruction tuning on a LLaVA-665K-format JSON; unset fields take LLaVA-1.5's finetune values.
-    instruct_json: str | None = Field(default=None, description="Stage 2's LLaVA-665K-format JSON (local path or s3:// URI).")
-    instruct_image_folder: str | None = Field(default=None, description="The folder the JSON's image paths are relative to.")
-    stage2_global_batch: int | None = Field(default=None, description="128 (LLaVA-1.5) = processes x micro_batch x accumulation.")
+    instruct_json: str | None = Field(
+        default=None, description="Stage 2's LLaVA-665K-format JSON (local path or s3:// URI)."
+    )
+    instruct_image_folder: str | None = Field(
+        default=None, description="The folder the JSON's image paths are relative to."
+    )
+    stage2_global_batch: int | None = Field(
+        default=None, description="128 (LLaVA-1.5) = processes x micro_batch x accumulation."
+    )
     stage2_micro_batch: int | None = None
     stage2_lr: float | None = None
     stage2_epochs: int | None = None
     fsdp: bool = Field(default=True, description="Stage 2: shard the model over the processes (FSDP).")
-    stage2_gradient_checkpointing: bool | None = Field(default=None, description="Stage 2: on by default, as LLaVA's finetune.")
+    stage2_gradient_checkpointing: bool | None = Field(
+        default=None, description="Stage 2: on by default, as LLaVA's finetune."
+    )
     eval_max_records: int = 256
     eval_retrieval_size: int = 16
     cache_dir: str | None = Field(default=None, description="Local cache for weights copied from s3://.")
     launcher: str = Field(default="subprocess", description=(
         '"subprocess": training runs beside the step (on Kubernetes: in the step\'s own GPU pod); "k8s": in a GPU pod '
         "of its own through Dagster Pipes (PipesK8sClient), with `processes` GPUs."))  # fmt: skip
-    k8s_image: str | None = Field(default=None, description="The training pod's image (default: the run's own, DAGSTER_CURRENT_IMAGE).")
+    k8s_image: str | None = Field(
+        default=None, description="The training pod's image (default: the run's own, DAGSTER_CURRENT_IMAGE)."
+    )
     k8s_namespace: str | None = None
     k8s_pod_spec: dict | None = Field(default=None, description=(
         "Base pod spec of the training pod (node selector, envFrom secrets for S3, volumes); GPUs, the GPU toleration "

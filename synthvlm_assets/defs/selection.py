@@ -42,8 +42,12 @@ from synthvlm_assets.selection import select
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
-        AssetCheckSpec("scores_in_range", asset=SCORES, blocking=True, description="0 <= clip_score <= 1 and -1 <= ssim <= 1."),
-        AssetCheckSpec("one_row_per_image", asset=SCORES, blocking=True, description="Every usable image scored once."),
+        AssetCheckSpec(
+            "scores_in_range", asset=SCORES, blocking=True, description="0 <= clip_score <= 1 and -1 <= ssim <= 1."
+        ),
+        AssetCheckSpec(
+            "one_row_per_image", asset=SCORES, blocking=True, description="Every usable image scored once."
+        ),
     ],
 )
 @retry_only_transient
@@ -55,18 +59,27 @@ def image_scores(
     root = storage.root()
     scorer = ClipScorer.load(scoring.clip_settings(), scoring.cache_dir, storage.s3_endpoint_url)
     result = score_shard(
-        root, context.partition_key, scorer, scoring.ssim_settings(), selection.lam, scoring.worker_count(), context.run.run_id
+        root,
+        context.partition_key,
+        scorer,
+        scoring.ssim_settings(),
+        selection.lam,
+        scoring.worker_count(),
+        context.run.run_id,
     )
     t = result.scores
     return MaterializeResult(
         data_version=partition_data_version(root, result.prefix),
         metadata={
-            "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}" + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
+            "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}"
+            + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
             "images_scored": t.num_rows,
             "images_per_second": result.images_per_second,
             "mean_clip_score": pc.mean(t.column("clip_score")).as_py() if t.num_rows else 0.0,
             "mean_ssim": pc.mean(t.column("ssim")).as_py() if t.num_rows else 0.0,
-            "histograms": histograms([(c, t.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], context.partition_key),
+            "histograms": histograms(
+                [(c, t.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], context.partition_key
+            ),
             "scores_parquet": MetadataValue.path(root.uri(f"{result.prefix}/scores.parquet")),
         },
         check_results=[AssetCheckResult(check_name=name, passed=ok) for name, ok in result.checks.items()],
@@ -80,10 +93,17 @@ def image_scores(
     group_name="selection",
     check_specs=[
         AssetCheckSpec("selected_count", asset=DATASET, blocking=True, description="min(K, captions scored) records."),
-        AssetCheckSpec("selected_images_readable", asset=DATASET, blocking=True, description="Every selected image exists and decodes."),
+        AssetCheckSpec(
+            "selected_images_readable",
+            asset=DATASET,
+            blocking=True,
+            description="Every selected image exists and decodes.",
+        ),
     ],
 )
-def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, selection: SelectionResource) -> MaterializeResult:
+def synthvlm_100k(
+    context: AssetExecutionContext, storage: StorageResource, selection: SelectionResource
+) -> MaterializeResult:
     """The global top K over every scored shard (best candidate per caption), as LLaVA JSON + images,
     WebDataset shards, Hugging Face Parquet and a dataset card."""
     import io
@@ -120,20 +140,35 @@ def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, sele
              ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))]]  # fmt: skip
     means += [[name, c, s, w if w is not None else "-"] for name, (c, s, w) in PAPER_TABLE_4.items()]
     return MaterializeResult(
-        data_version=DataVersion(hashlib.sha256(json.dumps([[r["caption_id"], r["candidate"], r["rank"]] for r in rows]).encode()).hexdigest()[:12]),
+        data_version=DataVersion(
+            hashlib.sha256(
+                json.dumps([[r["caption_id"], r["candidate"], r["rank"]] for r in rows]).encode()
+            ).hexdigest()[:12]
+        ),
         metadata={
             "records": len(rows),
             "captions_scored": n_captions,
             "selection_threshold_score": threshold,
             "excluded_shards_failed_checks": len(excluded),
             "means_vs_paper_table_4": md_table(["set", "CLIPScore", "SSIM", "score"], means),
-            "histograms_all_candidates": histograms([(c, scores.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], "all candidates"),
+            "histograms_all_candidates": histograms(
+                [(c, scores.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], "all candidates"
+            ),
             "histograms_selected": histograms(
-                [(c, selected.column(c).to_pylist(), [threshold] if c == "score" and threshold is not None else []) for c in ("clip_score", "ssim", "score")],
+                [
+                    (c, selected.column(c).to_pylist(), [threshold] if c == "score" and threshold is not None else [])
+                    for c in ("clip_score", "ssim", "score")
+                ],
                 "selected (dashed: threshold)",
             ),
             "contact_sheet_top_and_bottom": contact_sheet(
-                [(root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"), f"#{r['rank']} {r['score']:.3f} {r['caption']}") for r in sheet_rows],
+                [
+                    (
+                        root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"),
+                        f"#{r['rank']} {r['score']:.3f} {r['caption']}",
+                    )
+                    for r in sheet_rows
+                ],
                 "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if tiny else ""),
             ),
             "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
@@ -142,7 +177,15 @@ def synthvlm_100k(context: AssetExecutionContext, storage: StorageResource, sele
             "version": manifest["version"],
         },
         check_results=[
-            AssetCheckResult(check_name="selected_count", passed=len(rows) == expected, metadata={"records": len(rows), "expected": expected}),
-            AssetCheckResult(check_name="selected_images_readable", passed=readable == len(rows), metadata={"unreadable": len(rows) - readable}),
+            AssetCheckResult(
+                check_name="selected_count",
+                passed=len(rows) == expected,
+                metadata={"records": len(rows), "expected": expected},
+            ),
+            AssetCheckResult(
+                check_name="selected_images_readable",
+                passed=readable == len(rows),
+                metadata={"unreadable": len(rows) - readable},
+            ),
         ],
     )

@@ -17,7 +17,9 @@ from synthvlm_assets.shards import ShardRegistry, ShardRegistryError, fingerprin
 from synthvlm_assets.storage import split_protocol
 
 
-def register_new_files(registry: ShardRegistry, input_uri: str, shard_rows: int, skip: dict[str, dict]) -> tuple[list[str], dict[str, dict]]:
+def register_new_files(
+    registry: ShardRegistry, input_uri: str, shard_rows: int, skip: dict[str, dict]
+) -> tuple[list[str], dict[str, dict]]:
     """Register every caption file under `input_uri` not registered yet.
 
     Returns the new shard keys and, per file that could not be registered, why (files in `skip` with

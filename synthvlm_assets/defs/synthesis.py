@@ -34,15 +34,24 @@ from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_imag
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
-        AssetCheckSpec("every_caption_has_its_images", asset=ASSET, blocking=True,
-                       description="Each (caption, candidate) has a JPEG in the tar or a recorded flag."),
+        AssetCheckSpec(
+            "every_caption_has_its_images",
+            asset=ASSET,
+            blocking=True,
+            description="Each (caption, candidate) has a JPEG in the tar or a recorded flag.",
+        ),
         AssetCheckSpec("image_size", asset=ASSET, blocking=True, description="Every JPEG has the configured size."),
-        AssetCheckSpec("no_unusable_images", asset=ASSET,
-                       description="No NaN, black or constant image (flagged ones are left out of the tar, listed here)."),
+        AssetCheckSpec(
+            "no_unusable_images",
+            asset=ASSET,
+            description="No NaN, black or constant image (flagged ones are left out of the tar, listed here).",
+        ),
     ],  # fmt: skip
 )
 @retry_only_transient
-def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthesis: SynthesisResource) -> MaterializeResult:
+def sdxl_images(
+    context: AssetExecutionContext, storage: StorageResource, synthesis: SynthesisResource
+) -> MaterializeResult:
     """SDXL images of the shard's judged (kept) captions (`images_per_caption` candidates each, seeded by
     caption id and candidate), as a WebDataset tar of JPEGs plus a Parquet manifest."""
     root = storage.root()
@@ -76,7 +85,9 @@ def sdxl_images(context: AssetExecutionContext, storage: StorageResource, synthe
         "gpu_seconds": stats.get("gpu_seconds", 0.0),
         "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib", 0.0),
         "redecoded_in_fp32": stats.get("redecoded_fp32", 0),
-        "flagged": md_table(["caption_id", "candidate", "flag"], [[r["caption_id"], r["candidate"], r["flag"]] for r in flags]),
+        "flagged": md_table(
+            ["caption_id", "candidate", "flag"], [[r["caption_id"], r["candidate"], r["flag"]] for r in flags]
+        ),
         "contact_sheet": contact_sheet(
             [(jpegs[r["key"]], r["caption"]) for r in sample_rows if r["key"] in jpegs],
             f"{shard}" + (" - tiny preset, random weights" if settings.is_tiny else ""),

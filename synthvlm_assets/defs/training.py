@@ -98,7 +98,14 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
     """Run one training run through Dagster Pipes: a subprocess here, or (launcher "k8s") a GPU pod of its
     own; under torchrun for several processes. Returns (reported metadata, run prefix, its _result.json)."""
     root = storage.root()
-    cfg = config_json(root.root_uri, storage.s3_endpoint_url, training.model_settings(), settings, training.cache_dir, stage1_run_prefix)
+    cfg = config_json(
+        root.root_uri,
+        storage.s3_endpoint_url,
+        training.model_settings(),
+        settings,
+        training.cache_dir,
+        stage1_run_prefix,
+    )
     processes = training.process_count()
     if training.launcher not in ("subprocess", "k8s"):
         raise ValueError(f"training.launcher={training.launcher!r}: expected 'subprocess' or 'k8s'")
@@ -107,7 +114,9 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
 
         image = training.k8s_image or os.environ.get("DAGSTER_CURRENT_IMAGE")
         if not image:
-            raise ValueError("training.launcher is 'k8s' but no image: set training.k8s_image (or run where DAGSTER_CURRENT_IMAGE is set)")
+            raise ValueError(
+                "training.launcher is 'k8s' but no image: set training.k8s_image (or run where DAGSTER_CURRENT_IMAGE is set)"
+            )
         command = training_command("python", processes, ["--config-json", cfg])
         context.log.info(f"training in a pod of {image} with {processes} GPU process(es)")
         invocation = PipesK8sClient().run(context=context, image=image, command=command, namespace=training.k8s_namespace,
@@ -131,7 +140,11 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
 def _loss_checks(asset_key: str) -> list[AssetCheckSpec]:
     return [
         AssetCheckSpec("loss_finite", asset=asset_key, blocking=True, description="Every step's loss is finite."),
-        AssetCheckSpec("loss_falling", asset=asset_key, description="Mean loss of the last tenth of the steps below the first tenth's."),
+        AssetCheckSpec(
+            "loss_falling",
+            asset=asset_key,
+            description="Mean loss of the last tenth of the steps below the first tenth's.",
+        ),
     ]
 
 
@@ -140,12 +153,19 @@ def _training_result(reported, losses: list[float], title: str, metadata: dict) 
     tenth = max(1, len(losses) // 10)
     first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
     return MaterializeResult(
-        metadata={**reported.metadata, "training_curve": training_curve(losses, title), **metadata,
-                  "first_tenth_mean_loss": first, "last_tenth_mean_loss": last},  # fmt: skip
+        metadata={
+            **reported.metadata,
+            "training_curve": training_curve(losses, title),
+            **metadata,
+            "first_tenth_mean_loss": first,
+            "last_tenth_mean_loss": last,
+        },  # fmt: skip
         data_version=reported.data_version,
         check_results=[
             AssetCheckResult(check_name="loss_finite", passed=bool(losses) and all(math.isfinite(x) for x in losses)),
-            AssetCheckResult(check_name="loss_falling", passed=last < first, metadata={"first_tenth": first, "last_tenth": last}),
+            AssetCheckResult(
+                check_name="loss_falling", passed=last < first, metadata={"first_tenth": first, "last_tenth": last}
+            ),
         ],
     )
 
@@ -156,7 +176,9 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
 
     @asset(deps=[synthvlm_100k], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training", op_tags=step_tags,
            check_specs=_loss_checks(CHECKPOINT))  # fmt: skip
-    def llava_stage1_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    def llava_stage1_checkpoint(
+        context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
+    ) -> MaterializeResult:
         """LLaVA-1.5 stage 1 on SynthVLM-100K: the projector trained, everything else frozen (SPEC §6). One
         materialization per training run; it runs through Dagster Pipes (a subprocess, under torchrun with
         several processes, or a GPU pod of its own) and resumes from the newest complete checkpoint."""
@@ -175,13 +197,17 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
 
     @asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
            op_tags=step_tags, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
-    def llava_stage2_checkpoint(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+    def llava_stage2_checkpoint(
+        context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
+    ) -> MaterializeResult:
         """LLaVA-1.5 stage 2 (optional): instruction tuning of the projector and the LLM on a LLaVA-665K-format
         JSON you provide (`instruct_json`, `instruct_image_folder`), starting from the current stage-1 run;
         FSDP over several processes. Launched like stage 1 (Pipes, resumable)."""
         root = storage.root()
         stage1 = _current_run(root)
-        reported, run_prefix, summary = _launch(context, storage, training, training.stage2_settings(), stage1["run_prefix"])
+        reported, run_prefix, summary = _launch(
+            context, storage, training, training.stage2_settings(), stage1["run_prefix"]
+        )
         root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
             k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
         label = TINY_LABEL if summary["tiny"] else ""
@@ -197,7 +223,9 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
     return llava_stage1_checkpoint, llava_stage2_checkpoint
 
 
-def _export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, stage: str, export: str) -> MaterializeResult:
+def _export(
+    context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, stage: str, export: str
+) -> MaterializeResult:
     from synthvlm_assets.training.export import export_model
 
     root = storage.root()
@@ -212,21 +240,27 @@ def _export(context: AssetExecutionContext, storage: StorageResource, training: 
             "mm_projector_bin": MetadataValue.path(root.uri(f"{dest}/mm_projector.bin")),
             "files": md_table(["file", "bytes"], sorted(manifest["files"].items())),
             "dtype": manifest["dtype"],
-            "load_with": MetadataValue.md("`AutoModelForImageTextToText.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)`"
-                                          + (TINY_LABEL if run.get("tiny") else "")),  # fmt: skip
+            "load_with": MetadataValue.md(
+                "`AutoModelForImageTextToText.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)`"
+                + (TINY_LABEL if run.get("tiny") else "")
+            ),  # fmt: skip
         }
     )
 
 
 @asset(deps=[CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
-def llava_stage1_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+def llava_stage1_export(
+    context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
+) -> MaterializeResult:
     """The trained stage-1 model in Hugging Face format (`LlavaForConditionalGeneration` + processor)
     plus LLaVA's `mm_projector.bin`, under `llava_stage1_export/<run>/`."""
     return _export(context, storage, training, STAGE1, EXPORT)
 
 
 @asset(deps=[STAGE2_CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
-def llava_stage2_export(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+def llava_stage2_export(
+    context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
+) -> MaterializeResult:
     """The instruction-tuned model in Hugging Face format, under `llava_stage2_export/<run>/`: what
     lmms-eval's `llava_hf` evaluates."""
     return _export(context, storage, training, STAGE2, STAGE2_EXPORT)
@@ -239,11 +273,21 @@ def llava_stage2_export(context: AssetExecutionContext, storage: StorageResource
     group_name="training",
     op_tags=GPU_TAGS,
     check_specs=[
-        AssetCheckSpec("heldout_loss_below_untrained", asset=SANITY, description="Held-out caption loss below the untrained model's."),
-        AssetCheckSpec("retrieval_above_chance", asset=SANITY, description="Image->caption retrieval from likelihoods beats chance."),
+        AssetCheckSpec(
+            "heldout_loss_below_untrained",
+            asset=SANITY,
+            description="Held-out caption loss below the untrained model's.",
+        ),
+        AssetCheckSpec(
+            "retrieval_above_chance",
+            asset=SANITY,
+            description="Image->caption retrieval from likelihoods beats chance.",
+        ),
     ],
 )
-def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource) -> MaterializeResult:
+def llava_stage1_sanity_eval(
+    context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
+) -> MaterializeResult:
     """Held-out caption loss and image->caption retrieval from the model's likelihoods, trained vs
     untrained (the same assembly with the fresh projector). A sanity check, not a benchmark."""
     from synthvlm_assets.training.evaluate import sanity_evaluation
@@ -252,13 +296,20 @@ def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageRes
     root = storage.root()
     run = _current_run(root)
     projector = load_weights(root, f"{run['run_prefix']}/{PROJECTOR}")
-    result = sanity_evaluation(root, training.model_settings(), projector, training.eval_settings(), training.cache_dir)
+    result = sanity_evaluation(
+        root, training.model_settings(), projector, training.eval_settings(), training.cache_dir
+    )
     root.write_bytes(f"{run['run_prefix']}/sanity_eval.json", json.dumps(result, indent=1).encode())
     t, u = result["trained"], result["untrained"]
-    rows = [[name, r["heldout_loss"], r["retrieval_accuracy"], r["retrieval_chance"]] for name, r in (("trained", t), ("untrained", u))]
+    rows = [
+        [name, r["heldout_loss"], r["retrieval_accuracy"], r["retrieval_chance"]]
+        for name, r in (("trained", t), ("untrained", u))
+    ]
     return MaterializeResult(
         metadata={
-            "results": md_table(["model", "held-out loss", f"retrieval accuracy ({t['retrieval_size']} images)", "chance"], rows),
+            "results": md_table(
+                ["model", "held-out loss", f"retrieval accuracy ({t['retrieval_size']} images)", "chance"], rows
+            ),
             "heldout_records": t["heldout_records"],
             "heldout_loss": t["heldout_loss"],
             "untrained_heldout_loss": u["heldout_loss"],
@@ -266,9 +317,15 @@ def llava_stage1_sanity_eval(context: AssetExecutionContext, storage: StorageRes
             "note": "tiny preset: random weights, meaningless" if run.get("tiny") else "pretrained weights",
         },
         check_results=[
-            AssetCheckResult(check_name="heldout_loss_below_untrained", passed=t["heldout_loss"] < u["heldout_loss"],
-                             metadata={"trained": t["heldout_loss"], "untrained": u["heldout_loss"]}),  # fmt: skip
-            AssetCheckResult(check_name="retrieval_above_chance", passed=t["retrieval_accuracy"] > t["retrieval_chance"],
-                             metadata={"accuracy": t["retrieval_accuracy"], "chance": t["retrieval_chance"]}),  # fmt: skip
+            AssetCheckResult(
+                check_name="heldout_loss_below_untrained",
+                passed=t["heldout_loss"] < u["heldout_loss"],
+                metadata={"trained": t["heldout_loss"], "untrained": u["heldout_loss"]},
+            ),  # fmt: skip
+            AssetCheckResult(
+                check_name="retrieval_above_chance",
+                passed=t["retrieval_accuracy"] > t["retrieval_chance"],
+                metadata={"accuracy": t["retrieval_accuracy"], "chance": t["retrieval_chance"]},
+            ),  # fmt: skip
         ],
     )

@@ -1,12 +1,12 @@
 """Publish SynthVLM-100K under the storage root, as one version switched in atomically.
 
-    synthvlm_100k/<version>/synthvlm_100k.json      LLaVA pretraining JSON (SPEC §5)
-    synthvlm_100k/<version>/images/00000/*.jpg      the images, at most 10,000 per folder
-    synthvlm_100k/<version>/wds/shard-00000.tar     WebDataset shards (jpg + txt + json)
-    synthvlm_100k/<version>/hf/train-00000.parquet  Parquet that `datasets` loads as an image dataset
-    synthvlm_100k/<version>/selection.parquet       the selected rows with rank and scores
-    synthvlm_100k/<version>/README.md               the dataset card
-    synthvlm_100k/_manifest.json                    written last: names the current version
+synthvlm_100k/<version>/synthvlm_100k.json      LLaVA pretraining JSON (SPEC §5)
+synthvlm_100k/<version>/images/00000/*.jpg      the images, at most 10,000 per folder
+synthvlm_100k/<version>/wds/shard-00000.tar     WebDataset shards (jpg + txt + json)
+synthvlm_100k/<version>/hf/train-00000.parquet  Parquet that `datasets` loads as an image dataset
+synthvlm_100k/<version>/selection.parquet       the selected rows with rank and scores
+synthvlm_100k/<version>/README.md               the dataset card
+synthvlm_100k/_manifest.json                    written last: names the current version
 """
 
 from __future__ import annotations
@@ -25,17 +25,27 @@ from synthvlm_assets.synthesis.stage import read_tar
 
 ASSET = "synthvlm_100k"
 SAMPLES_PER_SHARD = 1000  # per WebDataset tar and Parquet file: bounded memory while writing
-PAPER_TABLE_4 = {"SynthVLM-100K (paper)": (0.36, 0.86, 0.79), "ShareGPT4V (paper)": (0.32, 0.79, 0.71), "COCO-Caption (paper)": (0.31, 0.73, None)}
+PAPER_TABLE_4 = {
+    "SynthVLM-100K (paper)": (0.36, 0.86, 0.79),
+    "ShareGPT4V (paper)": (0.32, 0.79, 0.71),
+    "COCO-Caption (paper)": (0.31, 0.73, None),
+}
 
 
 def publish_dataset(
-    storage: StorageRoot, selected: pa.Table, card: Callable[[pa.Table], str], info: dict, lineage: pa.Table | None = None
+    storage: StorageRoot,
+    selected: pa.Table,
+    card: Callable[[pa.Table], str],
+    info: dict,
+    lineage: pa.Table | None = None,
 ) -> tuple[dict, list[dict]]:
     """Write every format of the selection and switch the current version to it; returns the
     manifest and the selected rows with their captions."""
     rows = selected.to_pylist()
     version = hashlib.sha256(
-        json.dumps([[r["caption_id"], r["key"], r["rank"]] for r in rows] + [info.get("settings")], default=str).encode()
+        json.dumps(
+            [[r["caption_id"], r["key"], r["rank"]] for r in rows] + [info.get("settings")], default=str
+        ).encode()
     ).hexdigest()[:16]
     base = f"{ASSET}/{version}"
 

@@ -17,8 +17,22 @@ VAE = dict(
     scaling_factor=0.13025, force_upcast=True, norm_num_groups=32,
 )  # fmt: skip
 # CLIP ViT-L/14's text tower and OpenCLIP ViT-bigG/14's (with its projection).
-TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")
-TEXT_ENCODER_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
+TEXT_ENCODER = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+TEXT_ENCODER_2 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
 
 
 def random_sdxl_pipeline(device: str = "cuda", dtype=None):
@@ -45,7 +59,13 @@ def random_sdxl_pipeline(device: str = "cuda", dtype=None):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

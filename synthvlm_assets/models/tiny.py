@@ -82,7 +82,13 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )  # Llama-3-Instruct's chat template
-LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 
 
 def tiny_llama_tokenizer():
@@ -106,7 +112,9 @@ def tiny_llama_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"
+    )
     fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
     fast.chat_template = LLAMA3_CHAT_TEMPLATE
     return fast
@@ -156,7 +164,9 @@ def tiny_blip_itm(seed: int = 0):
         projection_dim=16, image_text_hidden_size=16,
     )  # fmt: skip
     size = {"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE}
-    return BlipForImageTextRetrieval(config).eval(), BlipProcessor(image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer)
+    return BlipForImageTextRetrieval(config).eval(), BlipProcessor(
+        image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer
+    )
 
 
 def tiny_hf_clip(seed: int = 0):
@@ -172,7 +182,10 @@ def tiny_hf_clip(seed: int = 0):
         vision_config=dict(hidden_size=32, image_size=TINY_PAIR_IMAGE_SIZE, patch_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
         projection_dim=16,
     )  # fmt: skip
-    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_PAIR_IMAGE_SIZE}, crop_size={"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_PAIR_IMAGE_SIZE},
+        crop_size={"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE},
+    )
     return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
@@ -185,9 +198,15 @@ def trained_llama_tokenizer(corpus: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"
+    )
     fast.add_special_tokens({"additional_special_tokens": list(LLAMA3_SPECIAL_TOKENS[2:4])})
     fast.chat_template = LLAMA3_CHAT_TEMPLATE
     return fast

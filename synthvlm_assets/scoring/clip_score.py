@@ -28,12 +28,18 @@ class ClipScorer:
 
         self.settings = settings
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[settings.dtype] if self.device == "cuda" else torch.float32
+        self.dtype = (
+            {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[settings.dtype]
+            if self.device == "cuda"
+            else torch.float32
+        )
         self.model = model.to(self.device, self.dtype).eval()
         self.preprocess, self.tokenizer = preprocess, tokenizer
 
     @classmethod
-    def load(cls, settings: ClipSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None) -> ClipScorer:
+    def load(
+        cls, settings: ClipSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+    ) -> ClipScorer:
         import open_clip
 
         name, pretrained = settings.model, settings.pretrained
@@ -80,7 +86,9 @@ def _cached_file(uri: str, cache_dir: str | None, s3_endpoint_url: str | None) -
 
     from synthvlm_assets.models.sources import default_cache_dir
 
-    local = os.path.join(cache_dir or default_cache_dir(), hashlib.sha1(uri.encode()).hexdigest()[:16], os.path.basename(uri))
+    local = os.path.join(
+        cache_dir or default_cache_dir(), hashlib.sha1(uri.encode()).hexdigest()[:16], os.path.basename(uri)
+    )
     if not os.path.exists(local):
         fs = filesystem_for(uri, s3_endpoint_url)
         os.makedirs(os.path.dirname(local), exist_ok=True)

@@ -34,7 +34,9 @@ def ssim_reference(image: Image.Image, settings: SSIMSettings = SSIMSettings()) 
     from skimage.metrics import structural_similarity
 
     a, b = ssim_pair(image, settings)
-    return float(structural_similarity(a, b, win_size=settings.win_size, K1=settings.k1, K2=settings.k2, data_range=255))
+    return float(
+        structural_similarity(a, b, win_size=settings.win_size, K1=settings.k1, K2=settings.k2, data_range=255)
+    )
 
 
 def ssim_torch(a, b, settings: SSIMSettings = SSIMSettings()):

@@ -77,9 +77,14 @@ def score_checks(scores: pa.Table, usable_images: int) -> dict[str, bool]:
     import pyarrow.compute as pc
 
     clip, ssim = scores.column("clip_score"), scores.column("ssim")
-    ids = pc.binary_join_element_wise(scores.column("caption_id"), pc.cast(scores.column("candidate"), pa.string()), "|")
+    ids = pc.binary_join_element_wise(
+        scores.column("caption_id"), pc.cast(scores.column("candidate"), pa.string()), "|"
+    )
     in_range = scores.num_rows == 0 or (
-        pc.min(clip).as_py() >= 0 and pc.max(clip).as_py() <= 1 and pc.min(ssim).as_py() >= -1 and pc.max(ssim).as_py() <= 1
+        pc.min(clip).as_py() >= 0
+        and pc.max(clip).as_py() <= 1
+        and pc.min(ssim).as_py() >= -1
+        and pc.max(ssim).as_py() <= 1
     )
     return {
         "scores_in_range": in_range,
@@ -99,7 +104,10 @@ def _batches(samples: Iterator, size: int) -> Iterator[list]:
 
 
 def score_prepared(
-    prepared: list[tuple[np.ndarray, np.ndarray, np.ndarray]], captions: list[str], scorer: ClipScorer, ssim_settings: SSIMSettings
+    prepared: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    captions: list[str],
+    scorer: ClipScorer,
+    ssim_settings: SSIMSettings,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The device side of one batch: CLIPScore and SSIM of `prepare`d images."""
     import torch
@@ -112,7 +120,9 @@ def score_prepared(
                 torch.from_numpy(np.stack([p[1] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
                 torch.from_numpy(np.stack([p[2] for p in prepared[i : i + SSIM_CHUNK]])).to(scorer.device),
                 ssim_settings,
-            ).cpu().numpy()
+            )
+            .cpu()
+            .numpy()
             for i in range(0, len(prepared), SSIM_CHUNK)
         ]
     )
@@ -127,7 +137,10 @@ def decode_pool(scorer: ClipScorer, ssim_settings: SSIMSettings, workers: int) -
     # forkserver, not fork: a child forked from a process whose torch thread pools are running can
     # deadlock on their locks the first time it runs a torch op (the transforms do).
     return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_init, initargs=(scorer.preprocess, ssim_settings, True)
+        workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_init,
+        initargs=(scorer.preprocess, ssim_settings, True),
     )
 
 
@@ -187,7 +200,15 @@ def score_shard(
         samples = ((k, s.jpeg, usable[k]["caption"]) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
         for key, clip, ssim in score_images(samples, scorer, ssim_settings, workers):
             r = usable[key]
-            rows.append({"caption_id": r["caption_id"], "candidate": r["candidate"], "key": key, "clip_score": clip, "ssim": ssim})
+            rows.append(
+                {
+                    "caption_id": r["caption_id"],
+                    "candidate": r["candidate"],
+                    "key": key,
+                    "clip_score": clip,
+                    "ssim": ssim,
+                }
+            )
     settings_json = json.dumps(asdict(ssim_settings), sort_keys=True)
     table = pa.Table.from_pylist(
         [
@@ -202,7 +223,13 @@ def score_shard(
     storage.publish_partition(
         prefix,
         {"scores": table},
-        {"shard": shard, "run_id": run_id, "images_tar_sha256": manifest["tar"]["sha256"], "checks": checks, "checks_passed": all(checks.values())},
+        {
+            "shard": shard,
+            "run_id": run_id,
+            "images_tar_sha256": manifest["tar"]["sha256"],
+            "checks": checks,
+            "checks_passed": all(checks.values()),
+        },
     )
     seconds = time.perf_counter() - t0
     return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix, checks)

@@ -76,7 +76,9 @@ class SDXLGenerator:
         logging.getLogger("diffusers.pipelines.stable_diffusion_xl").setLevel(logging.ERROR)
 
     @classmethod
-    def load(cls, settings: SynthesisSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None) -> SDXLGenerator:
+    def load(
+        cls, settings: SynthesisSettings, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+    ) -> SDXLGenerator:
         """Weights from a Hugging Face id, a local folder, an s3:// prefix, or the tiny preset."""
         if settings.is_tiny:
             from synthvlm_assets.models.tiny import tiny_sdxl_pipeline
@@ -86,7 +88,15 @@ class SDXLGenerator:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
         dtype = getattr(torch, DTYPES[settings.dtype])
-        base = _load(StableDiffusionXLPipeline, "synthesis.model", settings.model, settings.revision, dtype, cache_dir, s3_endpoint_url)
+        base = _load(
+            StableDiffusionXLPipeline,
+            "synthesis.model",
+            settings.model,
+            settings.revision,
+            dtype,
+            cache_dir,
+            s3_endpoint_url,
+        )
         refiner = None
         if settings.refiner_model:
             if settings.refiner_model == TINY:

@@ -46,7 +46,13 @@ class SynthesisSettings:
     @classmethod
     def tiny(cls, **overrides) -> SynthesisSettings:
         """The tiny preset's settings: the same sampling math at the tiny model's image size."""
-        base = {"model": TINY, "height": TINY_SDXL_IMAGE_SIZE, "width": TINY_SDXL_IMAGE_SIZE, "dtype": "fp32", "batch_size": 16}
+        base = {
+            "model": TINY,
+            "height": TINY_SDXL_IMAGE_SIZE,
+            "width": TINY_SDXL_IMAGE_SIZE,
+            "dtype": "fp32",
+            "batch_size": 16,
+        }
         return cls(**{**base, **overrides})
 
     @property

@@ -189,7 +189,13 @@ def synthesize_shard(
     settings_json = json.dumps(settings.image_settings(), sort_keys=True)
 
     def meta(w: Wanted, flag: str | None) -> dict:
-        return {"caption_id": w.caption_id, "candidate": w.candidate, "caption": w.caption, "seed": w.seed, "flag": flag}
+        return {
+            "caption_id": w.caption_id,
+            "candidate": w.candidate,
+            "caption": w.caption,
+            "seed": w.seed,
+            "flag": flag,
+        }
 
     gen = None
     if missing:
@@ -247,8 +253,13 @@ def synthesize_shard(
     return SynthesisResult(table, len(missing), reused, False, time.perf_counter() - t0, prefix, gen)
 
 
-def _encode_and_stage(staging: _Staging, batch: list[Wanted], images: list[Generated], quality: int, meta) -> dict[str, Sample]:
-    samples = [(w.key, Sample(encode_jpeg(g.pixels, quality) if g.pixels is not None else None, meta(w, g.flag))) for w, g in zip(batch, images)]
+def _encode_and_stage(
+    staging: _Staging, batch: list[Wanted], images: list[Generated], quality: int, meta
+) -> dict[str, Sample]:
+    samples = [
+        (w.key, Sample(encode_jpeg(g.pixels, quality) if g.pixels is not None else None, meta(w, g.flag)))
+        for w, g in zip(batch, images)
+    ]
     staging.save(samples)  # durable before the next batch: a crash loses at most one batch
     return dict(samples)
 

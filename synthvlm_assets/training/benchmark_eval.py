@@ -148,7 +148,9 @@ def probe_lmms_eval(python: str | None = None) -> LmmsEvalInfo:
     except OSError as exc:
         raise LmmsEvalNotInstalled(f"cannot run {python!r} ({exc}); {INSTALL_HINT}") from exc
     if proc.returncode != 0:
-        raise LmmsEvalNotInstalled(f"{python} failed to look for lmms-eval: {proc.stderr.strip()[-500:]}; {INSTALL_HINT}")
+        raise LmmsEvalNotInstalled(
+            f"{python} failed to look for lmms-eval: {proc.stderr.strip()[-500:]}; {INSTALL_HINT}"
+        )
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     if not info["found"]:
         raise LmmsEvalNotInstalled(f"lmms-eval is not installed for {python}: {INSTALL_HINT}")
@@ -216,7 +218,6 @@ class TaskIndex:
         return dict(self._cache[path])
 
 
-
 def dataset_repos(index: TaskIndex, name: str) -> dict[str, str]:
     """{task: Hugging Face dataset repo id} of the task `name`."""
     return {name: index.config(index.tasks[name])["dataset_path"]}
@@ -264,7 +265,8 @@ def write_overrides(index: TaskIndex, name: str, include_dir: str, datasets_dir:
     if missing:
         raise DatasetNotAvailable(
             f"task {name!r} needs local copies of {', '.join(missing)} under {datasets_dir}; on a machine with "
-            f"Hugging Face access: " + "; ".join(_download_hint(datasets_dir, repo) for repo in missing)
+            f"Hugging Face access: "
+            + "; ".join(_download_hint(datasets_dir, repo) for repo in missing)
             + ", then copy the folders over"
         )
     os.makedirs(include_dir, exist_ok=True)
@@ -285,7 +287,9 @@ def write_overrides(index: TaskIndex, name: str, include_dir: str, datasets_dir:
 
 def _write(include_dir: str, name: str, lines: list[str]) -> None:
     with open(os.path.join(include_dir, f"{name}{SUFFIX}.yaml"), "w", encoding="utf-8") as f:
-        f.write("# Written by synthvlm_assets: lmms-eval's own task on a local dataset copy.\n" + "\n".join(lines) + "\n")
+        f.write(
+            "# Written by synthvlm_assets: lmms-eval's own task on a local dataset copy.\n" + "\n".join(lines) + "\n"
+        )
 
 
 # ---------------------------------------------------------------- the run
@@ -358,7 +362,7 @@ def find_results_json(output_dir: str) -> str | None:
 
 
 def model_size(model_dir: str) -> str | None:
-    """"7B" / "13B" for a Vicuna-7B / 13B language model (hidden size 4096 / 5120), else None."""
+    """ "7B" / "13B" for a Vicuna-7B / 13B language model (hidden size 4096 / 5120), else None."""
     try:
         with open(os.path.join(model_dir, "config.json")) as f:
             text = json.load(f).get("text_config", {})
@@ -383,7 +387,9 @@ def run_benchmark(
         raise BenchmarkError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
     run_env = {**os.environ, **(env or {})}
     if task.needs_openai and not run_env.get("OPENAI_API_KEY"):
-        raise BenchmarkError(f"{task.title}: {task.note}; set OPENAI_API_KEY (and OPENAI_API_URL for a compatible server)")
+        raise BenchmarkError(
+            f"{task.title}: {task.note}; set OPENAI_API_KEY (and OPENAI_API_URL for a compatible server)"
+        )
     info = probe_lmms_eval(python)
     output_dir = os.path.join(work_dir, "output")
     shutil.rmtree(output_dir, ignore_errors=True)  # a results JSON found there must be this run's
@@ -393,7 +399,9 @@ def run_benchmark(
         include_dir = os.path.join(work_dir, "tasks")
         lmms_task = write_overrides(TaskIndex(info.tasks_dir), task.lmms_task, include_dir, datasets_dir)
         run_env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = lmms_eval_command(info.python, os.path.abspath(model_dir), lmms_task, output_dir, device, include_dir, limit, force_simple)
+    cmd = lmms_eval_command(
+        info.python, os.path.abspath(model_dir), lmms_task, output_dir, device, include_dir, limit, force_simple
+    )
     run_env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     log("running: " + " ".join(cmd))
     seen = RunLog()

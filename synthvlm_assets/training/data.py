@@ -32,7 +32,9 @@ class LlavaJsonDataset:
     """The records of a LLaVA-format JSON (`{"id", "image", "conversations"}`) with images under
     `image_prefix`, both read through the storage root. Item i is (PIL image, caption, id)."""
 
-    def __init__(self, storage: StorageRoot, json_key: str, image_prefix: str, split: str = "all", holdout_fraction: float = 0.0):
+    def __init__(
+        self, storage: StorageRoot, json_key: str, image_prefix: str, split: str = "all", holdout_fraction: float = 0.0
+    ):
         if split not in ("all", "train", "heldout"):
             raise ValueError(f"split must be 'all', 'train' or 'heldout', not {split!r}")
         self.storage, self.image_prefix = storage, image_prefix.rstrip("/")
@@ -41,10 +43,14 @@ class LlavaJsonDataset:
         except Exception as exc:  # noqa: BLE001
             raise DatasetError(f"cannot read the LLaVA JSON {storage.uri(json_key)}: {exc}") from exc
         if not isinstance(records, list):
-            raise DatasetError(f"{storage.uri(json_key)}: expected a JSON list of LLaVA records, got {type(records).__name__}")
+            raise DatasetError(
+                f"{storage.uri(json_key)}: expected a JSON list of LLaVA records, got {type(records).__name__}"
+            )
         for i, r in enumerate(records):
             if not (isinstance(r, dict) and "image" in r and len(r.get("conversations") or []) >= 2):
-                raise DatasetError(f"{storage.uri(json_key)}: record {i} is not a LLaVA record with an image and two turns: {str(r)[:200]}")
+                raise DatasetError(
+                    f"{storage.uri(json_key)}: record {i} is not a LLaVA record with an image and two turns: {str(r)[:200]}"
+                )
         if split != "all":
             keep = split == "heldout"
             records = [r for r in records if is_held_out(str(r["id"]), holdout_fraction) == keep]
@@ -68,11 +74,15 @@ class LlavaJsonDataset:
         return image, self.caption(i), str(r["id"])
 
 
-def synthvlm_dataset(storage: StorageRoot, split: str = "all", holdout_fraction: float = 0.0) -> tuple[LlavaJsonDataset, dict]:
+def synthvlm_dataset(
+    storage: StorageRoot, split: str = "all", holdout_fraction: float = 0.0
+) -> tuple[LlavaJsonDataset, dict]:
     """The current version of `synthvlm_100k` (named by its `_manifest.json`) and that manifest."""
     manifest = storage.manifest(DATASET)
     if manifest is None:
-        raise DatasetError(f"{storage.uri(DATASET)} is not materialized (no _manifest.json): materialize synthvlm_100k first")
+        raise DatasetError(
+            f"{storage.uri(DATASET)} is not materialized (no _manifest.json): materialize synthvlm_100k first"
+        )
     prefix = manifest["prefix"]
     return LlavaJsonDataset(storage, f"{prefix}/{DATASET}.json", prefix, split, holdout_fraction), manifest
 
@@ -129,7 +139,9 @@ class PlainCollator(_LlavaCollator):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_length <= self.n_image_tokens + 2:
-            raise ValueError(f"max_length={self.max_length} leaves no room for a caption after {self.n_image_tokens} image tokens")
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for a caption after {self.n_image_tokens} image tokens"
+            )
 
     def __call__(self, batch: list[tuple]) -> dict:
         tok = self.processor.tokenizer
@@ -159,7 +171,9 @@ class InstructDataset:
     Records without "image" are text-only conversations (LLaVA-665K has ~41K). Item i is
     (PIL image or None, conversations, id)."""
 
-    def __init__(self, json_storage: StorageRoot, json_key: str, image_storage: StorageRoot | None, image_prefix: str = ""):
+    def __init__(
+        self, json_storage: StorageRoot, json_key: str, image_storage: StorageRoot | None, image_prefix: str = ""
+    ):
         self.json_uri = json_storage.uri(json_key)
         try:
             raw = json_storage.read_bytes(json_key)
@@ -172,7 +186,9 @@ class InstructDataset:
         for i, r in enumerate(records):
             problem = _conversation_problem(r)
             if problem:
-                raise DatasetError(f"{self.json_uri}: record {i} ({str(r.get('id')) if isinstance(r, dict) else '?'}): {problem}")
+                raise DatasetError(
+                    f"{self.json_uri}: record {i} ({str(r.get('id')) if isinstance(r, dict) else '?'}): {problem}"
+                )
             if "image" in r and image_storage is None:
                 raise DatasetError(f"{self.json_uri}: record {i} has an image but no image folder is configured")
         self.records, self.image_storage, self.image_prefix = records, image_storage, image_prefix.rstrip("/")
@@ -190,7 +206,9 @@ class InstructDataset:
             try:
                 image = Image.open(io.BytesIO(self.image_storage.read_bytes(key))).convert("RGB")
             except Exception as exc:  # noqa: BLE001
-                raise DatasetError(f"record {r.get('id')!r}: cannot read image {self.image_storage.uri(key)}: {exc}") from exc
+                raise DatasetError(
+                    f"record {r.get('id')!r}: cannot read image {self.image_storage.uri(key)}: {exc}"
+                ) from exc
         return image, r["conversations"], str(r.get("id", i))
 
 

@@ -20,7 +20,9 @@ class EvalSettings:
     max_length: int = 2048
 
 
-def caption_nll(model, collator: PlainCollator, pairs: list[tuple], batch_size: int, device, dtype) -> list[tuple[float, int]]:
+def caption_nll(
+    model, collator: PlainCollator, pairs: list[tuple], batch_size: int, device, dtype
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, caption tokens) of each (image, caption, id) pair."""
     import torch
 
@@ -31,7 +33,12 @@ def caption_nll(model, collator: PlainCollator, pairs: list[tuple], batch_size: 
             b = {k: v.to(device) for k, v in collator(pairs[i : i + batch_size]).items()}
             b["pixel_values"] = b["pixel_values"].to(dtype)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"], use_cache=False).logits
+                logits = model(
+                    input_ids=b["input_ids"],
+                    attention_mask=b["attention_mask"],
+                    pixel_values=b["pixel_values"],
+                    use_cache=False,
+                ).logits
             labels = b["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none"
@@ -40,7 +47,9 @@ def caption_nll(model, collator: PlainCollator, pairs: list[tuple], batch_size: 
     return out
 
 
-def retrieval_accuracy(model, collator: PlainCollator, items: list[tuple], batch_size: int, device, dtype) -> tuple[float, float]:
+def retrieval_accuracy(
+    model, collator: PlainCollator, items: list[tuple], batch_size: int, device, dtype
+) -> tuple[float, float]:
     """Image->caption retrieval over n held-out items: each image picks the caption with the highest
     log-likelihood given it, minus that caption's mean over all images (so short, likely captions do
     not win everywhere). Returns (accuracy, chance); identical captions count as correct."""
@@ -73,7 +82,9 @@ def evaluate(model, processor, storage: StorageRoot, settings: EvalSettings, dev
     collator = PlainCollator(processor, vision_token_count(model), settings.max_length)
     nll = caption_nll(model, collator, items, settings.batch_size, device, dtype)
     loss = sum(s for s, _ in nll) / max(1, sum(c for _, c in nll))
-    acc, chance = retrieval_accuracy(model, collator, items[: settings.retrieval_size], settings.batch_size, device, dtype)
+    acc, chance = retrieval_accuracy(
+        model, collator, items[: settings.retrieval_size], settings.batch_size, device, dtype
+    )
     return {"heldout_records": len(items), "heldout_loss": loss, "retrieval_accuracy": acc, "retrieval_chance": chance,
             "retrieval_size": min(len(items), settings.retrieval_size)}  # fmt: skip
 
@@ -89,7 +100,9 @@ def sanity_evaluation(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tiny_cpu_threads(model_settings):
-        model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+        model, processor = load_model(
+            model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url
+        )
         model.to(device)
         untrained = evaluate(model, processor, storage, settings, device, dtype)
         model.model.multi_modal_projector.load_state_dict(projector)

@@ -26,7 +26,9 @@ def trained_weights(storage: StorageRoot, run_prefix: str) -> dict:
         return load_weights(storage, f"{run_prefix}/{TRAINABLE}")
     if storage.exists(f"{run_prefix}/{PROJECTOR}"):
         return {PROJECTOR_PREFIX + k: v for k, v in load_weights(storage, f"{run_prefix}/{PROJECTOR}").items()}
-    raise FileNotFoundError(f"{storage.uri(run_prefix)} holds no trained weights ({TRAINABLE} or {PROJECTOR}): is the run finished?")
+    raise FileNotFoundError(
+        f"{storage.uri(run_prefix)} holds no trained weights ({TRAINABLE} or {PROJECTOR}): is the run finished?"
+    )
 
 
 def export_model(
@@ -41,11 +43,15 @@ def export_model(
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"export dtype must be 'bf16' or 'fp32', not {dtype!r}")
     dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-    model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+    model, processor = load_model(
+        model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url
+    )
     trained = trained_weights(storage, run_prefix)
     unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"{storage.uri(run_prefix)}: {len(unexpected)} trained weights the model does not have, e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"{storage.uri(run_prefix)}: {len(unexpected)} trained weights the model does not have, e.g. {unexpected[:3]}"
+        )
     model.to(dtype)
     storage.delete(f"{dest_prefix}/{COMPLETE}")
     files = {}

@@ -39,8 +39,15 @@ def _pipes():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", nargs="?", help="JSON file written by the asset (storage root, model and stage-1 or stage-2 settings)")
-    parser.add_argument("--config-json", help="the same configuration inline (a Kubernetes pod of its own cannot read the asset's file)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="JSON file written by the asset (storage root, model and stage-1 or stage-2 settings)",
+    )
+    parser.add_argument(
+        "--config-json",
+        help="the same configuration inline (a Kubernetes pod of its own cannot read the asset's file)",
+    )
     args = parser.parse_args(argv)
     if (args.config is None) == (args.config_json is None):
         parser.error("give the configuration as a file or as --config-json, one of the two")
@@ -53,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelSettings(**cfg["model"])
     pipes = _pipes()
     try:
+
         def report(row: dict) -> None:
             line = (f"step {row['step']}/{row['total_steps']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                     f"samples/s {row['samples_per_second']:.1f} gpu_mem {row['gpu_memory_gib']:.1f} GiB")  # fmt: skip
@@ -62,9 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
 
         if "stage2" in cfg:
-            r = train_stage2(storage, model, cfg["stage1_run_prefix"], Stage2Settings(**cfg["stage2"]), report, cfg.get("cache_dir"))
+            r = train_stage2(
+                storage, model, cfg["stage1_run_prefix"], Stage2Settings(**cfg["stage2"]), report, cfg.get("cache_dir")
+            )
         else:
-            r = train_stage1(storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir"))
+            r = train_stage1(
+                storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir")
+            )
         loop = r.loop
         if pipes is not None:
             pipes.report_asset_materialization(

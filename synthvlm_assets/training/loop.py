@@ -158,7 +158,11 @@ def rank_micro_batches(indices: list[int], rank: int, world: int, micro_batch: i
 def compute_dtype(setting: str, device):
     import torch
 
-    return {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+    return {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bf16": torch.bfloat16,
+        "fp32": torch.float32,
+    }[setting]
 
 
 def local_state(model, names: list[str]) -> dict:
@@ -190,7 +194,15 @@ class LoopSettings:
 
     # Fields that say how a run executes, not what it computes: left out of the run's name.
     EXECUTION: ClassVar[frozenset[str]] = frozenset(
-        {"micro_batch", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "num_workers", "stop_after_steps"})
+        {
+            "micro_batch",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "gradient_checkpointing",
+            "num_workers",
+            "stop_after_steps",
+        }
+    )
 
     def recipe(self) -> dict:
         """The settings that change the result (not how it is executed)."""
@@ -286,7 +298,9 @@ def train_loop(
     accumulation = settings.global_batch // per_step
     steps_per_epoch = math.ceil(len(dataset) / settings.global_batch)
     total_steps = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(trainee.params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        trainee.params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.999), eps=1e-8
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
     start, losses = 0, []
     checkpoints = complete_checkpoints(storage, run_prefix)
@@ -325,7 +339,17 @@ def train_loop(
             micro.append(next(batches))
             plan_pos += 1
         step_loss, step_samples, grad_norm, lr = optimizer_step(
-            trainee.model, micro, trainee.params, optimizer, scheduler, d, dtype, settings.max_grad_norm, trainee.loss_sum, trainee.sharded)
+            trainee.model,
+            micro,
+            trainee.params,
+            optimizer,
+            scheduler,
+            d,
+            dtype,
+            settings.max_grad_norm,
+            trainee.loss_sum,
+            trainee.sharded,
+        )
         losses.append(step_loss)
         samples_done += step_samples
         dt = time.perf_counter() - t_step
@@ -337,11 +361,24 @@ def train_loop(
             if report:
                 report(row)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total_steps:
-            _checkpoint(storage, d, run_prefix, step + 1, trainee, optimizer, scheduler, losses, settings.keep_checkpoints)
+            _checkpoint(
+                storage, d, run_prefix, step + 1, trainee, optimizer, scheduler, losses, settings.keep_checkpoints
+            )
     elapsed = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else 0.0
-    samples = sum(min(settings.global_batch, len(dataset) - (s % steps_per_epoch) * settings.global_batch) for s in range(end))
-    return LoopResult(end, total_steps, samples, resumed_from, losses, samples_done / elapsed if elapsed > 0 else 0.0, peak, accumulation)
+    samples = sum(
+        min(settings.global_batch, len(dataset) - (s % steps_per_epoch) * settings.global_batch) for s in range(end)
+    )
+    return LoopResult(
+        end,
+        total_steps,
+        samples,
+        resumed_from,
+        losses,
+        samples_done / elapsed if elapsed > 0 else 0.0,
+        peak,
+        accumulation,
+    )
 
 
 def optimizer_step(

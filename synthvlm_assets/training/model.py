@@ -59,9 +59,16 @@ def tiny_vicuna_tokenizer(with_image_token: bool = True):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=2048
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=2048,
     )
     if with_image_token:
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -100,13 +107,17 @@ def _pretrained_parts(settings: ModelSettings, dtype, cache_dir: str | None, s3_
     llm_src = resolve_model("llm", settings.llm, cache_dir, s3_endpoint_url)
     try:
         # A full CLIP checkpoint (openai/clip-vit-*) holds the vision tower under `vision_model.`: loaded alone.
-        vision, info = CLIPVisionModel.from_pretrained(vision_src, revision=settings.vision_revision, dtype=dtype, output_loading_info=True)
+        vision, info = CLIPVisionModel.from_pretrained(
+            vision_src, revision=settings.vision_revision, dtype=dtype, output_loading_info=True
+        )
         _no_missing_weights(info)
         image_processor = CLIPImageProcessor.from_pretrained(vision_src, revision=settings.vision_revision)
     except Exception as exc:  # noqa: BLE001 - any loading failure gets the one message naming the setting
         raise load_error("vision_tower", settings.vision_tower, exc) from exc
     try:
-        llm, info = AutoModelForCausalLM.from_pretrained(llm_src, revision=settings.llm_revision, dtype=dtype, output_loading_info=True)
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            llm_src, revision=settings.llm_revision, dtype=dtype, output_loading_info=True
+        )
         _no_missing_weights(info)
         tokenizer = AutoTokenizer.from_pretrained(llm_src, revision=settings.llm_revision)
     except Exception as exc:  # noqa: BLE001
@@ -151,7 +162,9 @@ def assemble(vision, image_processor, llm, tokenizer, settings: ModelSettings):
             torch.manual_seed(settings.seed)
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     vcfg = vision.config
-    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (0 if settings.vision_feature_select_strategy == "default" else 1)
+    n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + (
+        0 if settings.vision_feature_select_strategy == "default" else 1
+    )
     config = LlavaConfig(
         vision_config=vcfg.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_token_id,
         image_seq_length=n_tokens, projector_hidden_act="gelu", vision_feature_layer=settings.vision_feature_layer,
@@ -179,7 +192,9 @@ def load_model(settings: ModelSettings, dtype=None, cache_dir: str | None = None
     naming the setting when they cannot be loaded)."""
     if settings.tiny:
         if settings.vision_tower != settings.llm:
-            raise ModelWeightsError(f"the tiny preset needs vision_tower and llm both {TINY!r} (got {settings.vision_tower!r}, {settings.llm!r})")
+            raise ModelWeightsError(
+                f"the tiny preset needs vision_tower and llm both {TINY!r} (got {settings.vision_tower!r}, {settings.llm!r})"
+            )
         vision, image_processor, llm, tokenizer = _tiny_parts(settings.seed)
     else:
         vision, image_processor, llm, tokenizer = _pretrained_parts(settings, dtype, cache_dir, s3_endpoint_url)
@@ -248,7 +263,9 @@ def freeze_all_but_projector(model) -> list:
 
 def projector_state(model) -> dict:
     """The projector's weights under transformers' names (`linear_1.weight`, ...), on the CPU in fp32."""
-    return {k: v.detach().float().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    return {
+        k: v.detach().float().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()
+    }
 
 
 def llava_mm_projector_state(model) -> dict:

@@ -75,7 +75,9 @@ class Stage1Settings(LoopSettings):
 
 
 def run_name(dataset_version: str, model: ModelSettings, settings: Stage1Settings) -> str:
-    digest = hashlib.sha256(json.dumps([model.describe(), settings.recipe()], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps([model.describe(), settings.recipe()], sort_keys=True).encode()).hexdigest()[
+        :10
+    ]
     return f"{dataset_version}-{digest}"
 
 
@@ -102,14 +104,18 @@ def _train(
 ) -> RunResult:  # fmt: skip
     dataset, manifest = synthvlm_dataset(storage, "train", settings.holdout_fraction)
     if len(dataset) == 0:
-        raise RuntimeError(f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}")
+        raise RuntimeError(
+            f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}"
+        )
     run_prefix = f"{ASSET}/{run_name(manifest['version'], model_settings, settings)}"
     finished = finished_run(storage, run_prefix)
     if finished is not None:
         return finished
 
     dtype = compute_dtype(settings.dtype, d.device)
-    model, processor = load_model(model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+    model, processor = load_model(
+        model_settings, dtype=dtype, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url
+    )
     # Frozen parts in the compute dtype (half the memory of fp32 + autocast), the projector in fp32.
     model.to(d.device)
     model.model.vision_tower.to(dtype)

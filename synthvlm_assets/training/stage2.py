@@ -35,7 +35,13 @@ from synthvlm_assets.training.loop import (
     local_state,
     train_loop,
 )
-from synthvlm_assets.training.model import ModelSettings, load_model, tiny_cpu_threads, transformer_layers, vision_token_count
+from synthvlm_assets.training.model import (
+    ModelSettings,
+    load_model,
+    tiny_cpu_threads,
+    transformer_layers,
+    vision_token_count,
+)
 
 ASSET = "llava_stage2"
 TRAINABLE = "trainable.safetensors"
@@ -59,19 +65,29 @@ class Stage2Settings(LoopSettings):
     @classmethod
     def tiny_preset(cls, **overrides) -> Stage2Settings:
         """Small batches for the tiny model on a CPU; everything else as LLaVA-1.5."""
-        return replace(cls(global_batch=8, micro_batch=4, checkpoint_every=5, gradient_checkpointing=False), **overrides)
+        return replace(
+            cls(global_batch=8, micro_batch=4, checkpoint_every=5, gradient_checkpointing=False), **overrides
+        )
 
 
 def instruct_dataset(settings: Stage2Settings, s3_endpoint_url: str | None = None) -> InstructDataset:
     if not settings.instruct_json:
-        raise DatasetError("stage 2 needs instruct_json: a LLaVA-665K-format JSON (local path or s3:// URI) and its image_folder")
-    parent, name = settings.instruct_json.rstrip("/").rsplit("/", 1) if "/" in settings.instruct_json else (".", settings.instruct_json)
+        raise DatasetError(
+            "stage 2 needs instruct_json: a LLaVA-665K-format JSON (local path or s3:// URI) and its image_folder"
+        )
+    parent, name = (
+        settings.instruct_json.rstrip("/").rsplit("/", 1)
+        if "/" in settings.instruct_json
+        else (".", settings.instruct_json)
+    )
     images = StorageRoot(settings.image_folder, s3_endpoint_url) if settings.image_folder else None
     return InstructDataset(StorageRoot(parent, s3_endpoint_url), name, images)
 
 
 def run_name(data_version: str, stage1_run: str, model: ModelSettings, settings: Stage2Settings) -> str:
-    digest = hashlib.sha256(json.dumps([model.describe(), stage1_run, settings.recipe()], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(
+        json.dumps([model.describe(), stage1_run, settings.recipe()], sort_keys=True).encode()
+    ).hexdigest()[:10]
     return f"{data_version}-{digest}"
 
 
@@ -99,7 +115,9 @@ def llava_loss_module(llava):
             else:
                 mask = (input_ids == cfg.image_token_id).unsqueeze(-1).expand_as(embeds)
                 embeds = embeds.masked_scatter(mask, features)
-            out = m.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            out = m.language_model(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             start = first_label_position(labels)
             return label_cross_entropy_sum(self.llava.lm_head(out[:, start:-1]), labels, start)
 
@@ -107,7 +125,13 @@ def llava_loss_module(llava):
 
 
 def loss_sum(module, batch: dict):
-    return module(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], batch.get("dummy_image", False))
+    return module(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        batch.get("dummy_image", False),
+    )
 
 
 def stage2_trainable(model) -> list[str]:
@@ -128,7 +152,11 @@ def _shard(module, model, dtype) -> None:
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if dtype != torch.float32
+        else MixedPrecisionPolicy()
+    )
     # The vision tower's layers, not the tower: transformers finds a model's output recorders by its
     # class, which fully_shard replaces (the tower would return no hidden states).
     for tower in (model.model.vision_tower, model.model.language_model):
@@ -143,7 +171,10 @@ def _sharded_checkpoints(module, storage_options: dict):
     S3, through fsspec), so no process ever holds the whole 7B/13B state (fp32 weights + Adam's two
     moments: 12 bytes a parameter)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # stable since torch 2.2, not re-exported
+    from torch.distributed.checkpoint._fsspec_filesystem import (
+        FsspecReader,
+        FsspecWriter,
+    )  # stable since torch 2.2, not re-exported
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -204,7 +235,9 @@ def _sharded_from_rank0(load: Callable, d: Distributed, dtype, gradient_checkpoi
         model = LlavaForConditionalGeneration(config)
     names = stage2_trainable(model)
     if gradient_checkpointing:
-        model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     model.train()
     module = llava_loss_module(model)
     _shard(module, model, dtype)
@@ -226,7 +259,11 @@ def _gathered_trainable(module, names: list[str]) -> Callable[[], dict]:
 
     def trainable_state() -> dict:
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("llava."): v.float().contiguous() for k, v in state.items() if k.removeprefix("llava.") in wanted}
+        return {
+            k.removeprefix("llava."): v.float().contiguous()
+            for k, v in state.items()
+            if k.removeprefix("llava.") in wanted
+        }
 
     return trainable_state
 
@@ -260,13 +297,17 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
         return finished
     projector_key = f"{stage1_run_prefix}/{PROJECTOR}"
     if not storage.exists(projector_key):
-        raise FileNotFoundError(f"{storage.uri(projector_key)} does not exist: stage 2 starts from a finished stage-1 run")
+        raise FileNotFoundError(
+            f"{storage.uri(projector_key)} does not exist: stage 2 starts from a finished stage-1 run"
+        )
 
     dtype = compute_dtype(settings.dtype, d.device)
     sharded = settings.fsdp and d.world > 1
 
     def load():  # fp32: the master weights of everything that trains
-        model, processor = load_model(model_settings, dtype=torch.float32, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url)
+        model, processor = load_model(
+            model_settings, dtype=torch.float32, cache_dir=cache_dir, s3_endpoint_url=storage.s3_endpoint_url
+        )
         model.model.multi_modal_projector.load_state_dict(load_weights(storage, projector_key))
         return model, processor
 
@@ -278,7 +319,9 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
         _fits_one_device(model, d)
         model.model.vision_tower.to(dtype)  # frozen: stored in the compute dtype
         if settings.gradient_checkpointing:
-            model.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.to(d.device)
         model.train()
         module = llava_loss_module(model)
@@ -289,6 +332,7 @@ def _train(storage, model_settings, stage1_run_prefix, settings, report, cache_d
         trainee = Trainee(module, params, collator, loss_sum, TRAINABLE, _gathered_trainable(module, names),
                           save_shards=save_shards, load_shards=load_shards)  # fmt: skip
     else:
+
         def load_local(state: dict) -> None:
             missing = sorted(set(names) - set(state))
             if missing:

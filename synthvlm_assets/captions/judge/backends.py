@@ -57,7 +57,9 @@ def _timed(backend, prompts: list[list[int]], fn):
 class TransformersJudge:
     name = "transformers"
 
-    def __init__(self, model, tokenizer, forced_choice: bool = False, prefix_cache: bool = True, device: str | None = None) -> None:
+    def __init__(
+        self, model, tokenizer, forced_choice: bool = False, prefix_cache: bool = True, device: str | None = None
+    ) -> None:
         import torch
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +71,11 @@ class TransformersJudge:
         self.stats = BackendStats()
 
     def score(self, prompts: list[list[int]], shared_prefix: int = 0) -> list[FirstToken]:
-        return _timed(self, prompts, lambda: self._score(prompts, shared_prefix if self.prefix_cache else 0)) if prompts else []
+        return (
+            _timed(self, prompts, lambda: self._score(prompts, shared_prefix if self.prefix_cache else 0))
+            if prompts
+            else []
+        )
 
     def _score(self, prompts: list[list[int]], shared: int) -> list[FirstToken]:
         import torch
@@ -81,7 +87,9 @@ class TransformersJudge:
         for row in logprobs:
             # Greedy decoding; forced choice restricts the first token to the Yes/No spellings.
             first = int(allowed[row[allowed].argmax()]) if self.forced_choice else int(row.argmax())
-            out.append(FirstToken(self.tokenizer.decode([first]), logsumexp(row[yes].tolist()), logsumexp(row[no].tolist())))
+            out.append(
+                FirstToken(self.tokenizer.decode([first]), logsumexp(row[yes].tolist()), logsumexp(row[no].tolist()))
+            )
         return out
 
     def logprobs(self, prompts: list[list[int]], shared: int = 0):
@@ -99,9 +107,14 @@ class TransformersJudge:
         with torch.inference_mode():
             kwargs = {}
             if shared:
-                cache = decoder(torch.tensor([prompts[0][:shared]], device=self.device), use_cache=True).past_key_values
+                cache = decoder(
+                    torch.tensor([prompts[0][:shared]], device=self.device), use_cache=True
+                ).past_key_values
                 cache.batch_repeat_interleave(len(prompts))
-                kwargs = {"past_key_values": cache, "position_ids": (shared + torch.arange(width, device=self.device)).expand(len(prompts), -1)}
+                kwargs = {
+                    "past_key_values": cache,
+                    "position_ids": (shared + torch.arange(width, device=self.device)).expand(len(prompts), -1),
+                }
             hidden = decoder(ids, use_cache=bool(shared), **kwargs).last_hidden_state
             last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
             return torch.log_softmax(head(last).float(), dim=-1)  # the last positions only: no (B, T, vocab) logits
@@ -136,16 +149,25 @@ class VLLMJudge:
 
         allowed = self.answers[YES] + self.answers[NO]
         params = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, allowed_token_ids=allowed if self.forced_choice else None
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=self.top_logprobs,
+            allowed_token_ids=allowed if self.forced_choice else None,
         )
         # Prefix caching reuses the shared prefix's KV blocks across prompts by itself.
-        outs = _timed(self, prompts, lambda: self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False))
+        outs = _timed(
+            self,
+            prompts,
+            lambda: self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False),
+        )
         results = []
         for o in outs:
             c = o.outputs[0]
             top = c.logprobs[0]  # {token id: Logprob}, the top `top_logprobs` and the sampled one
             lp = lambda ids: logsumexp([top[i].logprob for i in ids if i in top])  # noqa: E731
-            results.append(FirstToken(self.tokenizer.decode([c.token_ids[0]]), lp(self.answers[YES]), lp(self.answers[NO])))
+            results.append(
+                FirstToken(self.tokenizer.decode([c.token_ids[0]]), lp(self.answers[YES]), lp(self.answers[NO]))
+            )
         return results
 
 
@@ -160,7 +182,12 @@ class HTTPJudge:
     ) -> None:  # fmt: skip
         self.url = base_url.rstrip("/") + "/v1/completions"
         self.model, self.api_key = model, api_key
-        self.concurrency, self.timeout_s, self.retries, self.top_logprobs = concurrency, timeout_s, retries, top_logprobs
+        self.concurrency, self.timeout_s, self.retries, self.top_logprobs = (
+            concurrency,
+            timeout_s,
+            retries,
+            top_logprobs,
+        )
         self.stats = BackendStats(extra={"retries": 0})
 
     def score(self, prompts: list[list[int]], shared_prefix: int = 0) -> list[FirstToken]:
@@ -168,8 +195,13 @@ class HTTPJudge:
             return _timed(self, prompts, lambda: list(pool.map(self._one, prompts)))
 
     def _one(self, prompt: list[int]) -> FirstToken:
-        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        body = json.dumps(
+            {"model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": self.top_logprobs}
+        ).encode()
+        headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+        }
         for attempt in range(self.retries + 1):
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
@@ -181,7 +213,9 @@ class HTTPJudge:
                     raise RuntimeError(f"judge endpoint {self.url}: HTTP {exc.code}: {exc.read()[:300]!r}") from exc
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 if attempt == self.retries:
-                    raise RuntimeError(f"judge endpoint {self.url} unreachable after {self.retries + 1} attempts: {exc}") from exc
+                    raise RuntimeError(
+                        f"judge endpoint {self.url} unreachable after {self.retries + 1} attempts: {exc}"
+                    ) from exc
             self.stats.extra["retries"] += 1
             time.sleep(min(0.5 * 2**attempt, 8.0))
         top = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
@@ -190,4 +224,3 @@ class HTTPJudge:
         yes = [v for k, v in top.items() if parse_verdict(k) == YES]
         no = [v for k, v in top.items() if parse_verdict(k) == NO]
         return FirstToken(choice.get("text", ""), logsumexp(yes), logsumexp(no))
-

@@ -45,14 +45,24 @@ class JudgePrompt:
     @classmethod
     def build(cls, tokenizer, instruction: str = INSTRUCTION, max_caption_tokens: int = 512) -> JudgePrompt:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"the judge tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template")
+            raise ValueError(
+                f"the judge tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template"
+            )
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction + SEPARATOR + _SENTINEL}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": instruction + SEPARATOR + _SENTINEL}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
         if rendered.count(_SENTINEL) != 1:
             raise ValueError("the chat template does not place the user message verbatim")
         before, after = rendered.split(_SENTINEL)
-        return cls(tuple(_ids(tokenizer, before, specials=True)), tuple(_ids(tokenizer, after, specials=True)), tokenizer, instruction, max_caption_tokens)
+        return cls(
+            tuple(_ids(tokenizer, before, specials=True)),
+            tuple(_ids(tokenizer, after, specials=True)),
+            tokenizer,
+            instruction,
+            max_caption_tokens,
+        )
 
     @property
     def version(self) -> str:
@@ -71,7 +81,9 @@ class JudgePrompt:
         if not isinstance(caption, str):
             raise Unjudgeable(f"caption is {type(caption).__name__}, not text")
         if len(caption) > 16 * self.max_caption_tokens:  # cheap guard before tokenising a huge caption
-            raise Unjudgeable(f"caption of {len(caption)} characters > 16 * max_caption_tokens={self.max_caption_tokens}")
+            raise Unjudgeable(
+                f"caption of {len(caption)} characters > 16 * max_caption_tokens={self.max_caption_tokens}"
+            )
         try:
             caption.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -84,7 +96,9 @@ class JudgePrompt:
     def render(self, caption: str) -> str:
         """The whole prompt as text (what the assembly must equal when tokenised as a whole)."""
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": self.instruction + SEPARATOR + caption}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": self.instruction + SEPARATOR + caption}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
 
 

@@ -15,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from synthvlm_assets.captions.judge.backends import TransformersJudge
 
 
-def make_server(backend: TransformersJudge, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def make_server(
+    backend: TransformersJudge, model_name: str, host: str = "127.0.0.1", port: int = 8000
+) -> ThreadingHTTPServer:
     lock = threading.Lock()  # one forward pass at a time on the shared model
 
     class Handler(BaseHTTPRequestHandler):
@@ -61,7 +63,11 @@ def make_server(backend: TransformersJudge, model_name: str, host: str = "127.0.
             k = min(k, row.numel())
             first = int(row.argmax())
             text = backend.tokenizer.decode([first])
-            logprobs = {"tokens": [text], "token_logprobs": [float(row[first])], "top_logprobs": [first_token_text_logprobs(row, backend.tokenizer, k)] if k else None}
+            logprobs = {
+                "tokens": [text],
+                "token_logprobs": [float(row[first])],
+                "top_logprobs": [first_token_text_logprobs(row, backend.tokenizer, k)] if k else None,
+            }
             self._send(200, {
                 "id": "cmpl-synthvlm", "object": "text_completion", "model": model_name,
                 "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "length"}],

@@ -10,8 +10,23 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synthvlm_assets.captions.judge.backends import BackendStats, FirstToken, HTTPJudge, JudgeBackend, TransformersJudge, VLLMJudge
-from synthvlm_assets.captions.judge.prompt import NO, PARSE_FAILURE, YES, JudgePrompt, Unjudgeable, p_yes, parse_verdict
+from synthvlm_assets.captions.judge.backends import (
+    BackendStats,
+    FirstToken,
+    HTTPJudge,
+    JudgeBackend,
+    TransformersJudge,
+    VLLMJudge,
+)
+from synthvlm_assets.captions.judge.prompt import (
+    NO,
+    PARSE_FAILURE,
+    YES,
+    JudgePrompt,
+    Unjudgeable,
+    p_yes,
+    parse_verdict,
+)
 from synthvlm_assets.captions.normalize import dedup_key
 from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.models.sources import TINY, load_error, resolve_model
@@ -100,16 +115,28 @@ def load_judge(settings: JudgeSettings, cache_dir: str | None = None, s3_endpoin
 
         tokenizer = tiny_llama_tokenizer()
         backend = TransformersJudge(tiny_llama(tokenizer), tokenizer, settings.forced_choice)
-        return Judge(JudgePrompt.build(tokenizer, max_caption_tokens=settings.max_caption_tokens), backend, TINY, "tiny-random")
+        return Judge(
+            JudgePrompt.build(tokenizer, max_caption_tokens=settings.max_caption_tokens), backend, TINY, "tiny-random"
+        )
     from transformers import AutoTokenizer
 
     kind = settings.resolved_backend()
-    source = resolve_model("judge.model", settings.model, cache_dir, s3_endpoint_url) if kind != "http" or settings.tokenizer is None else None
-    tokenizer_source = resolve_model("judge.tokenizer", settings.tokenizer, cache_dir, s3_endpoint_url) if settings.tokenizer else source
+    source = (
+        resolve_model("judge.model", settings.model, cache_dir, s3_endpoint_url)
+        if kind != "http" or settings.tokenizer is None
+        else None
+    )
+    tokenizer_source = (
+        resolve_model("judge.tokenizer", settings.tokenizer, cache_dir, s3_endpoint_url)
+        if settings.tokenizer
+        else source
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=settings.revision)
     except (OSError, ValueError) as exc:
-        raise load_error("judge.tokenizer" if settings.tokenizer else "judge.model", settings.tokenizer or settings.model, exc) from exc
+        raise load_error(
+            "judge.tokenizer" if settings.tokenizer else "judge.model", settings.tokenizer or settings.model, exc
+        ) from exc
     prompt = JudgePrompt.build(tokenizer, max_caption_tokens=settings.max_caption_tokens)
     if kind == "transformers":
         import torch
@@ -131,7 +158,13 @@ def load_judge(settings: JudgeSettings, cache_dir: str | None = None, s3_endpoin
             raise ValueError("judge.backend='http' needs judge.endpoint_url (e.g. http://127.0.0.1:8000)")
         import os
 
-        backend = HTTPJudge(settings.endpoint_url, settings.model, os.environ.get(settings.api_key_env), settings.concurrency, settings.timeout_s)
+        backend = HTTPJudge(
+            settings.endpoint_url,
+            settings.model,
+            os.environ.get(settings.api_key_env),
+            settings.concurrency,
+            settings.timeout_s,
+        )
     else:
         raise ValueError(f"judge.backend must be auto, vllm, transformers or http, got {settings.backend!r}")
     return Judge(prompt, backend, settings.model, settings.revision or _snapshot(tokenizer) or "unpinned")
@@ -182,11 +215,18 @@ class VerdictCache:
     def add(self, rows: list[dict]) -> None:
         if rows:
             chunk = hashlib.sha256(b"".join(sorted(r["judge_key"] for r in rows))).hexdigest()[:16]
-            self.storage.write_parquet(f"{self.folder}/chunk-{chunk}.parquet", pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
+            self.storage.write_parquet(
+                f"{self.folder}/chunk-{chunk}.parquet", pa.Table.from_pylist(rows, schema=CACHE_SCHEMA)
+            )
 
 
 def judge_shard(
-    storage: StorageRoot, shard: str, judge: Judge, settings: JudgeSettings, run_id: str = "", captions_from: str = PAIR_FILTERED
+    storage: StorageRoot,
+    shard: str,
+    judge: Judge,
+    settings: JudgeSettings,
+    run_id: str = "",
+    captions_from: str = PAIR_FILTERED,
 ) -> JudgedShard:
     """Judge the shard's kept captions of `captions_from` (cached ones are not judged again) and publish
     `judged_captions/<shard>/{judged,kept}.parquet`."""
@@ -209,7 +249,16 @@ def judge_shard(
                 prompts.append(judge.prompt.ids(caption))
                 batch.append(key)
             except Unjudgeable as exc:
-                pending.append({"judge_key": key, "verdict": UNJUDGEABLE, "p_yes": None, "raw_token": str(exc), "yes_logprob": None, "no_logprob": None})
+                pending.append(
+                    {
+                        "judge_key": key,
+                        "verdict": UNJUDGEABLE,
+                        "p_yes": None,
+                        "raw_token": str(exc),
+                        "yes_logprob": None,
+                        "no_logprob": None,
+                    }
+                )
         for key, result in zip(batch, judge.backend.score(prompts, shared_prefix=len(judge.prompt.prefix))):
             pending.append(verdict_row(key, result))
         if len(pending) >= settings.cache_every:
@@ -250,4 +299,3 @@ def verdict_counts(judged: pa.Table) -> dict[str, int]:
 def timed_rate(stats: BackendStats) -> tuple[float, float]:
     """(prompts/s, prompt tokens/s) of what the backend judged."""
     return (stats.prompts / stats.seconds, stats.prompt_tokens / stats.seconds) if stats.seconds else (0.0, 0.0)
-
