@@ -115,7 +115,11 @@ def test_code_location_loads_without_gpu_packages():
         "kenlm",
         "vllm",
     ]
-    code = f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\nimport synthvlm_assets.definitions as d\nprint(d.defs.resolve_job_def('synthvlm_job').executor_def.name)"
+    code = (
+        f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+        "import synthvlm_assets.definitions as d\n"
+        "print(d.defs.resolve_job_def('synthvlm_job').executor_def.name)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "SYNTHVLM_EXECUTOR": "k8s"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -298,33 +302,107 @@ def test_compose_instance_config_passes_dagsters_own_schemas(monkeypatch):
 # The keys of Dagster's chart (helm/dagster/values.yaml and its schema models in dagster-io/dagster,
 # for the 1.13 line) that these values use, as a tree; `*` = any key, a list = items of that shape.
 CHART_KEYS = {
-    "global": {"postgresqlSecretName": None, "dagsterHome": None, "serviceAccountName": None, "celeryConfigSecretName": None},
-    "generatePostgresqlPasswordSecret": None,
-    "postgresql": {"enabled": None, "postgresqlHost": None, "postgresqlUsername": None, "postgresqlPassword": None,
-                   "postgresqlDatabase": None, "postgresqlScheme": None, "postgresqlParams": None, "image": None,
-                   "service": {"port": None}},
-    "dagster-user-deployments": {
-        "enabled": None, "enableSubchart": None, "imagePullSecrets": None,
-        "deployments": [{
-            "name": None, "image": {"repository": None, "tag": None, "pullPolicy": None}, "port": None,
-            "dagsterApiGrpcArgs": None, "codeServerArgs": None, "includeConfigInLaunchedRuns": {"enabled": None},
-            "env": None, "envConfigMaps": None, "envSecrets": [{"name": None}], "annotations": None, "nodeSelector": None,
-            "affinity": None, "tolerations": None, "podSecurityContext": None, "securityContext": None, "resources": "*",
-            "livenessProbe": None, "readinessProbe": None, "startupProbe": None, "labels": None, "volumeMounts": None,
-            "volumes": None, "schedulerName": None}],
+    "global": {
+        "postgresqlSecretName": None,
+        "dagsterHome": None,
+        "serviceAccountName": None,
+        "celeryConfigSecretName": None,
     },
-    "runLauncher": {"type": None, "config": {"k8sRunLauncher": {
-        "image": None, "imagePullPolicy": None, "jobNamespace": None, "loadInclusterConfig": None, "kubeconfigFile": None,
-        "envConfigMaps": None, "envSecrets": [{"name": None}], "envVars": None, "volumeMounts": None, "volumes": None,
-        "labels": None, "failPodOnRunFailure": None, "resources": None, "schedulerName": None, "securityContext": None,
-        "runK8sConfig": {"containerConfig": "*", "podSpecConfig": "*", "podTemplateSpecMetadata": "*", "jobSpecConfig": "*", "jobMetadata": "*"}}}},
-    "dagsterDaemon": {"runCoordinator": {"enabled": None, "type": None, "config": {"queuedRunCoordinator": {
-        "maxConcurrentRuns": None, "tagConcurrencyLimits": None, "dequeueIntervalSeconds": None, "dequeueNumWorkers": None,
-        "dequeueUseThreads": None}}}},
-    "concurrency": {"enabled": None, "pools": {"defaultLimit": None, "granularity": None, "opGranularityRunBuffer": None},
-                    "runs": {"maxConcurrentRuns": None, "tagConcurrencyLimits": None}},
+    "generatePostgresqlPasswordSecret": None,
+    "postgresql": {
+        "enabled": None,
+        "postgresqlHost": None,
+        "postgresqlUsername": None,
+        "postgresqlPassword": None,
+        "postgresqlDatabase": None,
+        "postgresqlScheme": None,
+        "postgresqlParams": None,
+        "image": None,
+        "service": {"port": None},
+    },
+    "dagster-user-deployments": {
+        "enabled": None,
+        "enableSubchart": None,
+        "imagePullSecrets": None,
+        "deployments": [
+            {
+                "name": None,
+                "image": {"repository": None, "tag": None, "pullPolicy": None},
+                "port": None,
+                "dagsterApiGrpcArgs": None,
+                "codeServerArgs": None,
+                "includeConfigInLaunchedRuns": {"enabled": None},
+                "env": None,
+                "envConfigMaps": None,
+                "envSecrets": [{"name": None}],
+                "annotations": None,
+                "nodeSelector": None,
+                "affinity": None,
+                "tolerations": None,
+                "podSecurityContext": None,
+                "securityContext": None,
+                "resources": "*",
+                "livenessProbe": None,
+                "readinessProbe": None,
+                "startupProbe": None,
+                "labels": None,
+                "volumeMounts": None,
+                "volumes": None,
+                "schedulerName": None,
+            }
+        ],
+    },
+    "runLauncher": {
+        "type": None,
+        "config": {
+            "k8sRunLauncher": {
+                "image": None,
+                "imagePullPolicy": None,
+                "jobNamespace": None,
+                "loadInclusterConfig": None,
+                "kubeconfigFile": None,
+                "envConfigMaps": None,
+                "envSecrets": [{"name": None}],
+                "envVars": None,
+                "volumeMounts": None,
+                "volumes": None,
+                "labels": None,
+                "failPodOnRunFailure": None,
+                "resources": None,
+                "schedulerName": None,
+                "securityContext": None,
+                "runK8sConfig": {
+                    "containerConfig": "*",
+                    "podSpecConfig": "*",
+                    "podTemplateSpecMetadata": "*",
+                    "jobSpecConfig": "*",
+                    "jobMetadata": "*",
+                },
+            }
+        },
+    },
+    "dagsterDaemon": {
+        "runCoordinator": {
+            "enabled": None,
+            "type": None,
+            "config": {
+                "queuedRunCoordinator": {
+                    "maxConcurrentRuns": None,
+                    "tagConcurrencyLimits": None,
+                    "dequeueIntervalSeconds": None,
+                    "dequeueNumWorkers": None,
+                    "dequeueUseThreads": None,
+                }
+            },
+        }
+    },
+    "concurrency": {
+        "enabled": None,
+        "pools": {"defaultLimit": None, "granularity": None, "opGranularityRunBuffer": None},
+        "runs": {"maxConcurrentRuns": None, "tagConcurrencyLimits": None},
+    },
     "telemetry": {"enabled": None},
-}  # fmt: skip
+}
 
 
 def _unknown_keys(values, schema, path="") -> list[str]:
@@ -388,7 +466,10 @@ def test_gpu_steps_become_pods_that_request_a_gpu():
         tags = node.definition.tags
         k8s = get_user_defined_k8s_config({k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items()})
         pod = construct_dagster_k8s_job(
-            DagsterK8sJobConfig(job_image="synthvlm-worker:0.1.0", dagster_home="/opt/dagster/dagster_home", instance_config_map="instance"),
+            DagsterK8sJobConfig(
+                job_image="synthvlm-worker:0.1.0", dagster_home="/opt/dagster/dagster_home",
+                instance_config_map="instance",
+            ),
             ["dagster", "api", "execute_step"], f"step-{node.name}".replace("_", "-"), user_defined_k8s_config=k8s,
         ).spec.template.spec  # fmt: skip
         limits = pod.containers[0].resources.limits if pod.containers[0].resources else None
