@@ -28,7 +28,14 @@ from synthvlm_assets.query import connect
 from .conftest import REPO, SeaweedFS
 from .test_graph import reference
 
-PER_SHARD = ["raw_caption_pool", "curated_captions", "pair_filtered_captions", "judged_captions", "sdxl_images", "image_scores"]
+PER_SHARD = [
+    "raw_caption_pool",
+    "curated_captions",
+    "pair_filtered_captions",
+    "judged_captions",
+    "sdxl_images",
+    "image_scores",
+]
 GPU_STEPS = {"judged_captions", "sdxl_images", "image_scores"}
 CHECKS_PER_SHARD = 3 + 2 + 1 + 2 + 3 + 2  # raw, curated, pair filters, judge, images, scores
 SHARD_ROWS = 12
@@ -38,10 +45,28 @@ FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus
 def captions(n: int, seed: int) -> list[dict]:
     """Plain English captions that pass the paper's filters, with a few exact and near duplicates."""
     rng = random.Random(seed)
-    subjects = ["A brown dog", "Two children", "An old man", "A red bus", "A small cat", "A group of people", "A woman", "A horse"]
+    subjects = [
+        "A brown dog",
+        "Two children",
+        "An old man",
+        "A red bus",
+        "A small cat",
+        "A group of people",
+        "A woman",
+        "A horse",
+    ]
     verbs = ["is standing", "is sitting", "is waiting", "is resting", "is playing", "is walking"]
-    places = ["next to a wooden fence", "on a busy city street", "in a green park", "near the river bank", "inside a bright kitchen"]
-    rows = [{"id": f"{seed}-{i}", "caption": f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}."} for i in range(n)]
+    places = [
+        "next to a wooden fence",
+        "on a busy city street",
+        "in a green park",
+        "near the river bank",
+        "inside a bright kitchen",
+    ]
+    rows = [
+        {"id": f"{seed}-{i}", "caption": f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}."}
+        for i in range(n)
+    ]
     for i in range(0, n, 5):  # duplicates: dedup has something to remove, across shards too
         rows[i + 1 if i + 1 < n else i]["caption"] = rows[i]["caption"].replace("'", "’")
     return rows
@@ -107,9 +132,25 @@ class Deployment:
         for partition in partitions:
             run_ids.append(str(uuid.uuid4()))
             tags = json.dumps({"dagster/partition": partition} if partition else {})
-            args = [str(self.bin / "dagster"), "job", "launch", "-w", str(self.workspace), "-j", job, "--tags", tags, "--run-id", run_ids[-1]]
+            args = [
+                str(self.bin / "dagster"),
+                "job",
+                "launch",
+                "-w",
+                str(self.workspace),
+                "-j",
+                job,
+                "--tags",
+                tags,
+                "--run-id",
+                run_ids[-1],
+            ]
             args += ["--op-selection", ",".join(ops)] if ops else []
-            procs.append(subprocess.Popen(args, env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            procs.append(
+                subprocess.Popen(
+                    args, env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            )
         for proc in procs:
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0, out[-3000:]
@@ -168,7 +209,11 @@ def deployment(postgres, tmp_path_factory):
     # A SeaweedFS of its own: the fault test restarts it, which must not touch other tests' server.
     store = SeaweedFS(tmp_path_factory.mktemp("seaweedfs-deploy"))
     # This process reads the instance and the store too, with credentials from the environment.
-    ours = {"DAGSTER_PG_PASSWORD": postgres.password, "AWS_ACCESS_KEY_ID": store.access_key, "AWS_SECRET_ACCESS_KEY": store.secret_key}
+    ours = {
+        "DAGSTER_PG_PASSWORD": postgres.password,
+        "AWS_ACCESS_KEY_ID": store.access_key,
+        "AWS_SECRET_ACCESS_KEY": store.secret_key,
+    }
     old = {k: os.environ.get(k) for k in ours}
     os.environ.update(ours)
     dep = None
@@ -197,7 +242,11 @@ def _intervals(dep: Deployment, run_ids: list[str], steps: set[str]) -> list[tup
                 continue
             if ev.event_type == DagsterEventType.STEP_START:
                 starts[e.step_key] = e.timestamp
-            elif ev.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY):
+            elif ev.event_type in (
+                DagsterEventType.STEP_SUCCESS,
+                DagsterEventType.STEP_FAILURE,
+                DagsterEventType.STEP_UP_FOR_RETRY,
+            ):
                 out.append((starts.pop(e.step_key), e.timestamp, f"{run_id[:8]}:{e.step_key}"))
     return sorted(out)
 
@@ -205,8 +254,16 @@ def _intervals(dep: Deployment, run_ids: list[str], steps: set[str]) -> list[tup
 def _pids(dep: Deployment, run_id: str) -> tuple[set[int], set[int]]:
     """Process ids of the run worker and of the step workers of one run."""
     logs = dep.instance.all_logs(run_id)
-    run_pids = {e.dagster_event.pid for e in logs if e.dagster_event and e.dagster_event.event_type == DagsterEventType.RUN_START}
-    step_pids = {e.dagster_event.pid for e in logs if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START}
+    run_pids = {
+        e.dagster_event.pid
+        for e in logs
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.RUN_START
+    }
+    step_pids = {
+        e.dagster_event.pid
+        for e in logs
+        if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START
+    }
     return run_pids, step_pids
 
 
@@ -214,17 +271,24 @@ def _check_shard_outputs(dep: Deployment, shard: str, expected_kept: list[str]) 
     """A shard's published outputs: every curated caption judged once, one image per kept caption,
     one score each, the tar holding exactly the manifest's images, nothing half-written left behind."""
     root = dep.settings.resources()["storage"].root()
-    judged = root.read_partition(f"judged_captions/{shard}", "judged", columns=["caption_id", "caption", "verdict"]).to_pylist()
+    judged = root.read_partition(
+        f"judged_captions/{shard}", "judged", columns=["caption_id", "caption", "verdict"]
+    ).to_pylist()
     assert sorted(r["caption"] for r in judged) == sorted(expected_kept)
     ids = [r["caption_id"] for r in judged if r["verdict"] == "yes"]
     assert ids, "the tiny judge kept nothing of this shard"
     images = root.read_partition(f"sdxl_images/{shard}", "manifest").to_pylist()
     assert sorted((r["caption_id"], r["candidate"]) for r in images) == sorted((i, 0) for i in ids)
-    with root.fs.open(root.path(f"sdxl_images/{shard}/images.tar"), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with (
+        root.fs.open(root.path(f"sdxl_images/{shard}/images.tar"), "rb") as f,
+        tarfile.open(fileobj=f, mode="r|") as tar,
+    ):
         members = [m.name for m in tar if m.name.endswith(".jpg")]
     assert sorted(members) == sorted(f"{r['key']}.jpg" for r in images if not r["flag"])
     scores = root.read_partition(f"image_scores/{shard}", "scores").to_pylist()
-    assert sorted((r["caption_id"], r["candidate"]) for r in scores) == sorted((r["caption_id"], r["candidate"]) for r in images if not r["flag"])
+    assert sorted((r["caption_id"], r["candidate"]) for r in scores) == sorted(
+        (r["caption_id"], r["candidate"]) for r in images if not r["flag"]
+    )
     assert not dep.fs.glob(f"{dep.bucket}/synthvlm/**/.tmp-*")
     staged = dep.fs.find(f"{dep.bucket}/synthvlm/sdxl_images/_staging/{shard}")
     assert not [p for p in staged if p.endswith(".tar")], staged  # staging cleared (SeaweedFS keeps empty folders)
@@ -234,7 +298,8 @@ def _check_shard_outputs(dep: Deployment, shard: str, expected_kept: list[str]) 
 class Flow:
     rows: list[dict]
     shards: list[str]
-    main: list[str]
+    curation: list[str]  # caption_curation over both shards, one run
+    main: list[str]  # the GPU stages, one run a shard
     statuses: dict[str, DagsterRunStatus]
     reruns: list[str]
     dataset: str
@@ -252,10 +317,23 @@ def flow(deployment) -> Flow:
     rows = captions(2 * SHARD_ROWS, seed=1)
     dep.put_captions("inbox/pool-a.jsonl", rows)
     t0 = time.time()
-    main = dep.automation_runs(2)
+    # Automation submits a backfill: caption_curation over both shards in one run (its backfill policy),
+    # then the GPU stages one shard a run.
+    deadline = time.time() + 600
+    while True:
+        runs = {r: dep.instance.get_run_by_id(r).tags for r in dep.automation_runs(1)}
+        main = [r for r, tags in runs.items() if tags.get("dagster/partition")]
+        if len(main) >= 2:
+            break
+        assert time.time() < deadline, f"automation launched no GPU runs: {runs}\n{dep.log_tail()}"
+        time.sleep(1.0)
+    print("automation runs:", {r[:8]: {k: v for k, v in t.items() if "partition" in k} for r, t in runs.items()})
+    curation = [r for r, tags in runs.items() if "dagster/asset_partition_range_start" in tags]
     shards = sorted(s.key for s in dep.settings.resources()["storage"].registry().shards())
-    assert len(shards) == 2
-    assert sorted(dep.instance.get_run_by_id(r).tags.get("dagster/partition") for r in main) == shards
+    assert len(shards) == 2 and len(main) == 2 and len(curation) == 1
+    ranged = runs[curation[0]]
+    assert [ranged["dagster/asset_partition_range_start"], ranged["dagster/asset_partition_range_end"]] == shards
+    assert sorted(runs[r]["dagster/partition"] for r in main) == shards
     deadline = time.time() + 600
     while not any(e.step_key == "sdxl_images" for r in main for e in dep.events(r, DagsterEventType.STEP_START)):
         assert time.time() < deadline, f"no sdxl_images step started\n{dep.log_tail()}"
@@ -273,14 +351,22 @@ def flow(deployment) -> Flow:
     dep.store.start()
     outage = (down, time.time())
     statuses = dep.wait(main, timeout=900)
-    failed = [dep.instance.get_run_by_id(r).tags["dagster/partition"] for r in main if statuses[r] != DagsterRunStatus.SUCCESS]
+    failed = [
+        dep.instance.get_run_by_id(r).tags["dagster/partition"]
+        for r in main
+        if statuses[r] != DagsterRunStatus.SUCCESS
+    ]
     reruns = dep.launch(MAIN_JOB, failed) if failed else []
     if reruns:
         dep.wait(reruns, timeout=900)
     # The selection: requested by the automation sensor once the scored shards have new data.
     deadline = time.time() + 300
     while True:
-        selection = [r for r in dep.automation_runs(1) if r not in main]
+        selection = [
+            r
+            for r in dep.automation_runs(1)
+            if r not in runs and not any("partition" in k for k in dep.instance.get_run_by_id(r).tags)
+        ]
         if selection:
             break
         assert time.time() < deadline, f"automation never refreshed the selection\n{dep.log_tail()}"
@@ -289,29 +375,34 @@ def flow(deployment) -> Flow:
     print(f"\nall runs done after {time.time() - t0:.1f} s; first GPU runs: {[s.value for s in statuses.values()]}")
     for r in run_timeline(dep):
         print(r)
-    return Flow(rows, shards, main, statuses, reruns, selection[0], outage)
+    return Flow(rows, shards, curation, main, statuses, reruns, selection[0], outage)
 
 
 def test_whole_graph_through_daemon_postgres_and_s3(deployment, flow):
     dep = deployment
-    final = [r for r in flow.main if flow.statuses[r] == DagsterRunStatus.SUCCESS] + flow.reruns
+    final = flow.curation + [r for r in flow.main if flow.statuses[r] == DagsterRunStatus.SUCCESS] + flow.reruns
     for run_id in final + [flow.dataset]:
         assert dep.instance.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS, dep.failure_messages(run_id)
 
     # Every run ran in a process of its own (started by the daemon's launcher), and so did its steps.
-    runs = flow.main + flow.reruns + [flow.dataset]
+    runs = flow.curation + flow.main + flow.reruns + [flow.dataset]
     run_pids = [_pids(dep, r)[0] for r in runs]
     assert all(len(p) == 1 for p in run_pids)
     all_run_pids = set().union(*run_pids)
     assert len(all_run_pids) == len(runs) and os.getpid() not in all_run_pids and dep.daemon.pid not in all_run_pids
     step_pids = set().union(*(_pids(dep, r)[1] for r in final))
-    assert len(step_pids) == 2 * len(PER_SHARD) and not step_pids & all_run_pids  # multiprocess executor
+    # multiprocess executor: one step process for caption_curation's two shards, one per GPU-run step
+    assert len(step_pids) == 1 + 2 * (len(PER_SHARD) - 2) and not step_pids & all_run_pids
 
     # What PostgreSQL recorded.
     for name in PER_SHARD:
         assert dep.instance.get_materialized_partitions(AssetKey(name)) == set(flow.shards), name
     assert dep.instance.get_latest_materialization_event(AssetKey("synthvlm_100k")) is not None
-    checks = [e.dagster_event.event_specific_data for r in final for e in dep.events(r, DagsterEventType.ASSET_CHECK_EVALUATION)]
+    checks = [
+        e.dagster_event.event_specific_data
+        for r in final
+        for e in dep.events(r, DagsterEventType.ASSET_CHECK_EVALUATION)
+    ]
     assert len(checks) == 2 * CHECKS_PER_SHARD  # every check of every per-shard asset, evaluated
     blocking = [c for c in checks if c.check_name != "no_unusable_images"]
     assert all(c.passed for c in blocking), [c.check_name for c in blocking if not c.passed]
@@ -321,8 +412,15 @@ def test_whole_graph_through_daemon_postgres_and_s3(deployment, flow):
     assert len(gpu) >= 4
     assert all(a[1] <= b[0] for a, b in zip(gpu, gpu[1:])), gpu
     (a_start, a_end), (b_start, b_end) = (_run_span(dep, r) for r in flow.main)
-    assert max(a_start, b_start) < gpu[0][1], "the second run started only after the first GPU step: the pool was not exercised"
-    blocked = [e for r in flow.main for e in dep.events(r, DagsterEventType.ENGINE_EVENT) if "blocked by limit for pool gpu" in (e.message or "")]
+    assert max(a_start, b_start) < gpu[0][1], (
+        "the second run started only after the first GPU step: the pool was not exercised"
+    )
+    blocked = [
+        e
+        for r in flow.main
+        for e in dep.events(r, DagsterEventType.ENGINE_EVENT)
+        if "blocked by limit for pool gpu" in (e.message or "")
+    ]
     assert blocked, "no GPU step ever waited for the gpu pool"
 
     # What S3 holds: the brute-force reference, every image scored once, the selection.
@@ -337,7 +435,12 @@ def test_whole_graph_through_daemon_postgres_and_s3(deployment, flow):
     n_selected, n_unique = con.sql("SELECT count(*), count(DISTINCT caption_id) FROM synthvlm_100k").fetchall()[0]
     assert n_selected == n_unique == min(10, n_kept)
     for shard in flow.shards:
-        kept = [r[0] for r in con.sql(f"SELECT caption FROM curated_captions WHERE shard = '{shard}' ORDER BY source_row").fetchall()]
+        kept = [
+            r[0]
+            for r in con.sql(
+                f"SELECT caption FROM curated_captions WHERE shard = '{shard}' ORDER BY source_row"
+            ).fetchall()
+        ]
         _check_shard_outputs(dep, shard, kept)
 
 
@@ -359,13 +462,20 @@ def test_object_store_restarted_mid_run(deployment, flow):
     retried = "retry 1/" in logs  # our storage layer's retries (s3fs/botocore retry quietly below it)
     # Or a step that was running before the store went down and finished after it came back, successfully:
     # it rode the outage out (s3fs's own retries absorb a short one without a log line of ours).
-    rode_out = [r for r in hit if flow.statuses[r] == DagsterRunStatus.SUCCESS and any(s < down and e > up for s, e, _ in _intervals(dep, [r], GPU_STEPS))]
+    rode_out = [
+        r
+        for r in hit
+        if flow.statuses[r] == DagsterRunStatus.SUCCESS
+        and any(s < down and e > up for s, e, _ in _intervals(dep, [r], GPU_STEPS))
+    ]
     failed = [r for r in hit if flow.statuses[r] == DagsterRunStatus.FAILURE]
     assert retried or failed or rode_out, "no GPU step was running through the outage: it tested nothing"
     assert len(flow.reruns) == sum(s != DagsterRunStatus.SUCCESS for s in flow.statuses.values())
     root = dep.settings.resources()["storage"].root()
     assert len(root.list("registry/files")) == 1
-    print(f"storage retries logged: {retried}; rode out: {len(rode_out)}; first GPU runs: {[s.value for s in flow.statuses.values()]}")
+    print(
+        f"storage retries logged: {retried}; rode out: {len(rode_out)}; first GPU runs: {[s.value for s in flow.statuses.values()]}"
+    )
 
 
 def _run_span(dep: Deployment, run_id: str) -> tuple[float, float]:
@@ -385,6 +495,17 @@ def run_timeline(dep: Deployment) -> list[tuple]:
     for run in dep.instance.get_runs():
         rec = dep.instance.get_run_record_by_id(run.run_id)
         steps = _intervals(dep, [run.run_id], set(PER_SHARD) | {"synthvlm_100k"})
-        out.append((run.job_name, rec.create_timestamp.timestamp(), rec.start_time, rec.end_time, [(s[2], round(s[1]-s[0],1)) for s in steps]))
+        out.append(
+            (
+                run.job_name,
+                rec.create_timestamp.timestamp(),
+                rec.start_time,
+                rec.end_time,
+                [(s[2], round(s[1] - s[0], 1)) for s in steps],
+            )
+        )
     t0 = min(o[1] for o in out)
-    return [(o[0], round(o[1]-t0,1), round((o[2] or t0)-t0,1), round((o[3] or t0)-t0,1), o[4]) for o in sorted(out, key=lambda o: o[1])]
+    return [
+        (o[0], round(o[1] - t0, 1), round((o[2] or t0) - t0, 1), round((o[3] or t0) - t0, 1), o[4])
+        for o in sorted(out, key=lambda o: o[1])
+    ]
