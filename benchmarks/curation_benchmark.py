@@ -115,10 +115,12 @@ def main() -> None:
         t = time.perf_counter()
         write_pool(args.coco, args.captions, pool)
         print(
-            f"synthesised {args.captions:,} captions ({pool.stat().st_size / 1e6:.0f} MB JSONL) in {time.perf_counter() - t:.1f}s"
+            f"synthesised {args.captions:,} captions ({pool.stat().st_size / 1e6:.0f} MB JSONL) in "
+            f"{time.perf_counter() - t:.1f}s"
         )
         print(
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}"
         )
         rows = []
         for workers in sorted({1, args.workers}):
@@ -126,19 +128,22 @@ def main() -> None:
             rate = r["captions"] / r["curate_s"]
             rows.append((workers, r, rate))
             print(
-                f"\nworkers={workers}: {r['shards']} shards, register {r['register_s']:.1f}s, curate {r['curate_s']:.1f}s, kept {r['kept']:,}/{r['captions']:,}"
+                f"\nworkers={workers}: {r['shards']} shards, register {r['register_s']:.1f}s, curate "
+                f"{r['curate_s']:.1f}s, kept {r['kept']:,}/{r['captions']:,}"
             )
             print("  progress  parent RSS (MB)  worker peak RSS (MB)")
             for frac, rss, peak in r["rss"]:
                 print(f"  {frac:7.0%}  {rss:15.0f}  {peak:20.0f}")
         print(
-            "\n| workers | shards | captions | curate s | captions/s | captions/min | worker peak RSS MB (10% -> 100%) |"
+            "\n| workers | shards | captions | curate s | captions/s | captions/min | worker peak RSS MB (10% -> "
+            "100%) |"
         )
         print("|---|---|---|---|---|---|---|")
         for workers, r, rate in rows:
             peaks = f"{r['rss'][0][2]:.0f} -> {r['rss'][-1][2]:.0f}"
             print(
-                f"| {workers} | {r['shards']} | {r['captions']:,} | {r['curate_s']:.1f} | {rate:,.0f} | {rate * 60:,.0f} | {peaks} |"
+                f"| {workers} | {r['shards']} | {r['captions']:,} | {r['curate_s']:.1f} | {rate:,.0f} | "
+                f"{rate * 60:,.0f} | {peaks} |"
             )
         if len(rows) == 2:
             print(f"\nspeed-up {rows[1][0]} workers vs 1: {rows[1][2] / rows[0][2]:.2f}x")

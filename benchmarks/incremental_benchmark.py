@@ -27,8 +27,14 @@ COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_captions_
 
 
 def settings_for(root: Path, shard_rows: int) -> Settings:
-    return Settings(storage_root=str(root), shard_rows=shard_rows, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 4},
-                    scoring={"clip_model": "tiny", "batch_size": 32, "workers": 0}, selection={"fraction": 0.5})  # fmt: skip
+    return Settings(
+        storage_root=str(root),
+        shard_rows=shard_rows,
+        judge={"model": "tiny"},
+        synthesis={"model": "tiny", "steps": 4},
+        scoring={"clip_model": "tiny", "batch_size": 32, "workers": 0},
+        selection={"fraction": 0.5},
+    )
 
 
 def run(settings: Settings, files: list[Path], instance, driver: AutomationDriver) -> dict:
@@ -68,25 +74,32 @@ def main() -> None:
                 full = run(full_settings, files[:step], fresh, full_driver)
             rows.append((step, step * args.captions_per_step, inc, full))
             print(
-                f"step {step}: incremental {inc['generated']} images in {inc['wall_s']:.1f}s, full {full['generated']} in {full['wall_s']:.1f}s",
+                f"step {step}: incremental {inc['generated']} images in {inc['wall_s']:.1f}s, full "
+                f"{full['generated']} in {full['wall_s']:.1f}s",
                 flush=True,
             )
 
     print(
-        "\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL generation s (incr / full) | wall s (incr / full) |"
+        "\n| step | captions in pool | materializations (incr / full) | images generated (incr / full) | SDXL "
+        "generation s (incr / full) | wall s (incr / full) |"
     )
     print("|---|---|---|---|---|---|")
     totals = {"inc": [0, 0.0, 0.0], "full": [0, 0.0, 0.0]}
     for step, n, inc, full in rows:
-        print(f"| {step} | {n} | {inc['materializations']} / {full['materializations']} | {inc['generated']} / {full['generated']} | "
-              f"{inc['generation_seconds']:.1f} / {full['generation_seconds']:.1f} | {inc['wall_s']:.1f} / {full['wall_s']:.1f} |")  # fmt: skip
+        print(
+            f"| {step} | {n} | {inc['materializations']} / {full['materializations']} | {inc['generated']} / "
+            f"{full['generated']} | "
+            f"{inc['generation_seconds']:.1f} / {full['generation_seconds']:.1f} | {inc['wall_s']:.1f} / "
+            f"{full['wall_s']:.1f} |"
+        )
         for k, r in (("inc", inc), ("full", full)):
             totals[k][0] += r["generated"]
             totals[k][1] += r["generation_seconds"]
             totals[k][2] += r["wall_s"]
     (gi, si, wi), (gf, sf, wf) = totals["inc"], totals["full"]
     print(
-        f"\nover {args.steps} steps: images {gi} vs {gf} ({1 - gi / gf:.0%} saved), SDXL seconds {si:.1f} vs {sf:.1f}, wall {wi:.1f} vs {wf:.1f} s"
+        f"\nover {args.steps} steps: images {gi} vs {gf} ({1 - gi / gf:.0%} saved), SDXL seconds {si:.1f} vs "
+        f"{sf:.1f}, wall {wi:.1f} vs {wf:.1f} s"
     )
 
 

@@ -1,8 +1,8 @@
 """LLM judge throughput: prompts/s and prefill tokens/s of the transformers backend with and without
 the shared-prefix KV cache, side by side in one process, on COCO captions.
 
-    .venv/bin/python benchmarks/judge_benchmark.py                  # GPU: Llama-3-8B's architecture, random weights, bf16
-    .venv/bin/python benchmarks/judge_benchmark.py --preset tiny    # CPU: the tiny Llama
+    .venv/bin/python benchmarks/judge_benchmark.py               # GPU: Llama-3-8B's architecture, random weights, bf16
+    .venv/bin/python benchmarks/judge_benchmark.py --preset tiny # CPU: the tiny Llama
 
 vLLM itself (the default backend on GPUs) has no CPU build and is not installed on the lent test GPU;
 the settings a user should start from are in the README (Caption judge).
@@ -28,9 +28,17 @@ from synthvlm_assets.models.tiny import tiny_llama, tiny_llama_tokenizer, traine
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_captions_val2017.json"
 # Meta-Llama-3-8B-Instruct's architecture (config.json), vocabulary size included.
 LLAMA3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-)  # fmt: skip
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def main() -> None:
@@ -63,8 +71,11 @@ def main() -> None:
         if gpu
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}; {len(prompts)} COCO captions, batch {args.batch}; "
-          f"prompt tokens: prefix {len(prompt.prefix)}, mean {tokens / len(prompts):.1f}")  # fmt: skip
+    print(
+        f"device: {name}; torch {torch.__version__}; preset {args.preset}; {len(prompts)} COCO captions, batch "
+        f"{args.batch}; "
+        f"prompt tokens: prefix {len(prompt.prefix)}, mean {tokens / len(prompts):.1f}"
+    )
 
     rows = {}
     for label, cache in (("without prefix cache", False), ("with shared-prefix KV cache", True)):
@@ -89,7 +100,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, r in rows.items():
         print(
-            f"| {label} | {r['prompts_per_s']:.1f} | {r['prompt_tokens_per_s']:.0f} | {r['peak_gib'] or float('nan'):.1f} |"
+            f"| {label} | {r['prompts_per_s']:.1f} | {r['prompt_tokens_per_s']:.0f} | "
+            f"{r['peak_gib'] or float('nan'):.1f} |"
         )
     ratio = rows["with shared-prefix KV cache"]["prompts_per_s"] / rows["without prefix cache"]["prompts_per_s"]
     print(f"\nprefix cache speed-up: {ratio:.2f}x (tokens/s counts every prompt token, cached or not)")

@@ -78,7 +78,8 @@ def main() -> None:
     captions = [f"A red bus number {i} parked next to a tall building on a sunny day." for i in range(args.images)]
     ssim = SSIMSettings()
     print(
-        "\n| model | reference images/s (fp32, batch 1, scikit-image) | ours images/s | ratio | decode+resize only (workers) | CLIP+SSIM only (device) | max abs diff clip | max abs diff ssim |"
+        "\n| model | reference images/s (fp32, batch 1, scikit-image) | ours images/s | ratio | decode+resize only "
+        "(workers) | CLIP+SSIM only (device) | max abs diff clip | max abs diff ssim |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -106,7 +107,8 @@ def main() -> None:
         d_clip = max(abs(a - o[1]) for a, o in zip(ref_clip, ours))
         d_ssim = max(abs(a - o[2]) for a, o in zip(ref_ssim, ours))
         print(
-            f"| {name} | {slow:.1f} | {fast:.1f} | {fast / slow:.1f}x | {decode_rate:.1f} | {device_rate:.1f} | {d_clip:.1e} | {d_ssim:.1e} |"
+            f"| {name} | {slow:.1f} | {fast:.1f} | {fast / slow:.1f}x | {decode_rate:.1f} | {device_rate:.1f} | "
+            f"{d_clip:.1e} | {d_ssim:.1e} |"
         )
 
 

@@ -46,10 +46,15 @@ def measure(pipe, batch: int, settings: SynthesisSettings, device: str, vae_dtyp
 
     def run(steps: int):
         return pipe(
-            prompt=prompts, negative_prompt=[""] * batch, num_inference_steps=steps, guidance_scale=settings.guidance_scale,
-            height=settings.height, width=settings.width, output_type="latent",
+            prompt=prompts,
+            negative_prompt=[""] * batch,
+            num_inference_steps=steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            output_type="latent",
             generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
-        ).images  # fmt: skip
+        ).images
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -159,7 +164,8 @@ def main() -> None:
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
     print(
-        f"device: {name}; torch {torch.__version__}; preset {args.preset}; {ours.height}x{ours.width}, {ours.steps} steps, guidance {ours.guidance_scale}"
+        f"device: {name}; torch {torch.__version__}; preset {args.preset}; {ours.height}x{ours.width}, {ours.steps} "
+        f"steps, guidance {ours.guidance_scale}"
     )
 
     results = {}
@@ -177,11 +183,13 @@ def main() -> None:
 
     rows = [
         (
-            f"(a) SynthVLM: {'fp16' if half == torch.float16 else 'fp32 (no fast fp16 on this device)'}, batch 1, eager, VAE fp32",
+            f"(a) SynthVLM: {'fp16' if half == torch.float16 else 'fp32 (no fast fp16 on this device)'}, batch 1, "
+            "eager, VAE fp32",
             results["a"],
         ),
         (
-            f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}, fuse_qkv={ours.fuse_qkv}",
+            f"(b) this project: {ours.dtype}, batch {ours.batch_size}, compile={ours.compile and device == 'cuda'}, "
+            f"fuse_qkv={ours.fuse_qkv}",
             results["b"],
         ),
     ]
@@ -207,7 +215,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:
         print(
-            f"| {label} | {r['step_s'] * 1e3:.1f} | {r['text_s'] * 1e3:.1f} | {r['vae_s'] * 1e3:.1f} | {r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r.get('peak_gib', float('nan')):.1f} |"
+            f"| {label} | {r['step_s'] * 1e3:.1f} | {r['text_s'] * 1e3:.1f} | {r['vae_s'] * 1e3:.1f} | "
+            f"{r['s_per_image']:.3f} | {r['images_per_s']:.3f} | {r.get('peak_gib', float('nan')):.1f} |"
         )
     ratio = results["b"]["images_per_s"] / results["a"]["images_per_s"]
     for label, r in rows[2:]:
@@ -219,7 +228,8 @@ def main() -> None:
         for label, r in rows:
             r["unet_tflops"] = tflop / (r["step_s"] * ours.steps / r["batch"])
             print(
-                f"  {label.split(')')[0]}) UNet reaches {r['unet_tflops']:.0f} TFLOP/s = {r['unet_tflops'] / peak:.0%} of it"
+                f"  {label.split(')')[0]}) UNet reaches {r['unet_tflops']:.0f} TFLOP/s = "
+                f"{r['unet_tflops'] / peak:.0%} of it"
             )
     if "validated_s_per_image" in results["b"]:
         print(f"validation: one full call of (b) took {results['b']['validated_s_per_image']:.3f} s/image")

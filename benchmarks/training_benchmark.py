@@ -7,7 +7,7 @@ FlopCounterMode), steady-state peak memory and the two losses of the first step.
 
     .venv/bin/python benchmarks/training_benchmark.py                          # GPU: the LLaVA-1.5-7B shape
     .venv/bin/python benchmarks/training_benchmark.py --micro-batch 16 24 32   # several micro-batches
-    .venv/bin/python benchmarks/training_benchmark.py --paths plain project project-compiled   # + regional torch.compile
+    .venv/bin/python benchmarks/training_benchmark.py --paths plain project project-compiled # + regional torch.compile
     .venv/bin/python benchmarks/training_benchmark.py --preset tiny            # CPU: the tiny preset
 
 Each row is printed as soon as it is measured (a run cut short by a time limit keeps what it measured).
@@ -54,11 +54,30 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
         with torch.device(device):
             torch.set_default_dtype(dtype)
             try:
-                vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                                          patch_size=14, image_size=336, projection_dim=768, attn_implementation="sdpa"))  # fmt: skip
-                llm = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                                                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                                                   attn_implementation="sdpa"))  # fmt: skip
+                vision = CLIPVisionModel(
+                    CLIPVisionConfig(
+                        hidden_size=1024,
+                        intermediate_size=4096,
+                        num_hidden_layers=24,
+                        num_attention_heads=16,
+                        patch_size=14,
+                        image_size=336,
+                        projection_dim=768,
+                        attn_implementation="sdpa",
+                    )
+                )
+                llm = LlamaForCausalLM(
+                    LlamaConfig(
+                        hidden_size=4096,
+                        intermediate_size=11008,
+                        num_hidden_layers=32,
+                        num_attention_heads=32,
+                        num_key_value_heads=32,
+                        vocab_size=32000,
+                        max_position_embeddings=4096,
+                        attn_implementation="sdpa",
+                    )
+                )
             finally:
                 torch.set_default_dtype(torch.float32)
         image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
@@ -129,10 +148,12 @@ def measure(
     multiple = COMPILED_LENGTH_MULTIPLE if path == "project-compiled" else 1  # as stage 1 pads for compiled layers
     batches = [batch(model, processor, micro_batch, seed, varied, multiple) for seed in range(steps + 1)]
 
+    # noqa F821 below: ruff sees the `del model, optimizer, params` further down (frees GPU memory); run is not
+    # called after it.
     def run(b):
         if path == "plain":
-            return plain_step(model, b, optimizer, device, compute)
-        return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0, token_loss_sum)[0]
+            return plain_step(model, b, optimizer, device, compute)  # noqa: F821
+        return optimizer_step(model, [b], params, optimizer, None, None, compute, 1.0, token_loss_sum)[0]  # noqa: F821
 
     with FlopCounterMode(display=False) as counter:  # also the first warm-up step, eager in every path
         first_loss = run(batches[0])
@@ -164,8 +185,17 @@ def measure(
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return {"path": path, "micro_batch": micro_batch, "samples_per_second": micro_batch / dt, "step_seconds": dt,
-            "tflop_per_step": flops / 1e12, "tflops": flops / dt / 1e12, "peak_memory_gib": peak, "first_step_loss": first_loss, "compiled_graphs": graphs}  # fmt: skip
+    return {
+        "path": path,
+        "micro_batch": micro_batch,
+        "samples_per_second": micro_batch / dt,
+        "step_seconds": dt,
+        "tflop_per_step": flops / 1e12,
+        "tflops": flops / dt / 1e12,
+        "peak_memory_gib": peak,
+        "first_step_loss": first_loss,
+        "compiled_graphs": graphs,
+    }
 
 
 def print_profile(path: str, step, rows: int, cuda: bool) -> None:
@@ -180,7 +210,8 @@ def print_profile(path: str, step, rows: int, cuda: bool) -> None:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(
-        f"\nprofile of one {path} step (top {rows} by {key}); dynamo: {dict(counters['stats'])}, graph breaks: {dict(counters['graph_break'])}"
+        f"\nprofile of one {path} step (top {rows} by {key}); dynamo: {dict(counters['stats'])}, graph breaks: "
+        f"{dict(counters['graph_break'])}"
     )
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
@@ -231,7 +262,8 @@ def main() -> None:
             try:
                 r = measure(path, args.preset, mb, steps, device, args.profile, args.varied_captions)
                 print(
-                    f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | {r['tflop_per_step']:.4g} | "
+                    f"| {r['path']} | {r['micro_batch']} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} | "
+                    f"{r['tflop_per_step']:.4g} | "
                     f"{r['tflops']:.4g} | {r['peak_memory_gib']:.1f} | {r['first_step_loss']:.6f} |"
                     + (f" (dynamo graphs: {r['compiled_graphs']})" if r["compiled_graphs"] is not None else ""),
                     flush=True,
