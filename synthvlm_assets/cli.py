@@ -116,7 +116,8 @@ def materialize(
         )
         failures += not result.success
         print(
-            f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})"
+            f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run "
+            f"{result.run_id[:8]})"
         )
     return failures
 
@@ -176,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("caption_id")
     p = sub.add_parser(
         "sql",
-        help="query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, rejected_captions, judged_captions, ...)",
+        help=(
+            "query the tables with DuckDB (views: raw_captions, malformed_captions, curated_captions, "
+            "rejected_captions, judged_captions, ...)"
+        ),
     )
     p.add_argument("query", nargs="?", default=None)
     p = sub.add_parser(
@@ -234,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.synthesis["model"] = "tiny"
     if args.command == "demo" and "model" not in settings.judge:
         print(
-            "demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, meaningless verdicts)"
+            "demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, "
+            "meaningless verdicts)"
         )
         settings.judge["model"] = "tiny"
     if args.command == "demo" and "clip_model" not in settings.scoring:
@@ -259,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             failures += materialize_training(settings, instance)
         print(summary(settings))
         print(
-            f"tables: {settings.resources()['storage'].root().uri()}  |  UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev"
+            f"tables: {settings.resources()['storage'].root().uri()}  |  UI: "
+            f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev"
         )
         return 1 if failures else 0
     return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0

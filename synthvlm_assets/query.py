@@ -36,7 +36,8 @@ def connect(storage: StorageRoot, database: str = ":memory:") -> duckdb.DuckDBPy
     for view, (pattern, schema) in VIEWS.items():
         if storage.fs.glob(storage.path(pattern)):
             con.execute(
-                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{storage.uri(pattern)}', union_by_name=true)"
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{storage.uri(pattern)}', "
+                "union_by_name=true)"
             )
         else:
             con.register(f"_{view}_empty", schema.empty_table())
@@ -44,15 +45,16 @@ def connect(storage: StorageRoot, database: str = ":memory:") -> duckdb.DuckDBPy
     dataset = storage.manifest("synthvlm_100k")
     if dataset is not None:  # the current version of SynthVLM-100K
         con.execute(
-            f"CREATE OR REPLACE VIEW synthvlm_100k AS SELECT * FROM read_parquet('{storage.uri(dataset['prefix'] + '/selection.parquet')}')"
+            "CREATE OR REPLACE VIEW synthvlm_100k AS SELECT * FROM "
+            f"read_parquet('{storage.uri(dataset['prefix'] + '/selection.parquet')}')"
         )
     return con
 
 
 def lineage(storage: StorageRoot, caption_id: str) -> dict:
     """One caption's whole chain: source file and row, raw and normalised text, filter values and
-    verdict, the LLM judge's verdict, every candidate image (seed, model, settings, flag, scores), its rank in SynthVLM-100K,
-    and the Dagster run ids that produced each step."""
+    verdict, the LLM judge's verdict, every candidate image (seed, model, settings, flag, scores), its rank in
+    SynthVLM-100K, and the Dagster run ids that produced each step."""
     con = connect(storage)
 
     def rows(sql: str) -> list[dict]:
@@ -66,14 +68,18 @@ def lineage(storage: StorageRoot, caption_id: str) -> dict:
         )
     shard = raw[0]["shard"]
     curated = rows(
-        "SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM rejected_captions) WHERE caption_id = $id"
+        "SELECT *, reject_reason IS NULL AS kept FROM (SELECT * FROM curated_captions UNION ALL SELECT * FROM "
+        "rejected_captions) WHERE caption_id = $id"
     )
     judged = rows(
-        "SELECT verdict, p_yes, raw_token, judge_model, judge_revision, prompt_version, reject_reason FROM judged_captions WHERE caption_id = $id"
+        "SELECT verdict, p_yes, raw_token, judge_model, judge_revision, prompt_version, reject_reason FROM "
+        "judged_captions WHERE caption_id = $id"
     )
     images = rows(
-        "SELECT m.candidate, m.seed, m.key, m.flag, m.model, m.model_revision, m.settings, s.clip_score, s.ssim, s.score"
-        " FROM sdxl_images m LEFT JOIN image_scores s USING (caption_id, candidate) WHERE m.caption_id = $id ORDER BY m.candidate"
+        "SELECT m.candidate, m.seed, m.key, m.flag, m.model, m.model_revision, m.settings, s.clip_score, s.ssim, "
+        "s.score"
+        " FROM sdxl_images m LEFT JOIN image_scores s USING (caption_id, candidate) WHERE m.caption_id = $id ORDER BY "
+        "m.candidate"
     )
     selected = (
         rows("SELECT rank, candidate, score FROM synthvlm_100k WHERE caption_id = $id")
@@ -116,9 +122,16 @@ def lineage_table(storage: StorageRoot, selection: pa.Table, selection_run_id: s
     con = connect(storage)
     shards = [r[0] for r in con.sql("SELECT DISTINCT shard FROM image_scores").fetchall()]
     runs = pa.table(
-        {"shard": pa.array(shards, pa.string()),
-         **{f"run_{step}": pa.array([(storage.manifest(f"{step}/{s}") or {}).get("run_id") for s in shards], pa.string()) for step in STEPS}}
-    )  # fmt: skip
+        {
+            "shard": pa.array(shards, pa.string()),
+            **{
+                f"run_{step}": pa.array(
+                    [(storage.manifest(f"{step}/{s}") or {}).get("run_id") for s in shards], pa.string()
+                )
+                for step in STEPS
+            },
+        }
+    )
     con.register("step_runs", runs)
     con.register("selection", selection.select(["caption_id", "candidate", "rank"]))
     filters = ", ".join(f"c.{name}" for name in FILTER_NAMES)

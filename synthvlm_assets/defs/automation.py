@@ -129,7 +129,10 @@ def nightly_schedule(job_name: str, partitions_name: str, last_asset: str):
         cron_schedule="0 2 * * *",
         job_name=job_name,
         default_status=DefaultScheduleStatus.STOPPED,
-        description="Nightly: one run of the main job per shard whose chain is not complete (for users who keep automation off).",
+        description=(
+            "Nightly: one run of the main job per shard whose chain is not complete (for users who keep "
+            "automation off)."
+        ),
     )
     def _nightly(context: ScheduleEvaluationContext):
         done = context.instance.get_materialized_partitions(AssetKey(last_asset))

@@ -174,7 +174,9 @@ def build_definitions(settings: Settings) -> Definitions:
     main_job = define_asset_job(
         MAIN_JOB,
         selection=AssetSelection.assets(*per_shard),
-        description="Everything per caption shard: load the raw pool, curate and judge it, synthesize and score its images.",
+        description=(
+            "Everything per caption shard: load the raw pool, curate and judge it, synthesize and score its images."
+        ),
     )
     dataset_job = define_asset_job(
         DATASET_JOB,
@@ -200,12 +202,18 @@ def build_definitions(settings: Settings) -> Definitions:
     training_job = define_asset_job(
         TRAINING_JOB,
         selection=AssetSelection.assets(*training),
-        description="LLaVA-1.5 stage 1 on the current SynthVLM-100K, its Hugging Face export and a sanity evaluation (SPEC §6).",
+        description=(
+            "LLaVA-1.5 stage 1 on the current SynthVLM-100K, its Hugging Face export and a sanity evaluation "
+            "(SPEC §6)."
+        ),
     )
     stage2_job = define_asset_job(
         STAGE2_JOB,
         selection=AssetSelection.assets(*stage2),
-        description="LLaVA-1.5 stage 2 (optional): instruction tuning on your LLaVA-665K-format JSON from the current stage-1 run, and its export.",
+        description=(
+            "LLaVA-1.5 stage 2 (optional): instruction tuning on your LLaVA-665K-format JSON from the current "
+            "stage-1 run, and its export."
+        ),
     )
     return Definitions(
         assets=[*assets, *training, *stage2, llava_benchmark_eval],

@@ -38,11 +38,19 @@ class BenchmarkEvalResource(ConfigurableResource):
     model: str = Field(default="llava_stage2_export", description=(
         "llava_stage2_export or llava_stage1_export (that asset's current export), an export prefix under the storage "
         "root, or a local Hugging Face model folder."))  # fmt: skip
-    datasets_dir: str | None = Field(default=None, description=(
-        "Local copies of the benchmarks' Hugging Face dataset repos, each at <datasets_dir>/<repo id> (e.g. "
-        "lmms-lab-encoder/ScienceQA); the run is then offline. Unset: lmms-eval loads them from the Hub."))  # fmt: skip
-    lmms_eval_python: str | None = Field(default=None, description=(
-        "Python of the environment with the `eval` extra (lmms-eval); default: .venv-eval beside this environment."))  # fmt: skip
+    datasets_dir: str | None = Field(
+        default=None,
+        description=(
+            "Local copies of the benchmarks' Hugging Face dataset repos, each at <datasets_dir>/<repo id> (e.g. "
+            "lmms-lab-encoder/ScienceQA); the run is then offline. Unset: lmms-eval loads them from the Hub."
+        ),
+    )
+    lmms_eval_python: str | None = Field(
+        default=None,
+        description=(
+            "Python of the environment with the `eval` extra (lmms-eval); default: .venv-eval beside this environment."
+        ),
+    )
     device: str = Field(default="auto", description='"cuda", "cuda:N" or "cpu"; "auto": cuda when available.')
     limit: float | None = Field(
         default=None,
@@ -130,10 +138,16 @@ def llava_benchmark_eval(
     with tempfile.TemporaryDirectory(prefix="synthvlm-bench-") as tmp:
         model_dir, export_name, source = fetch_model(root, benchmark_eval.model)
         result = bench.run_benchmark(
-            model_dir, task.key, os.path.join(tmp, "run"), python=benchmark_eval.lmms_eval_python, datasets_dir=benchmark_eval.datasets_dir,
-            device=benchmark_eval.resolved_device(), limit=benchmark_eval.limit, force_simple=benchmark_eval.force_simple,
+            model_dir,
+            task.key,
+            os.path.join(tmp, "run"),
+            python=benchmark_eval.lmms_eval_python,
+            datasets_dir=benchmark_eval.datasets_dir,
+            device=benchmark_eval.resolved_device(),
+            limit=benchmark_eval.limit,
+            force_simple=benchmark_eval.force_simple,
             log=_throttled(context.log.info),
-        )  # fmt: skip
+        )
     key = f"{ASSET}/{export_name}/{task.key}.json"
     stored = {k: v for k, v in result.items() if k != "results_json"}
     root.write_json(

@@ -40,17 +40,32 @@ def pair_filtered_captions(
     out = pair_filter_shard(root, context.partition_key, settings, scorer, context.run.run_id)
     table = out.table
     reasons = pc.value_counts(table.column("reject_reason").drop_null()).to_pylist() if table.num_rows else []
-    metadata = {"enabled": settings.enabled, "captions_in": table.num_rows, "kept": out.kept,
-                "rejected_by": md_table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons])}  # fmt: skip
+    metadata = {
+        "enabled": settings.enabled,
+        "captions_in": table.num_rows,
+        "kept": out.kept,
+        "rejected_by": md_table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons]),
+    }
     if settings.enabled:
         metadata["models"] = (
-            f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= {settings.clip_cosine_min})"
+            f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= "
+            f"{settings.clip_cosine_min})"
         )
         metadata["score_histograms"] = histograms(
-            [("itm_probability", [v for v in table.column("itm_probability").to_pylist() if v is not None], [settings.itm_probability_min]),
-             ("clip_cosine", [v for v in table.column("clip_cosine").to_pylist() if v is not None], [settings.clip_cosine_min])],
+            [
+                (
+                    "itm_probability",
+                    [v for v in table.column("itm_probability").to_pylist() if v is not None],
+                    [settings.itm_probability_min],
+                ),
+                (
+                    "clip_cosine",
+                    [v for v in table.column("clip_cosine").to_pylist() if v is not None],
+                    [settings.clip_cosine_min],
+                ),
+            ],
             f"{context.partition_key} (dashed: thresholds)",
-        )  # fmt: skip
+        )
         metadata["rejected_sample"] = md_table(
             ["caption_id", "reason", "detail", "caption"],
             sample_rows(

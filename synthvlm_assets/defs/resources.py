@@ -296,7 +296,9 @@ class TrainingResource(ConfigurableResource):
     gradient_checkpointing: bool = False
     compile: bool | None = Field(
         default=None,
-        description="Stage 1: regional torch.compile of the vision and decoder layers (execution only); default: on CUDA.",
+        description=(
+            "Stage 1: regional torch.compile of the vision and decoder layers (execution only); default: on CUDA."
+        ),
     )
     num_workers: int | None = Field(default=None, description="Image-decoding processes per training process.")
     processes: int | None = Field(
@@ -305,7 +307,8 @@ class TrainingResource(ConfigurableResource):
     export_dtype: str | None = Field(
         default=None, description='"bf16" (default) or "fp32" (the tiny preset\'s default).'
     )
-    # Stage 2 (optional): instruction tuning on a LLaVA-665K-format JSON; unset fields take LLaVA-1.5's finetune values.
+    # Stage 2 (optional): instruction tuning on a LLaVA-665K-format JSON; unset fields take LLaVA-1.5's finetune
+    # values.
     instruct_json: str | None = Field(
         default=None, description="Stage 2's LLaVA-665K-format JSON (local path or s3:// URI)."
     )
@@ -357,10 +360,19 @@ class TrainingResource(ConfigurableResource):
     def stage2_settings(self):
         from synthvlm_assets.training.stage2 import Stage2Settings
 
-        own = {"global_batch": self.stage2_global_batch, "micro_batch": self.stage2_micro_batch, "lr": self.stage2_lr,
-               "epochs": self.stage2_epochs, "gradient_checkpointing": self.stage2_gradient_checkpointing,
-               "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay, "max_length": self.max_length,
-               "dtype": self.dtype, "checkpoint_every": self.checkpoint_every, "num_workers": self.num_workers}  # fmt: skip
+        own = {
+            "global_batch": self.stage2_global_batch,
+            "micro_batch": self.stage2_micro_batch,
+            "lr": self.stage2_lr,
+            "epochs": self.stage2_epochs,
+            "gradient_checkpointing": self.stage2_gradient_checkpointing,
+            "warmup_ratio": self.warmup_ratio,
+            "weight_decay": self.weight_decay,
+            "max_length": self.max_length,
+            "dtype": self.dtype,
+            "checkpoint_every": self.checkpoint_every,
+            "num_workers": self.num_workers,
+        }
         given = {k: v for k, v in own.items() if v is not None}
         from synthvlm_assets.storage import local_or_absolute
 

@@ -121,8 +121,14 @@ def synthvlm_100k(
         raise RuntimeError(f"no scored shard passed its checks under {root.uri(SCORES)} (excluded: {excluded[:10]})")
     selected, n_captions = select(scores, settings)
     tiny = any("tiny" in str(v) for v in set(scores.column("clip_model").to_pylist()))
-    info = {"settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction}, "captions_scored": n_captions,
-            "shards": len(passed), "excluded_shards": excluded, "tiny": tiny, "run_id": context.run.run_id}  # fmt: skip
+    info = {
+        "settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction},
+        "captions_scored": n_captions,
+        "shards": len(passed),
+        "excluded_shards": excluded,
+        "tiny": tiny,
+        "run_id": context.run.run_id,
+    }
     lineage = lineage_table(root, selected, context.run.run_id)
     manifest, rows = publish_dataset(root, selected, lambda sel: dataset_card(sel, scores, info), info, lineage)
     base = manifest["prefix"]
@@ -136,8 +142,10 @@ def synthvlm_100k(
     expected = min(settings.k, n_captions) if settings.k is not None else int(settings.fraction * n_captions)
     threshold = rows[-1]["score"] if rows else None
     sheet_rows = rows[:8] + rows[-8:] if len(rows) > 16 else rows
-    means = [["selected (this run)", *(pc.mean(selected.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
-             ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))]]  # fmt: skip
+    means = [
+        ["selected (this run)", *(pc.mean(selected.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
+        ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
+    ]
     means += [[name, c, s, w if w is not None else "-"] for name, (c, s, w) in PAPER_TABLE_4.items()]
     return MaterializeResult(
         data_version=DataVersion(

@@ -115,12 +115,18 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
         image = training.k8s_image or os.environ.get("DAGSTER_CURRENT_IMAGE")
         if not image:
             raise ValueError(
-                "training.launcher is 'k8s' but no image: set training.k8s_image (or run where DAGSTER_CURRENT_IMAGE is set)"
+                "training.launcher is 'k8s' but no image: set training.k8s_image (or run where DAGSTER_CURRENT_IMAGE "
+                "is set)"
             )
         command = training_command("python", processes, ["--config-json", cfg])
         context.log.info(f"training in a pod of {image} with {processes} GPU process(es)")
-        invocation = PipesK8sClient().run(context=context, image=image, command=command, namespace=training.k8s_namespace,
-                                          base_pod_spec=training_pod_spec(processes, training.k8s_pod_spec))  # fmt: skip
+        invocation = PipesK8sClient().run(
+            context=context,
+            image=image,
+            command=command,
+            namespace=training.k8s_namespace,
+            base_pod_spec=training_pod_spec(processes, training.k8s_pod_spec),
+        )
         reported = invocation.get_materialize_result()
     else:
         with tempfile.TemporaryDirectory(prefix="synthvlm-train-") as tmp:
@@ -174,8 +180,14 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
     """The two training runs as assets. `step_tags`: GPU_TAGS when the training runs in the step (its
     pod on Kubernetes asks for the GPU); none when it runs in a GPU pod of its own (launcher "k8s")."""
 
-    @asset(deps=[synthvlm_100k], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training", op_tags=step_tags,
-           check_specs=_loss_checks(CHECKPOINT))  # fmt: skip
+    @asset(
+        deps=[synthvlm_100k],
+        code_version="1",
+        kinds={"pytorch", "safetensors"},
+        group_name="training",
+        op_tags=step_tags,
+        check_specs=_loss_checks(CHECKPOINT),
+    )
     def llava_stage1_checkpoint(
         context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
     ) -> MaterializeResult:
@@ -187,13 +199,21 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
         root.write_json(f"{STAGE1}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
             k: summary[k] for k in ("model", "recipe", "dataset_version", "steps", "samples", "tiny")}})  # fmt: skip
         label = TINY_LABEL if summary["tiny"] else ""
-        return _training_result(reported, summary["losses"], f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}", {
-            "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
-            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items()]
-                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]]),
-            "projector": MetadataValue.path(root.uri(f"{run_prefix}/{PROJECTOR}")),
-            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
-        })  # fmt: skip
+        return _training_result(
+            reported,
+            summary["losses"],
+            f"stage 1 on SynthVLM ({summary['dataset_records']} records){label}",
+            {
+                "model": md_table(["part", "value"], [[k, v] for k, v in summary["model"].items()]),
+                "recipe": md_table(
+                    ["setting", "value"],
+                    [[k, v] for k, v in summary["recipe"].items()]
+                    + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]]],
+                ),
+                "projector": MetadataValue.path(root.uri(f"{run_prefix}/{PROJECTOR}")),
+                "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+            },
+        )
 
     @asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
            op_tags=step_tags, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
@@ -208,17 +228,38 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
         reported, run_prefix, summary = _launch(
             context, storage, training, training.stage2_settings(), stage1["run_prefix"]
         )
-        root.write_json(f"{STAGE2}/_manifest.json", {"run_prefix": run_prefix, "run_id": context.run.run_id, **{
-            k: summary[k] for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")}})  # fmt: skip
+        root.write_json(
+            f"{STAGE2}/_manifest.json",
+            {
+                "run_prefix": run_prefix,
+                "run_id": context.run.run_id,
+                **{
+                    k: summary[k]
+                    for k in ("model", "recipe", "data", "data_version", "stage1_run_prefix", "steps", "tiny")
+                },
+            },
+        )
         label = TINY_LABEL if summary["tiny"] else ""
-        return _training_result(reported, summary["losses"], f"stage 2 on {summary['records']} conversations{label}", {
-            "recipe": md_table(["setting", "value"], [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
-                               + [["micro_batch", summary["micro_batch"]], ["accumulation", summary["accumulation"]], ["fsdp", summary["fsdp"]]]),
-            "instruct_json": MetadataValue.path(summary["data"]),
-            "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
-            "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),
-            "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
-        })  # fmt: skip
+        return _training_result(
+            reported,
+            summary["losses"],
+            f"stage 2 on {summary['records']} conversations{label}",
+            {
+                "recipe": md_table(
+                    ["setting", "value"],
+                    [[k, v] for k, v in summary["recipe"].items() if k != "image_folder"]
+                    + [
+                        ["micro_batch", summary["micro_batch"]],
+                        ["accumulation", summary["accumulation"]],
+                        ["fsdp", summary["fsdp"]],
+                    ],
+                ),
+                "instruct_json": MetadataValue.path(summary["data"]),
+                "stage1_run": MetadataValue.path(root.uri(summary["stage1_run_prefix"])),
+                "trained_weights": MetadataValue.path(root.uri(f"{run_prefix}/{TRAINABLE}")),
+                "preset": "tiny" + TINY_LABEL if summary["tiny"] else "pretrained weights",
+            },
+        )
 
     return llava_stage1_checkpoint, llava_stage2_checkpoint
 

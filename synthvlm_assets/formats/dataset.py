@@ -108,8 +108,10 @@ def dataset_card(selected: pa.Table, all_scores: pa.Table, info: dict) -> str:
     lines += [
         "| set | CLIPScore | SSIM | score |",
         "|---|---|---|---|",
-        f"| selected (this run) | {mean(selected, 'clip_score'):.3f} | {mean(selected, 'ssim'):.3f} | {mean(selected, 'score'):.3f} |",
-        f"| all candidates (this run) | {mean(all_scores, 'clip_score'):.3f} | {mean(all_scores, 'ssim'):.3f} | {mean(all_scores, 'score'):.3f} |",
+        f"| selected (this run) | {mean(selected, 'clip_score'):.3f} | {mean(selected, 'ssim'):.3f} | "
+        f"{mean(selected, 'score'):.3f} |",
+        f"| all candidates (this run) | {mean(all_scores, 'clip_score'):.3f} | {mean(all_scores, 'ssim'):.3f} | "
+        f"{mean(all_scores, 'score'):.3f} |",
     ]
     for name, (c, s, w) in PAPER_TABLE_4.items():
         lines.append(f"| {name} | {c:.2f} | {s:.2f} | {'-' if w is None else f'{w:.2f}'} |")
@@ -117,10 +119,12 @@ def dataset_card(selected: pa.Table, all_scores: pa.Table, info: dict) -> str:
         "",
         "## Files",
         "- `synthvlm_100k.json`: LLaVA pretraining format; `images/` (at most 10,000 per folder)",
-        "- `wds/shard-*.tar`: WebDataset (`.jpg`, `.txt`, `.json`); `hf/train-*.parquet`: `datasets.load_dataset('parquet', ...)`",
+        "- `wds/shard-*.tar`: WebDataset (`.jpg`, `.txt`, `.json`); `hf/train-*.parquet`: "
+        "`datasets.load_dataset('parquet', ...)`",
         "- `selection.parquet`: the selected rows with rank, scores, shard and image key",
         "- [`lineage.parquet`](lineage.parquet): per-image provenance of every candidate (source file and row, raw and"
-        " normalised caption, rule-filter values, judge verdict and p_yes with the prompt version, seed, generator model,"
+        " normalised caption, rule-filter values, judge verdict and p_yes with the prompt version, seed, generator "
+        "model,"
         " revision and settings hash, clip_score, ssim, score, rank, and the Dagster run id of every step);"
         " `duckdb -c \"SELECT * FROM 'lineage.parquet' WHERE rank = 1\"`",
         "",

@@ -83,15 +83,27 @@ HF_FEATURES = {
 def hf_parquet(samples: Iterable[tuple[dict, bytes]]) -> bytes:
     """Parquet with the `huggingface` schema metadata, so `datasets` decodes `image` as an Image."""
     rows = [
-        {"image": {"bytes": jpeg, "path": sample_name(r["caption_id"]) + ".jpg"}, "text": r["caption"], "caption_id": r["caption_id"],
-         "clip_score": r["clip_score"], "ssim": r["ssim"], "score": r["score"]}
+        {
+            "image": {"bytes": jpeg, "path": sample_name(r["caption_id"]) + ".jpg"},
+            "text": r["caption"],
+            "caption_id": r["caption_id"],
+            "clip_score": r["clip_score"],
+            "ssim": r["ssim"],
+            "score": r["score"],
+        }
         for r, jpeg in samples
-    ]  # fmt: skip
+    ]
     schema = pa.schema(
-        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string()), ("caption_id", pa.string()),
-         ("clip_score", pa.float64()), ("ssim", pa.float64()), ("score", pa.float64())],
+        [
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("text", pa.string()),
+            ("caption_id", pa.string()),
+            ("clip_score", pa.float64()),
+            ("ssim", pa.float64()),
+            ("score", pa.float64()),
+        ],
         metadata={"huggingface": json.dumps({"info": {"features": HF_FEATURES}})},
-    )  # fmt: skip
+    )
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
     return buf.getvalue()

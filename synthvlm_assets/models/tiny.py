@@ -128,10 +128,20 @@ def tiny_llama(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.5,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -157,12 +167,29 @@ def tiny_blip_itm(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = tiny_bert_tokenizer()
     config = BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         encoder_hidden_size=32, bos_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id,
-                         sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id),
-        vision_config=dict(hidden_size=32, image_size=TINY_PAIR_IMAGE_SIZE, patch_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-        projection_dim=16, image_text_hidden_size=16,
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            bos_token_id=tokenizer.cls_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            image_size=TINY_PAIR_IMAGE_SIZE,
+            patch_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+        projection_dim=16,
+        image_text_hidden_size=16,
+    )
     size = {"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE}
     return BlipForImageTextRetrieval(config).eval(), BlipProcessor(
         image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer
@@ -177,11 +204,27 @@ def tiny_hf_clip(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, image_size=TINY_PAIR_IMAGE_SIZE, patch_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            image_size=TINY_PAIR_IMAGE_SIZE,
+            patch_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": TINY_PAIR_IMAGE_SIZE},
         crop_size={"height": TINY_PAIR_IMAGE_SIZE, "width": TINY_PAIR_IMAGE_SIZE},

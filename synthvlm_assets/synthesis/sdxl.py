@@ -102,9 +102,16 @@ class SDXLGenerator:
             if settings.refiner_model == TINY:
                 raise ValueError("the tiny preset has no refiner")
             refiner = _load(
-                StableDiffusionXLImg2ImgPipeline, "synthesis.refiner_model", settings.refiner_model, settings.refiner_revision,
-                dtype, cache_dir, s3_endpoint_url, text_encoder_2=base.text_encoder_2, vae=base.vae,
-            )  # fmt: skip
+                StableDiffusionXLImg2ImgPipeline,
+                "synthesis.refiner_model",
+                settings.refiner_model,
+                settings.refiner_revision,
+                dtype,
+                cache_dir,
+                s3_endpoint_url,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+            )
         return cls(settings, base, refiner)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Generated]:

@@ -220,13 +220,22 @@ def synthesize_shard(
         jpeg = sample.jpeg
         rows.append(
             {
-                "caption_id": w.caption_id, "candidate": w.candidate, "caption": w.caption, "seed": w.seed, "key": w.key,
-                "width": settings.width if jpeg else None, "height": settings.height if jpeg else None,
-                "bytes": len(jpeg) if jpeg else None, "sha256": hashlib.sha256(jpeg).hexdigest() if jpeg else None,
-                "flag": sample.meta.get("flag"), "model": settings.model, "model_revision": model_revision or settings.revision,
-                "refiner_model": settings.refiner_model, "settings": settings_json,
+                "caption_id": w.caption_id,
+                "candidate": w.candidate,
+                "caption": w.caption,
+                "seed": w.seed,
+                "key": w.key,
+                "width": settings.width if jpeg else None,
+                "height": settings.height if jpeg else None,
+                "bytes": len(jpeg) if jpeg else None,
+                "sha256": hashlib.sha256(jpeg).hexdigest() if jpeg else None,
+                "flag": sample.meta.get("flag"),
+                "model": settings.model,
+                "model_revision": model_revision or settings.revision,
+                "refiner_model": settings.refiner_model,
+                "settings": settings_json,
             }
-        )  # fmt: skip
+        )
         samples.append((w.key, sample))
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 

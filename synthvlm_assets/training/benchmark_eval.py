@@ -33,7 +33,8 @@ INSTALL_HINT = (
     f"install the `{EXTRA}` extra (lmms-eval=={LMMS_EVAL_VERSION}) into an environment of its own and point "
     "`lmms_eval_python` (SYNTHVLM_LMMS_EVAL_PYTHON) at its python: `bash scripts/setup_eval_env.sh` builds "
     f".venv-eval over .venv, or `python3.11 -m venv /opt/eval && /opt/eval/bin/pip install '.[{EXTRA}]'` "
-    "(not into Dagster's environment: lmms-eval's latex2sympy2 pins antlr4 4.7.2, which breaks Dagster's selection parser)"
+    "(not into Dagster's environment: lmms-eval's latex2sympy2 pins antlr4 4.7.2, which breaks Dagster's selection "
+    "parser)"
 )
 SUFFIX = "_local"
 NOT_IN_SPEC = "not in SPEC"
@@ -80,31 +81,85 @@ class BenchmarkTask:
 TASKS: dict[str, BenchmarkTask] = {
     t.key: t
     for t in (
-        BenchmarkTask("scienceqa_img", "scienceqa_img", "exact_match", 100.0, "ScienceQA-IMG (test, accuracy %)",
-                      paper=(PaperResult("7B", 70.4, 69.3), PaperResult("13B", 74.9, 74.2))),
-        BenchmarkTask("mmbench_en_dev", "mmbench_en_dev_static", "gpt_eval_score", 1.0, "MMBench-EN dev (accuracy %)",
-                      note="lmms-eval's static answer extraction; its `mmbench_en_dev` matches answers with GPT (OpenAI API)"),
-        BenchmarkTask("mme", "mme", "mme_perception_score", 1.0, "MME perception (score, of 2000)",
-                      note="cognition is in the results JSON too (mme_cognition_score)"),
-        BenchmarkTask("pope", "pope", "pope_f1_score", 100.0, "POPE (F1 %, the three splits pooled)",
-                      note="lmms-eval's `pope` pools adversarial/popular/random; LLaVA-1.5 averages the three F1s"),
+        BenchmarkTask(
+            "scienceqa_img",
+            "scienceqa_img",
+            "exact_match",
+            100.0,
+            "ScienceQA-IMG (test, accuracy %)",
+            paper=(PaperResult("7B", 70.4, 69.3), PaperResult("13B", 74.9, 74.2)),
+        ),
+        BenchmarkTask(
+            "mmbench_en_dev",
+            "mmbench_en_dev_static",
+            "gpt_eval_score",
+            1.0,
+            "MMBench-EN dev (accuracy %)",
+            note="lmms-eval's static answer extraction; its `mmbench_en_dev` matches answers with GPT (OpenAI API)",
+        ),
+        BenchmarkTask(
+            "mme",
+            "mme",
+            "mme_perception_score",
+            1.0,
+            "MME perception (score, of 2000)",
+            note="cognition is in the results JSON too (mme_cognition_score)",
+        ),
+        BenchmarkTask(
+            "pope",
+            "pope",
+            "pope_f1_score",
+            100.0,
+            "POPE (F1 %, the three splits pooled)",
+            note="lmms-eval's `pope` pools adversarial/popular/random; LLaVA-1.5 averages the three F1s",
+        ),
         BenchmarkTask("gqa", "gqa", "exact_match", 100.0, "GQA (testdev-balanced, accuracy %)"),
-        BenchmarkTask("vqav2_val", "vqav2_val", "exact_match", 100.0, "VQAv2 (val, VQA accuracy %)",
-                      note="val split; LLaVA-1.5 reports test-dev (EvalAI server)"),
-        BenchmarkTask("vizwiz_vqa_val", "vizwiz_vqa_val", "exact_match", 100.0, "VizWiz (val, VQA accuracy %)",
-                      note="val split; LLaVA-1.5 reports test-dev (EvalAI server)"),
+        BenchmarkTask(
+            "vqav2_val",
+            "vqav2_val",
+            "exact_match",
+            100.0,
+            "VQAv2 (val, VQA accuracy %)",
+            note="val split; LLaVA-1.5 reports test-dev (EvalAI server)",
+        ),
+        BenchmarkTask(
+            "vizwiz_vqa_val",
+            "vizwiz_vqa_val",
+            "exact_match",
+            100.0,
+            "VizWiz (val, VQA accuracy %)",
+            note="val split; LLaVA-1.5 reports test-dev (EvalAI server)",
+        ),
         BenchmarkTask("textvqa_val", "textvqa_val", "exact_match", 100.0, "TextVQA (val, accuracy %)"),
         BenchmarkTask("seedbench", "seedbench", "seed_image", 100.0, "SEED-Bench (image questions, accuracy %)"),
-        BenchmarkTask("mmvet", "mmvet", "gpt_eval_score", 1.0, "MM-Vet (GPT-judged score, of 100)", needs_openai=True,
-                      note="scored by an OpenAI model (OPENAI_API_KEY; MODEL_VERSION, default gpt-4o-2024-11-20; LLaVA-1.5 used GPT-4): not an offline benchmark"),
-        BenchmarkTask("mmlu", "mmlu", "acc", 100.0, "MMLU (57 subjects, 0-shot, accuracy %)",
-                      paper=(PaperResult("7B", 41.2, 36.3), PaperResult("13B", 54.6, 52.4)),
-                      note="text only, multiple choice by likelihood; the paper does not say how it ran MMLU",
-                      unsupported="lmms-eval 0.7.3's llava_hf cannot run text-only tasks with transformers 5: its loglikelihood "
-                                  "iterates doc_to_visual's None, and with an empty image list the processor fails "
-                                  "(IndexError in transformers 5.23's group_images_by_shape); its generate_until has no text-only path"),
+        BenchmarkTask(
+            "mmvet",
+            "mmvet",
+            "gpt_eval_score",
+            1.0,
+            "MM-Vet (GPT-judged score, of 100)",
+            needs_openai=True,
+            note=(
+                "scored by an OpenAI model (OPENAI_API_KEY; MODEL_VERSION, default gpt-4o-2024-11-20; LLaVA-1.5 used "
+                "GPT-4): not an offline benchmark"
+            ),
+        ),
+        BenchmarkTask(
+            "mmlu",
+            "mmlu",
+            "acc",
+            100.0,
+            "MMLU (57 subjects, 0-shot, accuracy %)",
+            paper=(PaperResult("7B", 41.2, 36.3), PaperResult("13B", 54.6, 52.4)),
+            note="text only, multiple choice by likelihood; the paper does not say how it ran MMLU",
+            unsupported=(
+                "lmms-eval 0.7.3's llava_hf cannot run text-only tasks with transformers 5: its loglikelihood "
+                "iterates doc_to_visual's None, and with an empty image list the processor fails "
+                "(IndexError in transformers 5.23's group_images_by_shape); its generate_until has no text-only path"
+            ),
+        ),
     )
-}  # fmt: skip
+}
 RUNNABLE = [key for key, task in TASKS.items() if not task.unsupported]  # the asset's partitions
 
 
@@ -296,9 +351,15 @@ def _write(include_dir: str, name: str, lines: list[str]) -> None:
 
 
 def lmms_eval_command(
-    python: str, model_dir: str, lmms_task: str, output_dir: str, device: str = "cuda", include_path: str | None = None,
-    limit: float | None = None, force_simple: bool = True,
-) -> list[str]:  # fmt: skip
+    python: str,
+    model_dir: str,
+    lmms_task: str,
+    output_dir: str,
+    device: str = "cuda",
+    include_path: str | None = None,
+    limit: float | None = None,
+    force_simple: bool = True,
+) -> list[str]:
     """`python -m lmms_eval --model llava_hf ...` for one task. `device_map` is passed as the device:
     llava_hf's default (an empty string) is refused by transformers 5. `--force_simple` picks llava_hf's
     simple adapter, which prompts with LLaVA-1.5's Vicuna template (the chat adapter needs a chat template in
@@ -306,8 +367,22 @@ def lmms_eval_command(
     if any(c in model_dir for c in ",="):
         raise BenchmarkError(f"model folder {model_dir!r}: lmms-eval's --model_args cannot hold ',' or '='")
     device = "cuda:0" if device == "cuda" else device
-    cmd = [python, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model_dir},device={device},device_map={device}",
-           "--tasks", lmms_task, "--batch_size", "1", "--output_path", output_dir, "--log_samples"]  # fmt: skip
+    cmd = [
+        python,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        f"pretrained={model_dir},device={device},device_map={device}",
+        "--tasks",
+        lmms_task,
+        "--batch_size",
+        "1",
+        "--output_path",
+        output_dir,
+        "--log_samples",
+    ]
     if include_path:
         cmd += ["--include_path", include_path]
     if limit is not None:
@@ -318,8 +393,17 @@ def lmms_eval_command(
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_DATA_ERRORS = ("Couldn't reach", "on the Hub", "DatasetNotFoundError", "Couldn't find any data file", "DataFilesNotFoundError",
-                "EmptyDatasetError", "OfflineModeIsEnabled", "doesn't exist on the Hub", "BuilderConfig")  # fmt: skip
+_DATA_ERRORS = (
+    "Couldn't reach",
+    "on the Hub",
+    "DatasetNotFoundError",
+    "Couldn't find any data file",
+    "DataFilesNotFoundError",
+    "EmptyDatasetError",
+    "OfflineModeIsEnabled",
+    "doesn't exist on the Hub",
+    "BuilderConfig",
+)
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit)\b.*)$")
 
 
@@ -418,7 +502,8 @@ def run_benchmark(
         _raise_failure(task, lmms_task, proc.returncode, seen, datasets_dir)
     if seen.generation_errors:
         raise LmmsEvalFailed(
-            f"lmms-eval's llava_hf failed to generate {len(seen.generation_errors)} time(s) on {task.key} (it scores a failed "
+            f"lmms-eval's llava_hf failed to generate {len(seen.generation_errors)} time(s) on {task.key} (it scores "
+            "a failed "
             f"generation as an empty answer, so the number would be wrong): {seen.generation_errors[0]}"
         )
     with open(results_path) as f:
@@ -428,20 +513,33 @@ def run_benchmark(
         raise LmmsEvalFailed(f"lmms-eval reported no {task.metric!r} for {lmms_task} (metrics: {sorted(metrics)})")
     samples = doc.get("n-samples", {}).get(lmms_task, {})
     return {
-        "task": task.key, "lmms_task": lmms_task, "lmms_eval_task": task.lmms_task, "title": task.title, "metrics": metrics,
-        "headline_metric": task.metric, "headline": metrics[task.metric], "score": metrics[task.metric] * task.scale,
-        "samples": samples.get("effective") if samples else None, "limit": limit, "command": cmd,
-        "lmms_eval_version": info.version, "model_size": model_size(model_dir), "local_datasets": datasets_dir,
+        "task": task.key,
+        "lmms_task": lmms_task,
+        "lmms_eval_task": task.lmms_task,
+        "title": task.title,
+        "metrics": metrics,
+        "headline_metric": task.metric,
+        "headline": metrics[task.metric],
+        "score": metrics[task.metric] * task.scale,
+        "samples": samples.get("effective") if samples else None,
+        "limit": limit,
+        "command": cmd,
+        "lmms_eval_version": info.version,
+        "model_size": model_size(model_dir),
+        "local_datasets": datasets_dir,
         "results_json": doc,
-    }  # fmt: skip
+    }
 
 
 def _raise_failure(task: BenchmarkTask, lmms_task: str, returncode: int, seen: RunLog, datasets_dir: str | None):
     # lmms-eval 0.7.3 logs "Error during evaluation: ..." and exits 0 when a run fails.
     reason = "; ".join(dict.fromkeys(seen.exceptions[-3:] + seen.evaluation_errors[-1:])) or "\n".join(seen.tail[-10:])
     if any(pattern in reason for pattern in _DATA_ERRORS):
-        hint = (f"the local copy under {datasets_dir} does not load" if datasets_dir else
-                "set `datasets_dir` to local copies of the tasks' Hugging Face dataset repos (README: Benchmarks)")  # fmt: skip
+        hint = (
+            f"the local copy under {datasets_dir} does not load"
+            if datasets_dir
+            else "set `datasets_dir` to local copies of the tasks' Hugging Face dataset repos (README: Benchmarks)"
+        )
         raise DatasetNotAvailable(f"lmms-eval could not load the data of {task.key} ({lmms_task}): {reason}; {hint}")
     raise LmmsEvalFailed(f"lmms-eval gave no results for {task.key} ({lmms_task}, exit code {returncode}): {reason}")
 
@@ -453,5 +551,12 @@ def comparison_rows(result: dict) -> list[list]:
     ours = result["score"]
     if not task.paper:
         return [[task.title, ours, NOT_IN_SPEC, NOT_IN_SPEC]]
-    return [[f"{task.title}, {p.size}" + (" (our size)" if p.size == result.get("model_size") else ""), ours, p.synthvlm, p.llava15]
-            for p in task.paper]  # fmt: skip
+    return [
+        [
+            f"{task.title}, {p.size}" + (" (our size)" if p.size == result.get("model_size") else ""),
+            ours,
+            p.synthvlm,
+            p.llava15,
+        ]
+        for p in task.paper
+    ]

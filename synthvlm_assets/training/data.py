@@ -49,7 +49,8 @@ class LlavaJsonDataset:
         for i, r in enumerate(records):
             if not (isinstance(r, dict) and "image" in r and len(r.get("conversations") or []) >= 2):
                 raise DatasetError(
-                    f"{storage.uri(json_key)}: record {i} is not a LLaVA record with an image and two turns: {str(r)[:200]}"
+                    f"{storage.uri(json_key)}: record {i} is not a LLaVA record with an image and two turns: "
+                    f"{str(r)[:200]}"
                 )
         if split != "all":
             keep = split == "heldout"

@@ -75,7 +75,8 @@ def evaluate(model, processor, storage: StorageRoot, settings: EvalSettings, dev
     dataset, manifest = synthvlm_dataset(storage, "heldout", settings.holdout_fraction)
     if len(dataset) < 2:
         raise RuntimeError(
-            f"only {len(dataset)} held-out records in {storage.uri(manifest['prefix'])} at holdout_fraction={settings.holdout_fraction}: "
+            f"only {len(dataset)} held-out records in {storage.uri(manifest['prefix'])} at "
+            f"holdout_fraction={settings.holdout_fraction}: "
             "raise it (the training run must use the same value)"
         )
     items = [dataset[i] for i in range(min(len(dataset), settings.max_records))]

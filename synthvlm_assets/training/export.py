@@ -50,7 +50,8 @@ def export_model(
     unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(
-            f"{storage.uri(run_prefix)}: {len(unexpected)} trained weights the model does not have, e.g. {unexpected[:3]}"
+            f"{storage.uri(run_prefix)}: {len(unexpected)} trained weights the model does not have, e.g. "
+            f"{unexpected[:3]}"
         )
     model.to(dtype)
     storage.delete(f"{dest_prefix}/{COMPLETE}")
@@ -65,8 +66,13 @@ def export_model(
                 rel = os.path.relpath(local, tmp).replace(os.sep, "/")
                 storage.put_file(local, f"{dest_prefix}/{rel}")
                 files[rel] = os.path.getsize(local)
-    manifest = {"run_prefix": run_prefix, "model": model_settings.describe(), "files": files, "dtype": str(dtype).removeprefix("torch."),
-                **(info or {})}  # fmt: skip
+    manifest = {
+        "run_prefix": run_prefix,
+        "model": model_settings.describe(),
+        "files": files,
+        "dtype": str(dtype).removeprefix("torch."),
+        **(info or {}),
+    }
     storage.write_bytes(f"{dest_prefix}/{COMPLETE}", json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
 

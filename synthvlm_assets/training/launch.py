@@ -24,8 +24,16 @@ def config_json(
 ) -> str:  # fmt: skip
     """The launch's configuration: stage 1, or stage 2 (which starts from a stage-1 run)."""
     stage = "stage2" if isinstance(settings, Stage2Settings) else "stage1"
-    return json.dumps({"storage_root": storage_root, "s3_endpoint_url": s3_endpoint_url, "model": asdict(model),
-                       stage: asdict(settings), "stage1_run_prefix": stage1_run_prefix, "cache_dir": cache_dir})  # fmt: skip
+    return json.dumps(
+        {
+            "storage_root": storage_root,
+            "s3_endpoint_url": s3_endpoint_url,
+            "model": asdict(model),
+            stage: asdict(settings),
+            "stage1_run_prefix": stage1_run_prefix,
+            "cache_dir": cache_dir,
+        }
+    )
 
 
 def _pipes():

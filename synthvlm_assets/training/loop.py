@@ -293,7 +293,8 @@ def train_loop(
     per_step = d.world * settings.micro_batch
     if settings.global_batch % per_step:
         raise ValueError(
-            f"global_batch={settings.global_batch} is not a multiple of processes ({d.world}) x micro_batch ({settings.micro_batch})"
+            f"global_batch={settings.global_batch} is not a multiple of processes ({d.world}) x micro_batch "
+            f"({settings.micro_batch})"
         )
     accumulation = settings.global_batch // per_step
     steps_per_epoch = math.ceil(len(dataset) / settings.global_batch)
@@ -441,8 +442,17 @@ def first_label_position(labels) -> int:
     return max(first - 1, 0)
 
 
-def _checkpoint(storage: StorageRoot, d: Distributed, run_prefix: str, step: int, trainee: Trainee, optimizer, scheduler,
-                losses: list, keep: int) -> None:  # fmt: skip
+def _checkpoint(
+    storage: StorageRoot,
+    d: Distributed,
+    run_prefix: str,
+    step: int,
+    trainee: Trainee,
+    optimizer,
+    scheduler,
+    losses: list,
+    keep: int,
+) -> None:
     prefix = f"{run_prefix}/checkpoints/step-{step:07d}"
     storage.write_bytes(f"{prefix}/rng-rank{d.rank}.pt", torch_bytes(_rng_state()))
     state = {"scheduler": scheduler.state_dict(), "step": step, "losses": list(losses)}

@@ -38,10 +38,14 @@ class ModelSettings:
 
     def describe(self) -> dict:
         return {
-            "vision_tower": self.vision_tower, "vision_revision": self.vision_revision or (TINY_REVISION if self.tiny else None),
-            "llm": self.llm, "llm_revision": self.llm_revision or (TINY_REVISION if self.tiny else None),
-            "vision_feature_layer": self.vision_feature_layer, "projector": "mlp2x_gelu", "seed": self.seed,
-        }  # fmt: skip
+            "vision_tower": self.vision_tower,
+            "vision_revision": self.vision_revision or (TINY_REVISION if self.tiny else None),
+            "llm": self.llm,
+            "llm_revision": self.llm_revision or (TINY_REVISION if self.tiny else None),
+            "vision_feature_layer": self.vision_feature_layer,
+            "projector": "mlp2x_gelu",
+            "seed": self.seed,
+        }
 
 
 def tiny_vicuna_tokenizer(with_image_token: bool = True):
@@ -93,10 +97,20 @@ def _tiny_parts(seed: int, with_image_token: bool = True):
                          image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=32)
     )  # fmt: skip
     llm = LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                    tie_word_embeddings=False)
-    )  # fmt: skip
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=2048,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            tie_word_embeddings=False,
+        )
+    )
     return vision, clip_image_processor(TINY_IMAGE_SIZE), llm, tokenizer
 
 
@@ -193,7 +207,8 @@ def load_model(settings: ModelSettings, dtype=None, cache_dir: str | None = None
     if settings.tiny:
         if settings.vision_tower != settings.llm:
             raise ModelWeightsError(
-                f"the tiny preset needs vision_tower and llm both {TINY!r} (got {settings.vision_tower!r}, {settings.llm!r})"
+                f"the tiny preset needs vision_tower and llm both {TINY!r} (got {settings.vision_tower!r}, "
+                f"{settings.llm!r})"
             )
         vision, image_processor, llm, tokenizer = _tiny_parts(settings.seed)
     else:

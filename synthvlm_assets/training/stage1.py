@@ -99,13 +99,18 @@ def train_stage1(
 
 
 def _train(
-    storage: StorageRoot, model_settings: ModelSettings, settings: Stage1Settings, report: Callable[[dict], None] | None,
-    cache_dir: str | None, d: Distributed,
-) -> RunResult:  # fmt: skip
+    storage: StorageRoot,
+    model_settings: ModelSettings,
+    settings: Stage1Settings,
+    report: Callable[[dict], None] | None,
+    cache_dir: str | None,
+    d: Distributed,
+) -> RunResult:
     dataset, manifest = synthvlm_dataset(storage, "train", settings.holdout_fraction)
     if len(dataset) == 0:
         raise RuntimeError(
-            f"no training records in {storage.uri(manifest['prefix'])} after holding out {settings.holdout_fraction:.0%}"
+            f"no training records in {storage.uri(manifest['prefix'])} after holding out "
+            f"{settings.holdout_fraction:.0%}"
         )
     run_prefix = f"{ASSET}/{run_name(manifest['version'], model_settings, settings)}"
     finished = finished_run(storage, run_prefix)
@@ -133,13 +138,24 @@ def _train(
     collator = PlainCollator(processor, vision_token_count(model), settings.max_length,
                              pad_to_multiple_of=COMPILED_LENGTH_MULTIPLE if compiled else 1)  # fmt: skip
     trainee = Trainee(
-        model=model, params=params, collator=collator, loss_sum=token_loss_sum, weights_file=PROJECTOR, trainable_state=lambda: projector_state(model),
+        model=model,
+        params=params,
+        collator=collator,
+        loss_sum=token_loss_sum,
+        weights_file=PROJECTOR,
+        trainable_state=lambda: projector_state(model),
         load_trainable_state=projector.load_state_dict,
-    )  # fmt: skip
+    )
     loop = train_loop(storage, d, run_prefix, dataset, trainee, settings, dtype, report)
-    facts = {"dataset_version": manifest["version"], "dataset_records": manifest["records"], "train_records": len(dataset),
-             "model": model_settings.describe(), "recipe": settings.recipe(), "micro_batch": settings.micro_batch,
-             "tiny": model_settings.tiny}  # fmt: skip
+    facts = {
+        "dataset_version": manifest["version"],
+        "dataset_records": manifest["records"],
+        "train_records": len(dataset),
+        "model": model_settings.describe(),
+        "recipe": settings.recipe(),
+        "micro_batch": settings.micro_batch,
+        "tiny": model_settings.tiny,
+    }
     trained = projector_state(model) if loop.steps == loop.total_steps else None
     return finish_run(storage, d, run_prefix, loop, facts, PROJECTOR, trained)
 

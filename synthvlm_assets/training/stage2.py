@@ -5,9 +5,11 @@ lr 2e-5, 1 epoch, warm-up 3%, cosine, weight decay 0, bf16). With several proces
 sharded with FSDP (PyTorch's `fully_shard`: each vision and decoder layer a unit, fp32
 master weights, bf16 compute); the shared loop (`loop.py`) runs it and checkpoints it.
 
-    llava_stage2/<run>/checkpoints/step-0000040/...   loop.py's checkpoint (sharded under FSDP, else trainable.safetensors)
+    llava_stage2/<run>/checkpoints/step-0000040/...   loop.py's checkpoint (sharded under FSDP, else
+                                                      trainable.safetensors)
     llava_stage2/<run>/metrics/step-0000040.json      one row per optimizer step
-    llava_stage2/<run>/trainable.safetensors          the trained projector + LLM (LlavaForConditionalGeneration names, fp32)
+    llava_stage2/<run>/trainable.safetensors          the trained projector + LLM (LlavaForConditionalGeneration
+                                                      names, fp32)
     llava_stage2/<run>/_result.json                   written last: the run is complete
 """
 
@@ -208,7 +210,8 @@ def _fits_one_device(model, d: Distributed) -> None:
     have = torch.cuda.get_device_properties(d.device).total_memory
     if need > have:
         raise RuntimeError(
-            f"stage 2 without sharding needs about {need / 2**30:.0f} GiB per GPU for weights, gradients and Adam's state "
+            f"stage 2 without sharding needs about {need / 2**30:.0f} GiB per GPU for weights, gradients and Adam's "
+            "state "
             f"before activations; this GPU has {have / 2**30:.0f} GiB: run it on several GPUs (processes > 1, fsdp on)"
         )
 

@@ -124,9 +124,17 @@ class VLLMJudge:
     name = "vllm"
 
     def __init__(
-        self, model: str, revision: str | None, tokenizer, tensor_parallel_size: int = 1, quantization: str | None = None,
-        forced_choice: bool = False, top_logprobs: int = 20, max_model_len: int = 1024, gpu_memory_utilization: float = 0.9,
-    ) -> None:  # fmt: skip
+        self,
+        model: str,
+        revision: str | None,
+        tokenizer,
+        tensor_parallel_size: int = 1,
+        quantization: str | None = None,
+        forced_choice: bool = False,
+        top_logprobs: int = 20,
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
         try:
             from vllm import LLM
         except ImportError as exc:

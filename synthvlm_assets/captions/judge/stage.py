@@ -150,9 +150,14 @@ def load_judge(settings: JudgeSettings, cache_dir: str | None = None, s3_endpoin
         backend: JudgeBackend = TransformersJudge(model, tokenizer, settings.forced_choice)
     elif kind == "vllm":
         backend = VLLMJudge(
-            source, settings.revision, tokenizer, settings.tensor_parallel_size, settings.quantization, settings.forced_choice,
+            source,
+            settings.revision,
+            tokenizer,
+            settings.tensor_parallel_size,
+            settings.quantization,
+            settings.forced_choice,
             max_model_len=settings.max_model_len,
-        )  # fmt: skip
+        )
     elif kind == "http":
         if not settings.endpoint_url:
             raise ValueError("judge.backend='http' needs judge.endpoint_url (e.g. http://127.0.0.1:8000)")
