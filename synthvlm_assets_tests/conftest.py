@@ -149,7 +149,8 @@ class PostgreSQL:
                 pwd.getpwnam("postgres")
             except KeyError:
                 raise RuntimeError(
-                    "running as root, and there is no `postgres` user to run PostgreSQL as (install Debian's postgresql package)"
+                    "running as root, and there is no `postgres` user to run PostgreSQL as (install Debian's "
+                    "postgresql package)"
                 )
             if runuser is None:
                 raise RuntimeError(

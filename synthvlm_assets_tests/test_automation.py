@@ -29,8 +29,14 @@ PER_SHARD = [
 
 
 def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
-    base = dict(storage_root=str(tmp_path / "root"), shard_rows=20, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2},
-                scoring={"clip_model": "tiny", "batch_size": 16, "workers": 0}, selection={"k": 10})  # fmt: skip
+    base = dict(
+        storage_root=str(tmp_path / "root"),
+        shard_rows=20,
+        judge={"model": "tiny"},
+        synthesis={"model": "tiny", "steps": 2},
+        scoring={"clip_model": "tiny", "batch_size": 16, "workers": 0},
+        selection={"k": 10},
+    )
     settings = Settings(**base)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     captions_jsonl(coco_path, a, 0, 40)
@@ -50,8 +56,12 @@ def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):
         root = settings.resources()["storage"].root()
 
         def kept_ids() -> set[str]:
-            return {cid for k in instance.get_dynamic_partitions("caption_shards") if root.manifest(f"judged_captions/{k}")
-                    for cid in root.read_partition(f"judged_captions/{k}", "kept").column("caption_id").to_pylist()}  # fmt: skip
+            return {
+                cid
+                for k in instance.get_dynamic_partitions("caption_shards")
+                if root.manifest(f"judged_captions/{k}")
+                for cid in root.read_partition(f"judged_captions/{k}", "kept").column("caption_id").to_pylist()
+            }
 
         kept = lambda: len(kept_ids())  # noqa: E731
         assert generated == kept() > 0

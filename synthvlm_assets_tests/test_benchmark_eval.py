@@ -31,22 +31,34 @@ needs_lmms_eval = pytest.mark.skipif(isinstance(_INFO, Exception), reason=f"no l
 
 # lmms-eval 0.7.3's results JSON (the parts we read), as it wrote them for POPE in a real run here.
 POPE_RESULTS = {
-    "results": {"pope_local": {
-        "alias": "pope_local",
-        "pope_accuracy,none": 0.75, "pope_accuracy_stderr,none": "N/A", "pope_accuracy_stderr_clt,none": 0.0,
-        "pope_accuracy_stderr_clustered,none": "N/A",
-        "pope_precision,none": 1, "pope_precision_stderr,none": "N/A", "pope_precision_stderr_clt,none": 0.0,
-        "pope_precision_stderr_clustered,none": "N/A",
-        "pope_recall,none": 0.5, "pope_recall_stderr,none": "N/A", "pope_recall_stderr_clt,none": 0.0,
-        "pope_recall_stderr_clustered,none": "N/A",
-        "pope_f1_score,none": 0.6666666666666666, "pope_f1_score_stderr,none": "N/A", "pope_f1_score_stderr_clt,none": 0.0,
-        "pope_f1_score_stderr_clustered,none": "N/A",
-        "pope_yes_ratio,none": 0.5, "pope_yes_ratio_stderr,none": "N/A", "pope_yes_ratio_stderr_clt,none": 0.0,
-        "pope_yes_ratio_stderr_clustered,none": "N/A",
-    }},
+    "results": {
+        "pope_local": {
+            "alias": "pope_local",
+            "pope_accuracy,none": 0.75,
+            "pope_accuracy_stderr,none": "N/A",
+            "pope_accuracy_stderr_clt,none": 0.0,
+            "pope_accuracy_stderr_clustered,none": "N/A",
+            "pope_precision,none": 1,
+            "pope_precision_stderr,none": "N/A",
+            "pope_precision_stderr_clt,none": 0.0,
+            "pope_precision_stderr_clustered,none": "N/A",
+            "pope_recall,none": 0.5,
+            "pope_recall_stderr,none": "N/A",
+            "pope_recall_stderr_clt,none": 0.0,
+            "pope_recall_stderr_clustered,none": "N/A",
+            "pope_f1_score,none": 0.6666666666666666,
+            "pope_f1_score_stderr,none": "N/A",
+            "pope_f1_score_stderr_clt,none": 0.0,
+            "pope_f1_score_stderr_clustered,none": "N/A",
+            "pope_yes_ratio,none": 0.5,
+            "pope_yes_ratio_stderr,none": "N/A",
+            "pope_yes_ratio_stderr_clt,none": 0.0,
+            "pope_yes_ratio_stderr_clustered,none": "N/A",
+        }
+    },
     "n-samples": {"pope_local": {"original": 4, "effective": 4}},
     "lmms_eval_version": "unknown@unknown",
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------- our side (no lmms-eval needed)
@@ -94,10 +106,26 @@ def test_command():
         "/eval/bin/python", "/m/run-1", "scienceqa_img_local", "/w/output", "cpu", "/w/tasks", limit=8
     )
     assert cmd == [
-        "/eval/bin/python", "-m", "lmms_eval", "--model", "llava_hf", "--model_args", "pretrained=/m/run-1,device=cpu,device_map=cpu",
-        "--tasks", "scienceqa_img_local", "--batch_size", "1", "--output_path", "/w/output", "--log_samples",
-        "--include_path", "/w/tasks", "--limit", "8", "--force_simple",
-    ]  # fmt: skip
+        "/eval/bin/python",
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        "pretrained=/m/run-1,device=cpu,device_map=cpu",
+        "--tasks",
+        "scienceqa_img_local",
+        "--batch_size",
+        "1",
+        "--output_path",
+        "/w/output",
+        "--log_samples",
+        "--include_path",
+        "/w/tasks",
+        "--limit",
+        "8",
+        "--force_simple",
+    ]
     cmd = bench.lmms_eval_command("py", "/m", "mme", "/o", "cuda", force_simple=False)
     assert (
         "pretrained=/m,device=cuda:0,device_map=cuda:0" in cmd
@@ -203,13 +231,37 @@ def scienceqa_copy(datasets_dir, answers: list[int], configs: dict | None = None
 
     repo = datasets_dir / "lmms-lab-encoder" / "ScienceQA"
     (repo / "ScienceQA-IMG").mkdir(parents=True)
-    rows = [dict(image=Image.new("RGB", (48 + 8 * i, 40), (40 * i, 200 - 30 * i, 90)), question=f"Which is option {i}?",
-                 choices=["alpha", "beta", "gamma"], answer=ans, hint="" if i % 2 else "A hint.", task="closed choice", grade="grade3",
-                 subject="natural science", topic="physics", category="c", skill="s", lecture="", solution="")
-            for i, ans in enumerate(answers)]  # fmt: skip
+    rows = [
+        dict(
+            image=Image.new("RGB", (48 + 8 * i, 40), (40 * i, 200 - 30 * i, 90)),
+            question=f"Which is option {i}?",
+            choices=["alpha", "beta", "gamma"],
+            answer=ans,
+            hint="" if i % 2 else "A hint.",
+            task="closed choice",
+            grade="grade3",
+            subject="natural science",
+            topic="physics",
+            category="c",
+            skill="s",
+            lecture="",
+            solution="",
+        )
+        for i, ans in enumerate(answers)
+    ]
     text = datasets.Value("string")
-    features = datasets.Features({"image": datasets.Image(), "question": text, "choices": datasets.List(text), "answer": datasets.Value("int8"),
-                                  **{k: text for k in ("hint", "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")}})  # fmt: skip
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": text,
+            "choices": datasets.List(text),
+            "answer": datasets.Value("int8"),
+            **{
+                k: text
+                for k in ("hint", "task", "grade", "subject", "topic", "category", "skill", "lecture", "solution")
+            },
+        }
+    )
     datasets.Dataset.from_list(rows, features=features).to_parquet(
         str(repo / "ScienceQA-IMG" / "test-00000-of-00001.parquet")
     )
@@ -234,9 +286,10 @@ def gqa_copy(datasets_dir, questions: list[tuple[str, str, str]]) -> None:
         str(repo / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet")
     )
     images = sorted({image_id for image_id, _, _ in questions})
-    datasets.Dataset.from_list([dict(id=i, image=Image.new("RGB", (40, 30 + 10 * k), (200, 20 * k, 0))) for k, i in enumerate(images)],
-                               features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})).to_parquet(
-        str(repo / "testdev_balanced_images" / "testdev-00000-of-00001.parquet"))  # fmt: skip
+    datasets.Dataset.from_list(
+        [dict(id=i, image=Image.new("RGB", (40, 30 + 10 * k), (200, 20 * k, 0))) for k, i in enumerate(images)],
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}),
+    ).to_parquet(str(repo / "testdev_balanced_images" / "testdev-00000-of-00001.parquet"))
     (repo / "README.md").write_text(
         _readme(
             {c: {"testdev": f"{c}/testdev-*"} for c in ("testdev_balanced_images", "testdev_balanced_instructions")}
@@ -279,9 +332,11 @@ def test_llava_hf_prompt_is_stage2_training_prompt(tmp_path):
 
     folder = always_a_model(tmp_path / "model")
     script = (
-        "import sys; from transformers import AutoProcessor; from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE as T\n"
+        "import sys; from transformers import AutoProcessor; from lmms_eval.models.simple.llava_hf import "
+        "VICUNA_CHAT_TEMPLATE as T\n"
         "tok = AutoProcessor.from_pretrained(sys.argv[1]).tokenizer; tok.chat_template = T\n"
-        "print(tok.apply_chat_template([{'role': 'user', 'content': sys.argv[2]}], tokenize=False, add_generation_prompt=True), end='')"
+        "print(tok.apply_chat_template([{'role': 'user', 'content': sys.argv[2]}], tokenize=False, "
+        "add_generation_prompt=True), end='')"
     )
     question = "<image>\nWhat is shown?\nAnswer the question using a single word or phrase."
     out = subprocess.run(
@@ -350,8 +405,15 @@ def test_gqa_local_copy_takes_images_from_the_copy(tmp_path):
             ("img2", "Blue?", "yes"),
         ],
     )
-    result = bench.run_benchmark(model, "gqa", str(tmp_path / "run"), python=EVAL_PYTHON, datasets_dir=str(tmp_path / "data"), device="cpu",
-                                 log=lambda line: None)  # fmt: skip
+    result = bench.run_benchmark(
+        model,
+        "gqa",
+        str(tmp_path / "run"),
+        python=EVAL_PYTHON,
+        datasets_dir=str(tmp_path / "data"),
+        device="cpu",
+        log=lambda line: None,
+    )
     assert result["lmms_task"] == "gqa_local" and result["samples"] == 4
     assert result["metrics"]["exact_match"] == pytest.approx(0.5) and result["score"] == pytest.approx(50.0)
 
@@ -363,8 +425,15 @@ def test_broken_local_copy_fails_clearly(tmp_path):
     scienceqa_copy(tmp_path / "data", [0, 1], configs={"ScienceQA-FULL": {"test": "ScienceQA-IMG/test-*"}})
     lines = []
     with pytest.raises(bench.DatasetNotAvailable, match="ScienceQA-IMG") as err:
-        bench.run_benchmark(model, "scienceqa_img", str(tmp_path / "run"), python=EVAL_PYTHON, datasets_dir=str(tmp_path / "data"), device="cpu",
-                            log=lines.append)  # fmt: skip
+        bench.run_benchmark(
+            model,
+            "scienceqa_img",
+            str(tmp_path / "run"),
+            python=EVAL_PYTHON,
+            datasets_dir=str(tmp_path / "data"),
+            device="cpu",
+            log=lines.append,
+        )
     assert "does not load" in str(err.value) and any("Error during evaluation" in line for line in lines)
 
 

@@ -141,9 +141,13 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     src = tmp_path / "pool.jsonl"
     coco_subset_jsonl(coco_path, src, n=60)
     settings = Settings(
-        storage_root=str(tmp_path / "root"), shard_rows=40, judge={"model": "tiny"}, synthesis={"model": "tiny", "steps": 2},
-        scoring={"clip_model": "tiny", "batch_size": 16}, selection={"k": 20},
-    )  # fmt: skip
+        storage_root=str(tmp_path / "root"),
+        shard_rows=40,
+        judge={"model": "tiny"},
+        synthesis={"model": "tiny", "steps": 2},
+        scoring={"clip_model": "tiny", "batch_size": 16},
+        selection={"k": 20},
+    )
     defs = build_definitions(settings)
     _, shards = settings.resources()["storage"].registry().register_file(str(src), settings.shard_rows)
     with instance_for_test() as instance:

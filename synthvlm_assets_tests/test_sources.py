@@ -148,7 +148,8 @@ def test_malformed_rows_are_kept_with_their_reason(tmp_path):
 def test_csv_hostile_rows(tmp_path):
     path = tmp_path / "pool.csv"
     path.write_bytes(
-        b'\xef\xbb\xbfid,caption\n1,"A caption, with a comma\nand a newline"\n2,too,many,fields\n3,"bad \xff byte"\n4,Fine caption of a cat.\n'
+        b'\xef\xbb\xbfid,caption\n1,"A caption, with a comma\nand a newline"\n2,too,many,fields\n3,"bad \xff '
+        b'byte"\n4,Fine caption of a cat.\n'
     )
     _, captions, malformed = load_all(registry(tmp_path), str(path), shard_rows=2)
     assert captions.column("caption").to_pylist() == [

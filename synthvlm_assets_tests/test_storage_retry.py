@@ -103,8 +103,11 @@ def test_not_found_is_never_transient():
     )
 
 
-@pytest.mark.parametrize("error", [TRANSIENT["SlowDown 503"], TRANSIENT["endpoint unreachable"], TRANSIENT["connection reset"]],
-                         ids=["SlowDown", "unreachable", "reset"])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [TRANSIENT["SlowDown 503"], TRANSIENT["endpoint unreachable"], TRANSIENT["connection reset"]],
+    ids=["SlowDown", "unreachable", "reset"],
+)
 def test_write_retried_then_succeeds(root, sleeps, error):
     flaky = root.fs = FlakyFS(root.fs, {"pipe_file"}, error, failures=2)
     root.write_json("a/b.json", {"x": 1})
@@ -133,8 +136,11 @@ def test_gives_up_after_bounded_attempts_naming_the_object(root, sleeps):
     assert not root.exists("a/b.json")
 
 
-@pytest.mark.parametrize("error", [PERMANENT["AccessDenied 403"], PERMANENT["InvalidArgument 400"], PERMANENT["disk full"]],
-                         ids=["AccessDenied", "InvalidArgument", "disk-full"])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [PERMANENT["AccessDenied 403"], PERMANENT["InvalidArgument 400"], PERMANENT["disk full"]],
+    ids=["AccessDenied", "InvalidArgument", "disk-full"],
+)
 def test_permanent_errors_fail_at_once(root, sleeps, error):
     flaky = root.fs = FlakyFS(root.fs, {"pipe_file"}, error, failures=1)
     with pytest.raises(StorageError, match=f"^cannot write {root.uri('k.json')}: "):

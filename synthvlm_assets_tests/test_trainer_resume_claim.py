@@ -26,7 +26,10 @@ from synthvlm_assets.training.model import (
 )
 from synthvlm_assets_tests.training_toy import publish_toy_dataset
 
-FIXED = "transformers' Trainer now resumes LLaVA's weights: our own loop (synthvlm_assets/training/loop.py) could be replaced by it"
+FIXED = (
+    "transformers' Trainer now resumes LLaVA's weights: our own loop (synthvlm_assets/training/loop.py) could be "
+    "replaced by it"
+)
 
 
 def _projector(model) -> dict:
@@ -74,10 +77,25 @@ def test_trainer_resume_loses_llava_weights(tmp_path):
         settings = ModelSettings.tiny_preset()
         model, processor = load_model(settings)
         freeze_all_but_projector(model)
-        args = TrainingArguments(output_dir=str(tmp_path / tag), per_device_train_batch_size=4, max_steps=4, save_steps=2,
-                                 learning_rate=1e-3, seed=0, report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=Toy(), data_collator=PlainCollator(processor, vision_token_count(model)),
-                          callbacks=[Watch(tag, stop_at)])  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / tag),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            save_steps=2,
+            learning_rate=1e-3,
+            seed=0,
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Toy(),
+            data_collator=PlainCollator(processor, vision_token_count(model)),
+            callbacks=[Watch(tag, stop_at)],
+        )
         with tiny_cpu_threads(settings):
             trainer.train(resume_from_checkpoint=resume)
         return _projector(model)

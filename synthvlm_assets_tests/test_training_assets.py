@@ -60,8 +60,14 @@ def test_training_job_two_processes_through_pipes(tmp_path):
 
         # Stage 2 from that stage-1 run, FSDP over the same 2 processes, on a toy LLaVA-665K.
         instruct = publish_toy_instructions(root, 32)
-        stage2 = Settings(storage_root=root.root_uri, training={**settings.training, "instruct_json": root.uri(instruct),
-                                                                "instruct_image_folder": root.uri("instruct/images")})  # fmt: skip
+        stage2 = Settings(
+            storage_root=root.root_uri,
+            training={
+                **settings.training,
+                "instruct_json": root.uri(instruct),
+                "instruct_image_folder": root.uri("instruct/images"),
+            },
+        )
         result = build_definitions(stage2).resolve_job_def(STAGE2_JOB).execute_in_process(instance=instance)
         assert result.success
         events = {
@@ -109,8 +115,13 @@ def test_launch_takes_its_configuration_inline(tmp_path):
     publish_toy_dataset(root, 40)
     cfg = config_json(root.root_uri, None, ModelSettings.tiny_preset(), Stage1Settings.tiny_preset(), None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES")}
-    done = subprocess.run([sys.executable, "-m", "synthvlm_assets.training.launch", "--config-json", cfg], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "synthvlm_assets.training.launch", "--config-json", cfg],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["step"] == rows[-1]["total_steps"]

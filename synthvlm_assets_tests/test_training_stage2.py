@@ -44,8 +44,12 @@ CONVERSATION = [
 
 
 def _settings(root: StorageRoot, **overrides) -> Stage2Settings:
-    return Stage2Settings.tiny_preset(instruct_json=root.uri("instruct/toy_665k.json"), image_folder=root.uri("instruct/images"),
-                                      lr=1e-3, **overrides)  # fmt: skip
+    return Stage2Settings.tiny_preset(
+        instruct_json=root.uri("instruct/toy_665k.json"),
+        image_folder=root.uri("instruct/images"),
+        lr=1e-3,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +163,12 @@ def test_our_llava_forward_equals_transformers_loss():
     batch = collator([(image, CONVERSATION, "a"), (image.rotate(90), CONVERSATION[:2], "b")])
     module = llava_loss_module(model)
     ours = loss_sum(module, batch)
-    theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                   labels=batch["labels"]).loss  # fmt: skip
+    theirs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["labels"],
+    ).loss
     n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(ours / n_tokens, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours, token_loss_sum(model, batch), rtol=1e-5, atol=1e-5)
@@ -235,8 +243,22 @@ def _torchrun(tmp_path, root: StorageRoot, stage1_run: str, settings: Stage2Sett
     cfg.write_text(json.dumps({"root": root.root_uri, "endpoint": root.s3_endpoint_url, "stage1": stage1_run,
                                "settings": dataclasses.asdict(settings)}))  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(cfg), str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(cfg),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -257,7 +279,8 @@ def test_fsdp_two_processes_equal_one_process_and_resume_bit_exact(stage1_root, 
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(single.loop.losses), rtol=1e-5, atol=1e-6)
-    # Adam hides a constant gradient scale from the weights: the gradient norms show FSDP's reduction is a sum, as here.
+    # Adam hides a constant gradient scale from the weights: the gradient norms show FSDP's reduction is a sum,
+    # as here.
     norms = [
         [roots[n].read_json(f"{single.run_prefix}/metrics/step-{s:07d}.json")["grad_norm"] for s in range(1, 7)]
         for n in ("single", "fsdp")

@@ -73,9 +73,22 @@ def save_tiny_parts(folder: str, captions: list[str], pretrain_steps: int = 150,
     # Saved as a whole CLIP (text tower too), the way openai/clip-vit-large-patch14-336 is published.
     from transformers import CLIPConfig, CLIPModel
 
-    clip = CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                             "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                                vision_config=vision.config.to_dict(), projection_dim=32))  # fmt: skip
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 100,
+                "bos_token_id": 0,
+                "eos_token_id": 1,
+                "pad_token_id": 1,
+            },
+            vision_config=vision.config.to_dict(),
+            projection_dim=32,
+        )
+    )
     clip.vision_model.load_state_dict(vision.state_dict())
     clip.save_pretrained(vision_dir)
     image_processor.save_pretrained(vision_dir)
@@ -93,8 +106,15 @@ def publish_toy_instructions(storage: StorageRoot, n: int = 48, text_only_every:
     for i in range(n):
         colour, shape = pairs[i % len(pairs)]
         if text_only_every and i % text_only_every == text_only_every - 1:
-            records.append({"id": f"text-{i}", "conversations": [
-                {"from": "human", "value": f"Name a {shape}-shaped thing."}, {"from": "gpt", "value": f"A {shape} is a {shape}."}]})  # fmt: skip
+            records.append(
+                {
+                    "id": f"text-{i}",
+                    "conversations": [
+                        {"from": "human", "value": f"Name a {shape}-shaped thing."},
+                        {"from": "gpt", "value": f"A {shape} is a {shape}."},
+                    ],
+                }
+            )
             continue
         image = f"coco/{i:06d}.jpg"
         storage.write_bytes(f"instruct/images/{image}", shape_image(colour, shape, i // len(pairs)))
