@@ -93,8 +93,9 @@ class Deployment:
             "telemetry": {"enabled": False},
         }))  # fmt: skip
         self.workspace = home / "workspace.yaml"
-        self.workspace.write_text(yaml.safe_dump({"load_from": [{"python_module": {
-            "module_name": "synthvlm_assets.definitions", "working_directory": str(REPO), "location_name": "synthvlm_assets"}}]}))  # fmt: skip
+        module = {"module_name": "synthvlm_assets.definitions", "working_directory": str(REPO)}
+        module["location_name"] = "synthvlm_assets"
+        self.workspace.write_text(yaml.safe_dump({"load_from": [{"python_module": module}]}))
         self.env = {
             **os.environ,
             "DAGSTER_HOME": str(home),
@@ -309,10 +310,10 @@ class Flow:
 @pytest.fixture(scope="module")
 def flow(deployment) -> Flow:
     """One production-like pass with nobody clicking: a caption file lands in the inbox; the daemon's
-    file sensor registers it as two shards; the automation sensor requests one run per shard (the whole
-    per-shard chain); while the first sdxl_images step runs, SeaweedFS is stopped (6-20 s, until a step
-    has met the outage) and started again; runs that failed are launched again by hand; the automation sensor then refreshes the
-    selection. Timings print with -s."""
+    file sensor registers it as two shards; the automation sensor submits a backfill (caption_curation over
+    both shards in one run, then the GPU stages one run a shard); while the first sdxl_images step runs,
+    SeaweedFS is stopped (6-20 s, until a step has met the outage) and started again; runs that failed are
+    launched again by hand; the automation sensor then refreshes the selection. Timings print with -s."""
     dep = deployment
     rows = captions(2 * SHARD_ROWS, seed=1)
     dep.put_captions("inbox/pool-a.jsonl", rows)
@@ -474,7 +475,8 @@ def test_object_store_restarted_mid_run(deployment, flow):
     root = dep.settings.resources()["storage"].root()
     assert len(root.list("registry/files")) == 1
     print(
-        f"storage retries logged: {retried}; rode out: {len(rode_out)}; first GPU runs: {[s.value for s in flow.statuses.values()]}"
+        f"storage retries logged: {retried}; rode out: {len(rode_out)}; "
+        f"first GPU runs: {[s.value for s in flow.statuses.values()]}"
     )
 
 
