@@ -399,6 +399,7 @@ def backfill_path(caption_file: Path, parent: Path, name: str, timeout: float) -
             if res["__typename"] != "LaunchBackfillSuccess":
                 raise RuntimeError(f"launchPartitionBackfill: {res}")
             backfill_id = res["backfillId"]
+            os.environ["DAGSTER_HOME"] = str(inst.home)  # the repo's dagster.yaml locates the event log by it
             with DagsterInstance.from_config(str(inst.home)) as instance:
                 status = "REQUESTED"
                 while time.perf_counter() - t0 < timeout:

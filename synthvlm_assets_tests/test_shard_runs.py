@@ -155,3 +155,38 @@ if __name__ == "__main__":
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_embedded_instance_event_log(tmp_path):
+    """The repo's dagster.yaml (the embedded default): its event log keeps Dagster's layout and schema (the
+    instance reads back every materialization) in WAL mode with auto_vacuum (freed pages do not pile up)."""
+    import os
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dagster import DagsterInstance
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SYNTHVLM_STORAGE_ROOT": str(tmp_path / "data")}
+    env["SYNTHVLM_SHARD_ROWS"] = "20"
+    cli = [sys.executable, "-m", "synthvlm_assets.cli"]
+    for args in (["register", *_files(tmp_path, 1, 60)], ["materialize", "--image-shards", "0"]):
+        out = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "curated 3/3 shards in 1 run(s)" in out.stdout
+    for name in ("index.db", *(p.name for p in (home / "history" / "runs").glob("*-*.db"))):
+        db = sqlite3.connect(home / "history" / "runs" / name)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 1
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with DagsterInstance.get() as instance:
+            assert type(instance.event_log_storage).__name__ == "LocalEventLogStorage"
+            assert len(instance.get_materialized_partitions(AssetKey("curated_captions"))) == 3
+    finally:
+        del os.environ["DAGSTER_HOME"]
