@@ -139,7 +139,9 @@ class Stack:
             "SYNTHVLM_WEB_PORT": str(self.web_port), "SYNTHVLM_S3_PORT": str(self.s3_port), **STANDINS,
         }  # fmt: skip
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-        self.env = {"SYNTHVLM_ENV_FILE": str(self.env_file), "COMPOSE_PROJECT_NAME": PROJECT}
+        # Compose gives the calling environment precedence over the env file: the stack's values go in both, or
+        # credentials another test exported (the S3 tests' AWS_ACCESS_KEY_ID) would configure SeaweedFS.
+        self.env = {**values, "SYNTHVLM_ENV_FILE": str(self.env_file), "COMPOSE_PROJECT_NAME": PROJECT}
 
     def compose(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return sh("docker/stack.sh", *args, env=self.env, timeout=timeout)
