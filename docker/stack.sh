@@ -41,7 +41,9 @@ case $cmd in
   up) run up -d "$@" ;;
   build) run --profile build build "$@" ;;
   down)
-    # The daemon's run containers first (they hold the network and the named volumes).
+    # Stop what launches runs (daemon, webserver), then remove the run containers (they hold the network and
+    # the named volumes): removed before the daemon stopped, a run launched meanwhile kept the network alive.
+    run stop daemon webserver > /dev/null 2>&1 || true
     ids=$(docker ps -aq --filter label=synthvlm.stack=synthvlm)
     if [ -n "$ids" ]; then
       # shellcheck disable=SC2086
