@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
+from .test_automation import PER_SHARD
 
 PROJECT = "synthvlmtest"
 STANDINS = {
@@ -39,14 +40,6 @@ STANDINS = {
 CODE_IMAGE, WORKER_IMAGE = "synthvlm-code:0.1.0", "synthvlm-worker:0.1.0"
 MAX_WORKER_BYTES, MAX_CODE_BYTES = 8e9, 1.5e9
 SHARD_ROWS = 12
-PER_SHARD = [
-    "raw_caption_pool",
-    "curated_captions",
-    "pair_filtered_captions",
-    "judged_captions",
-    "sdxl_images",
-    "image_scores",
-]
 FIXED_NAMES = {"network": "synthvlm", "volumes": {"synthvlm-dagster-storage", "synthvlm-cache"}}
 RUN_LABEL = "synthvlm.stack=synthvlm"
 REPORT = REPO / "build" / "container_test_report.json"
