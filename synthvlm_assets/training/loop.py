@@ -81,10 +81,16 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def torch_load(data: bytes):
+def torch_load(data: bytes) -> Any:
+    """Training state saved by `torch_bytes`, unpickled with weights_only=True: the storage root is shared, so a
+    file there must not be able to run code when a run resumes. Only what our state holds is allowed beyond
+    tensors and plain containers: numpy's RNG state (an array of uint32)."""
+    import numpy as np
     import torch
 
-    return torch.load(io.BytesIO(data), weights_only=False)  # our own files: optimizer state and RNG tuples
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def save_weights(storage: StorageRoot, key: str, state: dict) -> None:
