@@ -108,10 +108,55 @@ def test_images_on_s3(tmp_path, seaweedfs, scorer):
     fs = s3fs.S3FileSystem(**seaweedfs.storage_options(), skip_instance_cache=True)
     (name,) = _images(tmp_path, 1)
     fs.put_file(str(tmp_path / name), f"{bucket}/web/{name}")
-    image, reason, _ = open_image(f"s3://{bucket}/web/{name}", None, seaweedfs.endpoint)
+    image, reason, _ = open_image(f"s3://{bucket}/web/{name}", None, seaweedfs.endpoint, [f"s3://{bucket}/web"])
     assert reason is None and image.size == (80, 48)
     image, reason, detail = open_image("missing.jpg", f"s3://{bucket}/web", seaweedfs.endpoint)
     assert image is None and reason == "image_missing" and f"s3://{bucket}/web/missing.jpg" in detail
+    image, reason, _ = open_image(f"s3://{bucket}/web/../other/{name}", f"s3://{bucket}/web", seaweedfs.endpoint)
+    assert image is None and reason == "image_outside_roots"
+
+
+def test_references_outside_the_image_and_storage_roots_are_not_opened(tmp_path, scorer, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    (name,) = _images(images, 1)
+    secret = tmp_path / "secret.jpg"  # a readable image outside every root: opening it would be the leak
+    secret.write_bytes((images / name).read_bytes())
+    (images / "link.jpg").symlink_to(secret)
+    root = StorageRoot(str(tmp_path / "root"))
+    (tmp_path / "root" / "own").mkdir(parents=True)
+    (tmp_path / "root" / "own" / "in_root.jpg").write_bytes((images / name).read_bytes())
+    refs = [
+        name,  # relative, under the image root
+        str(images / name),  # absolute, under the image root
+        str(tmp_path / "root" / "own" / "in_root.jpg"),  # under the storage root
+        str(secret),
+        "../secret.jpg",
+        f"{images}/../secret.jpg",
+        f"file://{secret}",
+        "link.jpg",  # a symbolic link out of the image root
+        "http://169.254.169.254/latest/meta-data/iam",
+        "s3://somebody-elses-bucket/x.jpg",
+    ]
+    _curated(root, refs)
+    opened = []
+    from synthvlm_assets.captions import pair_filters
+
+    real = pair_filters.filesystem_for
+    monkeypatch.setattr(pair_filters, "filesystem_for", lambda uri, *a, **k: opened.append(uri) or real(uri, *a, **k))
+    settings = PairFilterSettings(
+        **{**TINY.__dict__, "image_root": str(images), "itm_probability_min": 0.0, "clip_cosine_min": -1.0}
+    )
+    out = pair_filter_shard(root, "s1", settings, scorer)
+    rows = out.table.to_pylist()
+    assert [r["reject_reason"] for r in rows[:3]] == [None, None, None]
+    for r in rows[3:]:
+        assert r["reject_reason"] == "image_outside_roots" and r["itm_probability"] is None
+        assert "not under the image root or the storage root" in r["reject_detail"]
+    assert len(opened) == 3 and not any("secret" in u or "169.254" in u or "somebody" in u for u in opened)
+    assert out.table.num_rows == len(refs)  # every caption accounted for: kept or rejected with a reason
+    image, reason, detail = open_image("a.jpg", None)
+    assert image is None and reason == "image_outside_roots" and "image_root is not set" in detail
 
 
 def test_loading_through_the_real_path(tmp_path, scorer):

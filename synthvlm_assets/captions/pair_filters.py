@@ -1,11 +1,14 @@
 """SPEC §1's optional pair filters, when the caption pool knows each caption's original web image:
 BLIP image-text matching probability (`Salesforce/blip-itm-base-coco`, softmax of the ITM head, index 1)
 >= 0.8 and CLIP (`openai/clip-vit-base-patch32`) cosine similarity >= 0.28. Off by default; when off,
-every curated caption passes through unscored. Unreadable images are rejected with the reason."""
+every curated caption passes through unscored. Unreadable images are rejected with the reason, and so are
+references outside the image root and the storage root: a caption file must not make the pipeline open any
+path or URL it names (local secrets, internal services)."""
 
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -25,10 +28,8 @@ PAIR_SCHEMA = pa.schema(
         ("image_ref", pa.string()),
         ("itm_probability", pa.float64()),  # null when the filters are off or the image is unreadable
         ("clip_cosine", pa.float64()),
-        (
-            "reject_reason",
-            pa.string(),
-        ),  # null when kept: itm_probability, clip_cosine, image_missing, image_unreadable
+        # null when kept: itm_probability, clip_cosine, image_missing, image_unreadable, image_outside_roots
+        ("reject_reason", pa.string()),
         ("reject_detail", pa.string()),
         ("shard", pa.string()),
     ]
@@ -103,14 +104,47 @@ class PairScorer:
         return itm.tolist(), (img * txt).sum(dim=-1).tolist()
 
 
+def _normalized(uri: str) -> tuple[str, str]:
+    """(scheme, path) with `.` and `..` resolved (and symbolic links, locally), for prefix checks."""
+    protocol, path = split_protocol(uri)
+    if protocol == "file":
+        return "file", os.path.realpath(path)
+    protocol = "s3" if protocol == "s3a" else protocol
+    return protocol, posixpath.normpath("/" + path)
+
+
+def image_uri(ref: str, image_root: str | None, allowed_roots: list[str]) -> tuple[str | None, str | None]:
+    """(uri, None) for a reference under one of `allowed_roots`, else (None, why): relative references are
+    under `image_root`; an absolute path or URL must already be under a root once `..` is resolved."""
+    if "://" in ref or ref.startswith("/"):
+        uri = ref
+    elif image_root:
+        uri = posixpath.join(image_root.rstrip("/"), ref)
+    else:
+        return None, f"{ref!r} is relative and pair_filters.image_root is not set"
+    scheme, path = _normalized(uri)
+    for root in allowed_roots:
+        root_scheme, root_path = _normalized(root)
+        if scheme == root_scheme and (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
+            return (path if scheme == "file" else f"{scheme}://{path.lstrip('/')}"), None
+    return None, f"{ref!r} is not under the image root or the storage root ({', '.join(allowed_roots)})"
+
+
 def open_image(
-    ref: str | None, image_root: str | None, s3_endpoint_url: str | None = None
+    ref: str | None,
+    image_root: str | None,
+    s3_endpoint_url: str | None = None,
+    allowed_roots: list[str] | None = None,
 ) -> tuple[Image.Image | None, str | None, str | None]:
-    """(image, None, None) or (None, reason, detail): image_missing (no reference or no such file) or
-    image_unreadable (not an image, truncated, unreachable)."""
+    """(image, None, None) or (None, reason, detail): image_missing (no reference or no such file),
+    image_outside_roots (not under `allowed_roots`, by default the image root) or image_unreadable (not an
+    image, truncated, unreachable)."""
     if not ref:
         return None, "image_missing", "the caption has no image reference"
-    uri = ref if "://" in ref or ref.startswith("/") or not image_root else posixpath.join(image_root.rstrip("/"), ref)
+    roots = [image_root] if allowed_roots is None and image_root else list(allowed_roots or [])
+    uri, why = image_uri(ref, image_root, roots)
+    if uri is None:
+        return None, "image_outside_roots", why
     try:
         fs = filesystem_for(uri, s3_endpoint_url)
         data = fs.cat_file(split_protocol(uri)[1] if split_protocol(uri)[0] in ("s3", "s3a", "file") else uri)
@@ -151,11 +185,14 @@ def pair_filter_shard(
     if settings.enabled:
         if scorer is None:
             raise ValueError("pair filters are enabled but no scorer was given")
+        allowed_roots = [r for r in (settings.image_root, storage.uri()) if r]
         for start in range(0, len(rows), settings.batch_size):
             batch = rows[start : start + settings.batch_size]
             readable = []
             for row in batch:
-                image, reason, detail = open_image(row["image_ref"], settings.image_root, storage.s3_endpoint_url)
+                image, reason, detail = open_image(
+                    row["image_ref"], settings.image_root, storage.s3_endpoint_url, allowed_roots
+                )
                 if image is None:
                     row.update(reject_reason=reason, reject_detail=detail)
                 else:
