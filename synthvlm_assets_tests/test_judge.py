@@ -244,6 +244,33 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     )  # a new prompt version judges everything
 
 
+def test_an_interrupt_keeps_the_verdicts_already_made_and_progress_counts_captions(tmp_path, tiny_judge, coco_path):
+    """A terminated run (the interrupt lands in the progress callback after two batches) caches the verdicts
+    it has, although fewer than `cache_every`; the next run judges only the rest."""
+    root = StorageRoot(str(tmp_path))
+    _curated(root, "s1", coco_captions(coco_path, 40))
+    settings = JudgeSettings.tiny(batch_size=8, cache_every=1000)
+    calls = []
+
+    def interrupt_after_two_batches(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done == 16:
+            raise KeyboardInterrupt
+
+    first = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random")
+    with pytest.raises(KeyboardInterrupt):
+        judge_shard(
+            root, "s1", first, settings, captions_from="curated_captions", progress=interrupt_after_two_batches
+        )
+    assert calls == [(0, 40), (8, 40), (16, 40)] and root.manifest("judged_captions/s1") is None
+    rest, seen = Judge(tiny_judge.prompt, Crashing(tiny_judge.backend, after=99), "tiny", "tiny-random"), []
+    out = judge_shard(
+        root, "s1", rest, settings, captions_from="curated_captions", progress=lambda d, t: seen.append((d, t))
+    )
+    assert out.cache_hits == 16 and rest.backend.prompts == 24
+    assert seen == [(16, 40), (24, 40), (32, 40), (40, 40)]
+
+
 def test_loading_through_the_real_path(tmp_path, tokenizer, tiny_judge):
     folder = tmp_path / "tiny-llama"
     tiny_judge.backend.model.save_pretrained(folder)

@@ -135,6 +135,37 @@ def test_crash_midway_resumes_without_regenerating(tmp_path, generator):
     assert tar_bytes(root, "s1") == tar_bytes(clean, "s1")
 
 
+def test_interrupt_midway_keeps_staging_and_the_rerun_reuses_it(tmp_path, generator):
+    """A terminated run (the interrupt lands in the progress callback, between batches) leaves its staged
+    batches; the next run generates only the rest and publishes the same bytes as an uninterrupted run."""
+    root = StorageRoot(str(tmp_path))
+    calls: list[tuple[int, int]] = []
+
+    def interrupt_after_two_batches(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done == 8:
+            raise KeyboardInterrupt
+
+    first = Counting(generator)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize_shard(root, "s1", CAPTIONS, SETTINGS, first, progress=interrupt_after_two_batches)
+    assert calls == [(0, 12), (4, 12), (8, 12)] and first.images == 8
+    (staged,) = root.list("sdxl_images/_staging/s1")  # one folder per image settings
+    assert root.manifest("sdxl_images/s1") is None and len(root.list(staged)) == 2  # one tar per batch
+    resumed, seen = Counting(generator), []
+    result = synthesize_shard(root, "s1", CAPTIONS, SETTINGS, resumed, progress=lambda d, t: seen.append((d, t)))
+    assert resumed.images == 4 and (result.generated, result.reused) == (4, 8)
+    assert seen == [(8, 12), (12, 12)]  # staged images count as done from the start
+    assert not root.list("sdxl_images/_staging")
+    clean = StorageRoot(str(tmp_path / "clean"))
+    synthesize_shard(clean, "s1", CAPTIONS, SETTINGS, Counting(generator))
+    assert tar_bytes(root, "s1") == tar_bytes(clean, "s1")
+    assert (
+        root.read_partition("sdxl_images/s1", "manifest").to_pylist()
+        == clean.read_partition("sdxl_images/s1", "manifest").to_pylist()
+    )
+
+
 def test_image_flags():
     rng = np.random.default_rng(0)
     assert image_flag(rng.random((8, 8, 3))) is None

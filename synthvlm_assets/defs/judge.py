@@ -9,10 +9,11 @@ from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_shard
 from synthvlm_assets.captions.stages import CURATED
 from synthvlm_assets.defs.automation import partition_data_version
-from synthvlm_assets.defs.metadata import histograms, md_table, sample_rows
+from synthvlm_assets.defs.metadata import rounded, sample_rows, stats_table, table
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import JudgeResource, PairFilterResource, StorageResource
 from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
+from synthvlm_assets.progress import ProgressLog
 
 
 @asset(
@@ -38,38 +39,24 @@ def pair_filtered_captions(
     settings = pair_filters.settings()
     scorer = PairScorer.load(settings, pair_filters.cache_dir, storage.s3_endpoint_url) if settings.enabled else None
     out = pair_filter_shard(root, context.partition_key, settings, scorer, context.run.run_id)
-    table = out.table
-    reasons = pc.value_counts(table.column("reject_reason").drop_null()).to_pylist() if table.num_rows else []
+    pairs = out.table
+    reasons = pc.value_counts(pairs.column("reject_reason").drop_null()).to_pylist() if pairs.num_rows else []
     metadata = {
         "enabled": settings.enabled,
-        "captions_in": table.num_rows,
+        "captions_in": pairs.num_rows,
         "kept": out.kept,
-        "rejected_by": md_table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons]),
+        "rejected_by": table(["reason", "captions"], [[r["values"], r["counts"]] for r in reasons]),
     }
     if settings.enabled:
         metadata["models"] = (
             f"{settings.blip_model} (ITM >= {settings.itm_probability_min}), {settings.clip_model} (cos >= "
             f"{settings.clip_cosine_min})"
         )
-        metadata["score_histograms"] = histograms(
-            [
-                (
-                    "itm_probability",
-                    [v for v in table.column("itm_probability").to_pylist() if v is not None],
-                    [settings.itm_probability_min],
-                ),
-                (
-                    "clip_cosine",
-                    [v for v in table.column("clip_cosine").to_pylist() if v is not None],
-                    [settings.clip_cosine_min],
-                ),
-            ],
-            f"{context.partition_key} (dashed: thresholds)",
-        )
-        metadata["rejected_sample"] = md_table(
+        metadata["scores"] = stats_table({c: pairs.column(c).to_pylist() for c in ("itm_probability", "clip_cosine")})
+        metadata["rejected_sample"] = table(
             ["caption_id", "reason", "detail", "caption"],
             sample_rows(
-                table.filter(pc.is_valid(table.column("reject_reason"))),
+                pairs.filter(pc.is_valid(pairs.column("reject_reason"))),
                 ["caption_id", "reject_reason", "reject_detail", "caption"],
             ),
         )
@@ -81,7 +68,7 @@ def pair_filtered_captions(
     n_rejected = sum(r["counts"] for r in reasons)
     return MaterializeResult(
         data_version=partition_data_version(root, out.prefix),
-        metadata=metadata,
+        metadata=rounded(metadata),
         check_results=[
             AssetCheckResult(
                 check_name="rows_accounted_for",
@@ -123,9 +110,9 @@ def judged_captions(
     root = storage.root()
     shard = context.partition_key
     settings = judge.settings()
-    out = judge_shard(
-        root, shard, load_judge(settings, judge.cache_dir, storage.s3_endpoint_url), settings, context.run.run_id
-    )
+    loaded = load_judge(settings, judge.cache_dir, storage.s3_endpoint_url)
+    progress = ProgressLog(context.log.info, f"{ASSET} {shard}", "captions")
+    out = judge_shard(root, shard, loaded, settings, context.run.run_id, progress=progress)
     judged = out.judged
     counts = verdict_counts(judged)
     prompts_per_s, tokens_per_s = timed_rate(out.stats)
@@ -140,28 +127,30 @@ def judged_captions(
         row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)
     ]
     model = settings.model if not settings.is_tiny else "tiny (random weights: the verdicts are meaningless)"
+    backend = settings.resolved_backend()
+    metadata = {
+        "model": model,
+        "revision": judged.column("judge_revision")[0].as_py() if judged.num_rows else "",
+        "backend": backend,
+        "prompt_version": judged.column("prompt_version")[0].as_py() if judged.num_rows else "",
+        "forced_choice": settings.forced_choice,
+        **{f"verdict_{k}": n for k, n in counts.items()},
+        "kept_fraction": counts["yes"] / judged.num_rows if judged.num_rows else 0.0,
+        "judged_now": out.judged_now,
+        "cache_hits": out.cache_hits,
+        "prompts_per_s": prompts_per_s,
+        "tokens_per_s": tokens_per_s,
+        "p_yes": stats_table({"p_yes": judged.column("p_yes").to_pylist()}),
+        "examples": table(["verdict", "p_yes", "raw_token", "caption"], examples),
+        "instruction": MetadataValue.text(INSTRUCTION),
+        "judged_parquet": MetadataValue.path(root.uri(f"{out.prefix}/judged.parquet")),
+    }
+    # GPU time only where this process used one (vLLM, or transformers on CUDA); an HTTP judge's is the server's.
+    if backend == "vllm" or getattr(loaded.backend, "device", None) == "cuda":
+        metadata["gpu_s"] = out.stats.seconds
     return MaterializeResult(
         data_version=partition_data_version(root, out.prefix),
-        metadata={
-            "model": model,
-            "revision": judged.column("judge_revision")[0].as_py() if judged.num_rows else "",
-            "backend": settings.resolved_backend(),
-            "prompt_version": judged.column("prompt_version")[0].as_py() if judged.num_rows else "",
-            "forced_choice": settings.forced_choice,
-            **{f"verdict_{k}": n for k, n in counts.items()},
-            "kept_fraction": counts["yes"] / judged.num_rows if judged.num_rows else 0.0,
-            "judged_now": out.judged_now,
-            "cache_hits": out.cache_hits,
-            "prompts_per_second": prompts_per_s,
-            "prompt_tokens_per_second": tokens_per_s,
-            "gpu_seconds": out.stats.seconds if settings.resolved_backend() != "http" else 0.0,
-            "p_yes_histogram": histograms(
-                [("p_yes", [p for p in judged.column("p_yes").to_pylist() if p is not None], [0.5])], f"{shard}: p_yes"
-            ),
-            "examples": md_table(["verdict", "p_yes", "raw token", "caption"], examples),
-            "instruction": MetadataValue.md(f"> {INSTRUCTION}"),
-            "judged_parquet": MetadataValue.path(root.uri(f"{out.prefix}/judged.parquet")),
-        },
+        metadata=rounded(metadata),
         check_results=[
             AssetCheckResult(
                 check_name="every_caption_judged",

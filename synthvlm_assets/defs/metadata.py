@@ -1,4 +1,9 @@
-"""What a person reads in the Dagster UI: markdown tables, embedded plots, samples."""
+"""What a person reads in the Dagster UI: numbers (rounded), tables, and plots where a person looks.
+
+Per shard: numeric and table metadata, which the UI shows inline (and plots numbers across
+materializations by itself). Rendered plots (markdown with an embedded PNG, since Dagster has no image
+metadata type) only at dataset level or on a sample of shards: they cost a matplotlib render and a
+multi-KB event each."""
 
 from __future__ import annotations
 
@@ -11,6 +16,33 @@ from typing import Any
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 from synthvlm_assets.captions.stages import sample_rows  # noqa: F401 - the assets' samples, one definition
+
+
+def num(v: float, digits: int = 4) -> float:
+    """`digits` significant digits (0.5319148936170213 -> 0.5319), whole numbers kept whole (12345.6 -> 12346)."""
+    if v != v or v in (float("inf"), float("-inf")):
+        return v
+    return float(round(v)) if abs(v) >= 10**digits else float(f"{v:.{digits}g}")
+
+
+def rounded(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata with every plain float rounded by `num` (other values as they are)."""
+    return {k: num(v) if isinstance(v, float) else v for k, v in metadata.items()}
+
+
+def stats_table(columns: dict[str, Sequence[float | None]]) -> MetadataValue:
+    """One row per named column of numbers: count, mean, min, p5, p50, p95, max (nulls left out)."""
+    import numpy as np
+
+    rows = []
+    for name, values in columns.items():
+        vals = np.asarray([v for v in values if v is not None], dtype=float)
+        if vals.size:
+            p5, p50, p95 = np.percentile(vals, [5, 50, 95])
+            rows.append([name, int(vals.size), vals.mean(), vals.min(), p5, p50, p95, vals.max()])
+        else:
+            rows.append([name, 0])
+    return table(["value", "n", "mean", "min", "p5", "p50", "p95", "max"], rows)
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValue:
@@ -29,7 +61,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> MetadataValu
 
     def cell(v: Any) -> str | int | float | bool | None:
         if isinstance(v, float):
-            return float(f"{v:.4g}")
+            return num(v)
         if v is None or isinstance(v, (int, bool)):
             return v
         text = str(v).replace("\n", " ")

@@ -4,7 +4,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
-from dagster import Backoff, Failure, Jitter, RetryPolicy
+from dagster import Backoff, DagsterExecutionInterruptedError, Failure, Jitter, RetryPolicy
 
 from synthvlm_assets.captions.stages import retryable
 
@@ -16,10 +16,18 @@ F = TypeVar("F", bound=Callable)
 # batches, so a retry never duplicates rows. 30 s, then 60 s (+-50%).
 SHARD_RETRY_POLICY = RetryPolicy(max_retries=2, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
+INTERRUPTED = (
+    "interrupted: the run is being terminated (not retried; what was staged or cached is reused by the next run)"
+)
+
 
 def retry_only_transient(fn: F) -> F:
     """Under @asset: an error that a retry cannot heal (bad input, a changed file, missing weights, a bug)
-    fails the step at once with its one-line cause; transient ones (storage, network) take the retry policy."""
+    fails the step at once with its one-line cause; transient ones (storage, network) take the retry policy.
+
+    An interrupt (a terminated run: Dagster raises DagsterExecutionInterruptedError or KeyboardInterrupt in the
+    step) fails the step without a retry. Dagster itself turns an interrupt into RetryRequested when the step
+    has a retry policy, which left a cancelled run's step "up for retry" and then stuck in Preparing."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,6 +35,8 @@ def retry_only_transient(fn: F) -> F:
             return fn(*args, **kwargs)
         except Failure:
             raise
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
+            raise Failure(description=INTERRUPTED, allow_retries=False) from exc
         except Exception as exc:
             if retryable(exc):
                 raise

@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from synthvlm_assets.defs.automation import partition_data_version
-from synthvlm_assets.defs.metadata import contact_sheet, histograms, md_table
+from synthvlm_assets.defs.metadata import contact_sheet, histograms, rounded, stats_table, table
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, StorageResource
@@ -25,6 +25,7 @@ from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.formats.dataset import ASSET as DATASET
 from synthvlm_assets.formats.dataset import PAPER_TABLE_4, dataset_card, publish_dataset
 from synthvlm_assets.formats.llava import image_path
+from synthvlm_assets.progress import ProgressLog
 from synthvlm_assets.scoring.clip_score import ClipScorer
 from synthvlm_assets.scoring.stage import ASSET as SCORES
 from synthvlm_assets.scoring.stage import score_shard
@@ -38,7 +39,7 @@ from synthvlm_assets.selection import select
     retry_policy=SHARD_RETRY_POLICY,
     code_version="1",
     kinds={"pytorch", "parquet"},
-    group_name="selection",
+    group_name="synthesis",  # per shard, on the GPU, one row per image: beside the images it scores
     pool="gpu",
     op_tags=GPU_TAGS,
     check_specs=[
@@ -66,22 +67,23 @@ def image_scores(
         selection.lam,
         scoring.worker_count(),
         context.run.run_id,
+        progress=ProgressLog(context.log.info, f"{SCORES} {context.partition_key}", "images"),
     )
     t = result.scores
     return MaterializeResult(
         data_version=partition_data_version(root, result.prefix),
-        metadata={
-            "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}"
-            + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
-            "images_scored": t.num_rows,
-            "images_per_second": result.images_per_second,
-            "mean_clip_score": pc.mean(t.column("clip_score")).as_py() if t.num_rows else 0.0,
-            "mean_ssim": pc.mean(t.column("ssim")).as_py() if t.num_rows else 0.0,
-            "histograms": histograms(
-                [(c, t.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], context.partition_key
-            ),
-            "scores_parquet": MetadataValue.path(root.uri(f"{result.prefix}/scores.parquet")),
-        },
+        metadata=rounded(
+            {
+                "clip_model": f"{scoring.clip_model}/{scoring.clip_pretrained}"
+                + (" (tiny: random weights)" if scoring.clip_model == "tiny" else ""),
+                "images_scored": t.num_rows,
+                "images_per_s": result.images_per_second,
+                "mean_clip_score": pc.mean(t.column("clip_score")).as_py() if t.num_rows else 0.0,
+                "mean_ssim": pc.mean(t.column("ssim")).as_py() if t.num_rows else 0.0,
+                "scores": stats_table({c: t.column(c).to_pylist() for c in ("clip_score", "ssim", "score")}),
+                "scores_parquet": MetadataValue.path(root.uri(f"{result.prefix}/scores.parquet")),
+            }
+        ),
         check_results=[AssetCheckResult(check_name=name, passed=ok) for name, ok in result.checks.items()],
     )
 
@@ -146,44 +148,51 @@ def synthvlm_100k(
         ["selected (this run)", *(pc.mean(selected.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
         ["all candidates (this run)", *(pc.mean(scores.column(c)).as_py() for c in ("clip_score", "ssim", "score"))],
     ]
-    means += [[name, c, s, w if w is not None else "-"] for name, (c, s, w) in PAPER_TABLE_4.items()]
+    means += [[name, c, s, w] for name, (c, s, w) in PAPER_TABLE_4.items()]  # w: None where the paper has none
     return MaterializeResult(
         data_version=DataVersion(
             hashlib.sha256(
                 json.dumps([[r["caption_id"], r["candidate"], r["rank"]] for r in rows]).encode()
             ).hexdigest()[:12]
         ),
-        metadata={
-            "records": len(rows),
-            "captions_scored": n_captions,
-            "selection_threshold_score": threshold,
-            "excluded_shards_failed_checks": len(excluded),
-            "means_vs_paper_table_4": md_table(["set", "CLIPScore", "SSIM", "score"], means),
-            "histograms_all_candidates": histograms(
-                [(c, scores.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], "all candidates"
-            ),
-            "histograms_selected": histograms(
-                [
-                    (c, selected.column(c).to_pylist(), [threshold] if c == "score" and threshold is not None else [])
-                    for c in ("clip_score", "ssim", "score")
-                ],
-                "selected (dashed: threshold)",
-            ),
-            "contact_sheet_top_and_bottom": contact_sheet(
-                [
-                    (
-                        root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"),
-                        f"#{r['rank']} {r['score']:.3f} {r['caption']}",
-                    )
-                    for r in sheet_rows
-                ],
-                "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if tiny else ""),
-            ),
-            "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
-            "dataset_card": MetadataValue.path(root.uri(f"{base}/README.md")),
-            "lineage_parquet": MetadataValue.path(root.uri(f"{base}/lineage.parquet")),
-            "version": manifest["version"],
-        },
+        metadata=rounded(
+            {
+                "records": len(rows),
+                "captions_scored": n_captions,
+                "threshold": threshold,
+                "excluded_shards": len(excluded),
+                "vs_table_4": table(["set", "CLIPScore", "SSIM", "score"], means),
+                # The dataset is where a person looks at plots (markdown: Dagster has no image metadata type).
+                "hist_all": histograms(
+                    [(c, scores.column(c).to_pylist(), []) for c in ("clip_score", "ssim", "score")], "all candidates"
+                ),
+                "hist_selected": histograms(
+                    [
+                        (
+                            c,
+                            selected.column(c).to_pylist(),
+                            [threshold] if c == "score" and threshold is not None else [],
+                        )
+                        for c in ("clip_score", "ssim", "score")
+                    ],
+                    "selected (dashed: threshold)",
+                ),
+                "contact_sheet": contact_sheet(
+                    [
+                        (
+                            root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"),
+                            f"#{r['rank']} {r['score']:.3f} {r['caption']}",
+                        )
+                        for r in sheet_rows
+                    ],
+                    "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if tiny else ""),
+                ),
+                "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
+                "dataset_card": MetadataValue.path(root.uri(f"{base}/README.md")),
+                "lineage_parquet": MetadataValue.path(root.uri(f"{base}/lineage.parquet")),
+                "version": manifest["version"],
+            }
+        ),
         check_results=[
             AssetCheckResult(
                 check_name="selected_count",

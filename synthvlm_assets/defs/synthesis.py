@@ -17,11 +17,15 @@ from PIL import Image
 from synthvlm_assets.captions.judge.stage import ASSET as JUDGED
 from synthvlm_assets.defs.judge import judged_captions
 from synthvlm_assets.defs.automation import partition_data_version
-from synthvlm_assets.defs.metadata import contact_sheet, md_table
+from synthvlm_assets.defs.metadata import contact_sheet, rounded, table
 from synthvlm_assets.defs.partitions import GPU_TAGS, caption_shards
 from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
+from synthvlm_assets.progress import ProgressLog
+from synthvlm_assets.shards import ShardRegistryError
 from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
+
+FLAGGED_ROWS = 20  # flagged images listed in the metadata (all of them are in the manifest)
 
 
 @asset(
@@ -59,11 +63,14 @@ def sdxl_images(
     settings = synthesis.settings()
     captions = root.read_partition(f"{JUDGED}/{shard}", "kept", columns=["caption_id", "caption"])
     generator = synthesis.generator_factory(storage.s3_endpoint_url)
-    result = synthesize_shard(root, shard, captions, settings, generator, run_id=context.run.run_id)
+    progress = ProgressLog(context.log.info, f"{ASSET} {shard}", "images")
+    result = synthesize_shard(root, shard, captions, settings, generator, run_id=context.run.run_id, progress=progress)
     manifest = result.manifest
 
     rows = manifest.to_pylist()
-    sample_rows = [r for r in rows if not r["flag"]][:16]
+    # A contact sheet (a matplotlib render, a ~100 KB event) only on the first shard of each file: where a
+    # person looks at a shard's images; the dataset's contact sheet is on synthvlm_100k.
+    sample_rows = [r for r in rows if not r["flag"]][:16] if _first_of_its_file(storage, shard) else []
     tar_key = root.manifest(result.prefix)["tar"]["key"]
     with root.fs.open(root.path(tar_key), "rb") as f:
         sizes, jpegs = _scan_tar(f, keep={r["key"] for r in sample_rows})
@@ -74,32 +81,32 @@ def sdxl_images(
     stats = _generation_stats(result.generator)
     metadata = {
         "model": settings.model if not settings.is_tiny else "tiny (random weights: the images are meaningless)",
-        "refiner_model": settings.refiner_model or "none",
+        "refiner": settings.refiner_model or "none",
         "settings": MetadataValue.json(settings.image_settings()),
         "images": len(wanted),
         "generated": result.generated,
         "reused": result.reused,
-        "skipped_already_complete": result.skipped,
-        "images_per_second": stats.get("images_per_second", 0.0),
-        "generation_seconds": stats.get("generation_seconds", 0.0),
-        "gpu_seconds": stats.get("gpu_seconds", 0.0),
-        "peak_gpu_memory_gib": stats.get("peak_gpu_memory_gib", 0.0),
-        "redecoded_in_fp32": stats.get("redecoded_fp32", 0),
-        "flagged": md_table(
-            ["caption_id", "candidate", "flag"], [[r["caption_id"], r["candidate"], r["flag"]] for r in flags]
-        ),
-        "contact_sheet": contact_sheet(
+        "already_done": result.skipped,
+        "flagged": len(flags),
+        **stats,
+        "tar": MetadataValue.path(root.uri(tar_key)),
+        "manifest": MetadataValue.path(root.uri(f"{result.prefix}/manifest.parquet")),
+    }
+    if flags:
+        metadata["flagged_images"] = table(
+            ["caption_id", "candidate", "flag"],
+            [[r["caption_id"], r["candidate"], r["flag"]] for r in flags[:FLAGGED_ROWS]],
+        )
+    if sample_rows:
+        metadata["contact_sheet"] = contact_sheet(
             [(jpegs[r["key"]], r["caption"]) for r in sample_rows if r["key"] in jpegs],
             f"{shard}" + (" - tiny preset, random weights" if settings.is_tiny else ""),
-        ),
-        "tar": MetadataValue.path(root.uri(tar_key)),
-        "manifest_parquet": MetadataValue.path(root.uri(f"{result.prefix}/manifest.parquet")),
-    }
+        )
     covered = {(r["caption_id"], r["candidate"]) for r in rows if r["key"] in sizes or r["flag"]}
     missing = [(w.caption_id, w.candidate) for w in wanted if (w.caption_id, w.candidate) not in covered]
     return MaterializeResult(
         data_version=partition_data_version(root, result.prefix),
-        metadata=metadata,
+        metadata=rounded(metadata),
         check_results=[
             AssetCheckResult(
                 check_name="every_caption_has_its_images",
@@ -135,14 +142,24 @@ def _scan_tar(fileobj, keep: set[str]) -> tuple[dict[str, tuple[int, int]], dict
 
 
 def _generation_stats(gen) -> dict:
-    """images/s, GPU-seconds and peak GPU memory of this materialization's generation."""
+    """images/s and seconds of this materialization's generation; GPU-seconds and peak GPU memory only on CUDA."""
     if gen is None or not gen.stats.images:
-        return {}
-    out = {"images_per_second": gen.stats.images / gen.stats.seconds, "redecoded_fp32": gen.stats.redecoded_fp32,
-           "generation_seconds": gen.stats.seconds}  # fmt: skip
+        return {"generation_seconds": 0.0}  # always there: AutomationDriver and the benchmarks sum it
+    out = {
+        "generation_seconds": gen.stats.seconds,
+        "images_per_s": gen.stats.images / gen.stats.seconds,
+        "redecoded_fp32": gen.stats.redecoded_fp32,
+    }
     if gen.device == "cuda":
         import torch
 
-        out["gpu_seconds"] = gen.stats.seconds
-        out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu_s"] = gen.stats.seconds
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _first_of_its_file(storage: StorageResource, shard: str) -> bool:
+    try:
+        return storage.registry().shard(shard).start == 0
+    except ShardRegistryError:
+        return False

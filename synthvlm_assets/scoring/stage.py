@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from synthvlm_assets.progress import Progress, no_progress
 from synthvlm_assets.scoring.clip_score import ClipScorer
 from synthvlm_assets.scoring.ssim import SSIMSettings, ssim_pair, ssim_torch
 from synthvlm_assets.storage import StorageRoot
@@ -188,7 +189,10 @@ def score_shard(
     lam: float,
     workers: int = 0,
     run_id: str = "",
+    progress: Progress = no_progress,
 ) -> ScoreResult:
+    """Score the shard's usable images and publish `image_scores/<shard>/scores.parquet`;
+    `progress(done, total)` is called per scored image (cheap: the sink throttles)."""
     t0 = time.perf_counter()
     images_prefix = f"{IMAGES}/{shard}"
     manifest = storage.manifest(images_prefix)
@@ -196,6 +200,7 @@ def score_shard(
         raise FileNotFoundError(f"sdxl_images of shard {shard} is not materialized ({storage.uri(images_prefix)})")
     usable = {r["key"]: r for r in storage.read_partition(images_prefix, "manifest").to_pylist() if not r["flag"]}
     rows = []
+    progress(0, len(usable))
     with storage.fs.open(storage.path(manifest["tar"]["key"]), "rb") as f:
         samples = ((k, s.jpeg, usable[k]["caption"]) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
         for key, clip, ssim in score_images(samples, scorer, ssim_settings, workers):
@@ -209,6 +214,7 @@ def score_shard(
                     "ssim": ssim,
                 }
             )
+            progress(len(rows), len(usable))
     settings_json = json.dumps(asdict(ssim_settings), sort_keys=True)
     table = pa.Table.from_pylist(
         [

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from PIL import Image
 
+from synthvlm_assets.progress import Progress, no_progress
 from synthvlm_assets.storage import StorageError, StorageRoot
 from synthvlm_assets.synthesis.sdxl import Generated, SDXLGenerator
 from synthvlm_assets.synthesis.settings import SynthesisSettings, image_key, seed_for
@@ -170,8 +171,13 @@ def synthesize_shard(
     generator: Callable[[], SDXLGenerator],
     model_revision: str | None = None,
     run_id: str = "",
+    progress: Progress = no_progress,
 ) -> SynthesisResult:
-    """Make sure every caption of the shard has its images; generate only what is missing."""
+    """Make sure every caption of the shard has its images; generate only what is missing.
+
+    `progress(done, total)` is called before generating and after each batch (images reused count as
+    done). It is also where an interrupt lands between batches: every generated batch is staged by then
+    (the encoder pool is drained on the way out), so the next run resumes from it."""
     t0 = time.perf_counter()
     prefix = f"{ASSET}/{shard}"
     wanted = wanted_images(captions, settings)
@@ -179,6 +185,7 @@ def synthesize_shard(
     manifest = storage.manifest(prefix)
     if manifest is not None and manifest.get("image_keys_sha256") == _keys_digest(wanted):
         table = storage.read_partition(prefix, "manifest")
+        progress(len(wanted), len(wanted))
         return SynthesisResult(table, 0, len(wanted), True, time.perf_counter() - t0, prefix)
 
     have = _previous(storage, prefix, keys)
@@ -198,17 +205,20 @@ def synthesize_shard(
         }
 
     gen = None
+    progress(reused, len(wanted))
     if missing:
         gen = generator()  # loaded only when something must be generated
         batches = [missing[i : i + settings.batch_size] for i in range(0, len(missing), settings.batch_size)]
         # JPEG encoding and staging writes of one batch overlap the denoising of the next.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = None
+            pending, done = None, reused
             for batch in batches:
                 images = gen.generate([w.caption for w in batch], [w.seed for w in batch])
                 if pending is not None:
                     have.update(pending.result())
                 pending = pool.submit(_encode_and_stage, staging, batch, images, settings.jpeg_quality, meta)
+                done += len(batch)
+                progress(done, len(wanted))
             if pending is not None:
                 have.update(pending.result())
 

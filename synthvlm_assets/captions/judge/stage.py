@@ -30,6 +30,7 @@ from synthvlm_assets.captions.judge.prompt import (
 from synthvlm_assets.captions.normalize import dedup_key
 from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
 from synthvlm_assets.models.sources import TINY, load_error, resolve_model
+from synthvlm_assets.progress import Progress, no_progress
 from synthvlm_assets.storage import StorageRoot
 
 ASSET = "judged_captions"
@@ -232,9 +233,11 @@ def judge_shard(
     settings: JudgeSettings,
     run_id: str = "",
     captions_from: str = PAIR_FILTERED,
+    progress: Progress = no_progress,
 ) -> JudgedShard:
     """Judge the shard's kept captions of `captions_from` (cached ones are not judged again) and publish
-    `judged_captions/<shard>/{judged,kept}.parquet`."""
+    `judged_captions/<shard>/{judged,kept}.parquet`. `progress(done, total)` counts distinct captions
+    (cached ones are done from the start) and is called after each batch."""
     curated = storage.read_partition(f"{captions_from}/{shard}", "kept", columns=["caption_id", "caption"])
     captions = curated.column("caption").to_pylist()
     keys = [dedup_key(c) for c in captions]
@@ -247,29 +250,43 @@ def judge_shard(
             todo[key] = caption
     pending: list[dict] = []
     items = list(todo.items())
-    for start in range(0, len(items), settings.batch_size):
-        batch, prompts = [], []
-        for key, caption in items[start : start + settings.batch_size]:
-            try:
-                prompts.append(judge.prompt.ids(caption))
-                batch.append(key)
-            except Unjudgeable as exc:
-                pending.append(
-                    {
-                        "judge_key": key,
-                        "verdict": UNJUDGEABLE,
-                        "p_yes": None,
-                        "raw_token": str(exc),
-                        "yes_logprob": None,
-                        "no_logprob": None,
-                    }
-                )
-        for key, result in zip(batch, judge.backend.score(prompts, shared_prefix=len(judge.prompt.prefix))):
-            pending.append(verdict_row(key, result))
-        if len(pending) >= settings.cache_every:
+    total = len(set(keys))
+    done = total - len(items)
+    progress(done, total)
+    try:
+        for start in range(0, len(items), settings.batch_size):
+            batch, prompts = [], []
+            for key, caption in items[start : start + settings.batch_size]:
+                try:
+                    prompts.append(judge.prompt.ids(caption))
+                    batch.append(key)
+                except Unjudgeable as exc:
+                    pending.append(
+                        {
+                            "judge_key": key,
+                            "verdict": UNJUDGEABLE,
+                            "p_yes": None,
+                            "raw_token": str(exc),
+                            "yes_logprob": None,
+                            "no_logprob": None,
+                        }
+                    )
+            for key, result in zip(batch, judge.backend.score(prompts, shared_prefix=len(judge.prompt.prefix))):
+                pending.append(verdict_row(key, result))
+            if len(pending) >= settings.cache_every:
+                cache.add(pending)
+                known.update((r["judge_key"], r) for r in pending)
+                pending.clear()
+            done = min(start + settings.batch_size, len(items)) + total - len(items)
+            progress(done, total)
+    except BaseException:
+        # Interrupted (a terminated run) or failed: the verdicts already computed stay valid, so they are
+        # cached for the next run; the original error wins over a failure to save them.
+        try:
             cache.add(pending)
-            known.update((r["judge_key"], r) for r in pending)
-            pending = []
+        except Exception:  # noqa: BLE001
+            pass
+        raise
     cache.add(pending)
     known.update((r["judge_key"], r) for r in pending)
 
