@@ -132,3 +132,46 @@ def test_launch_takes_its_configuration_inline(tmp_path):
         text=True,
     )
     assert both.returncode == 2 and "one of the two" in both.stderr
+
+
+def test_a_failed_training_process_fails_the_step_with_its_cause(tmp_path):
+    """A vision tower that does not exist: the step's failure (what the run page shows) says why in one line,
+    and its metadata holds the tail of the training process's stderr."""
+    root = StorageRoot(str(tmp_path / "root"))
+    publish_toy_dataset(root, 20)
+    missing = str(tmp_path / "no_such_vision_tower")
+    settings = Settings(storage_root=root.root_uri, training={"vision_tower": missing, "llm": missing, "processes": 1})
+    job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
+    with instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        assert failure.step_key == "llava_stage1_checkpoint"
+        data = failure.step_failure_data
+        cause = data.user_failure_data.description
+        assert cause.startswith("ModelWeightsError: ") and "vision_tower" in cause and missing in cause
+        assert "\n" not in cause and cause in data.error.message  # the error the run page shows leads with it
+        tail = data.user_failure_data.metadata["stderr_tail"].value
+        assert "ModelWeightsError" in tail and "File " in tail and tail.count("\n") <= 22  # the traceback's end
+        assert data.user_failure_data.metadata["exit_code"].value != 0
+        # The training process's exception also reached the run's event log through Pipes.
+        logs = [e.message or "" for e in instance.all_logs(result.run_id)]
+        assert any("pipes closed with exception" in m for m in logs)
+
+
+def test_failure_cause_skips_the_launcher_summary():
+    from synthvlm_assets.training.launch import failure_cause
+
+    stderr = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "synthvlm_assets.models.sources.ModelWeightsError: vision_tower='/x': no such folder",
+        "[rank1]: Traceback (most recent call last):",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+        "============================================================",
+    ]
+    assert (
+        failure_cause(stderr) == "synthvlm_assets.models.sources.ModelWeightsError: vision_tower='/x': no such folder"
+    )
+    assert failure_cause(stderr[3:]) == "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+    assert failure_cause(["all good", "Killed"]) is None

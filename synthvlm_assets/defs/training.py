@@ -5,18 +5,27 @@ the optional stage-2 run (instruction tuning on the user's LLaVA-665K-format JSO
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
+from collections import deque
 
 from dagster import (
     AssetCheckResult,
     AssetsDefinition,
     AssetCheckSpec,
     AssetExecutionContext,
+    DagsterExecutionInterruptedError,
+    Failure,
     MaterializeResult,
     MetadataValue,
-    PipesSubprocessClient,
+    PipesClientCompletedInvocation,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
     asset,
+    open_pipes_session,
 )
 
 from synthvlm_assets.defs.metadata import md_table, png_markdown
@@ -25,7 +34,7 @@ from synthvlm_assets.defs.selection import synthvlm_100k
 from synthvlm_assets.defs.partitions import GPU_TAGS
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.training.export import EXPORT, STAGE2_EXPORT
-from synthvlm_assets.training.launch import config_json
+from synthvlm_assets.training.launch import config_json, failure_cause
 from synthvlm_assets.training.loop import RESULT
 from synthvlm_assets.training.stage1 import ASSET as STAGE1
 from synthvlm_assets.training.stage1 import PROJECTOR
@@ -36,6 +45,8 @@ CHECKPOINT = "llava_stage1_checkpoint"
 STAGE2_CHECKPOINT = "llava_stage2_checkpoint"
 SANITY = "llava_stage1_sanity_eval"
 TINY_LABEL = " (tiny preset: random weights, meaningless)"
+STDERR_TAIL_LINES = 20  # of a failed training process's stderr, in the failure's metadata
+STDERR_SCAN_LINES = 400  # searched for its exception (torchrun's own report follows the failed process's)
 
 
 def training_curve(losses: list[float], title: str) -> MetadataValue:
@@ -93,6 +104,54 @@ def training_pod_spec(gpus: int, base: dict | None = None) -> dict:
     return spec
 
 
+def run_through_pipes(
+    context: AssetExecutionContext, command: list[str], env: dict[str, str]
+) -> PipesClientCompletedInvocation:
+    """PipesSubprocessClient's run, keeping the tail of the child's stderr (which still reaches the step's own):
+    a failed child fails the step with its cause, the exception it reported through Pipes (else the last
+    exception line of its stderr, e.g. from torchrun's other processes), and the tail as metadata."""
+    tail: deque[str] = deque(maxlen=STDERR_SCAN_LINES)
+    with open_pipes_session(context, PipesTempFileContextInjector(), PipesTempFileMessageReader()) as session:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **env, **session.get_bootstrap_env_vars()},
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+
+        def pump() -> None:
+            for line in process.stderr:
+                sys.stderr.write(line)
+                tail.append(line.rstrip("\n"))
+            sys.stderr.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            process.wait()
+        except DagsterExecutionInterruptedError:
+            context.log.info("training interrupted: sending SIGINT to the training process")
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+            raise
+        reader.join(timeout=10)
+    if process.returncode != 0:
+        reported = [m["error"] for m in session.get_custom_messages() if isinstance(m, dict) and "error" in m]
+        cause = (reported or [failure_cause(tail) or f"the training process exited with code {process.returncode}"])[0]
+        lines = list(tail)[-STDERR_TAIL_LINES:]
+        raise Failure(
+            description=cause,
+            metadata={
+                "exit_code": process.returncode,
+                "stderr_tail": MetadataValue.md("```\n" + "\n".join(lines) + "\n```"),
+                "command": " ".join(command),
+            },
+            allow_retries=False,
+        )
+    return PipesClientCompletedInvocation(session)
+
+
 def _launch(context: AssetExecutionContext, storage: StorageResource, training: TrainingResource, settings,
             stage1_run_prefix: str | None = None) -> tuple[dict, str, dict]:  # fmt: skip
     """Run one training run through Dagster Pipes: a subprocess here, or (launcher "k8s") a GPU pod of its
@@ -136,8 +195,7 @@ def _launch(context: AssetExecutionContext, storage: StorageResource, training: 
             command = training_command(sys.executable, processes, [path])
             context.log.info(f"training with {processes} process(es): {' '.join(command)}")
             pythonpath = os.pathsep.join(p for p in (_package_parent(), os.environ.get("PYTHONPATH")) if p)
-            invocation = PipesSubprocessClient().run(context=context, command=command, env={"PYTHONPATH": pythonpath})
-            reported = invocation.get_materialize_result()
+            reported = run_through_pipes(context, command, {"PYTHONPATH": pythonpath}).get_materialize_result()
     run_prefix = reported.metadata["run_prefix"].value
     run_prefix = run_prefix[len(root.uri()) + 1 :] if run_prefix.startswith(root.uri()) else run_prefix
     return reported, run_prefix, root.read_json(f"{run_prefix}/{RESULT}")
@@ -182,7 +240,6 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
 
     @asset(
         deps=[synthvlm_100k],
-        code_version="1",
         kinds={"pytorch", "safetensors"},
         group_name="training",
         op_tags=step_tags,
@@ -215,7 +272,7 @@ def checkpoint_assets(step_tags: dict) -> tuple[AssetsDefinition, AssetsDefiniti
             },
         )
 
-    @asset(deps=[llava_stage1_checkpoint], code_version="1", kinds={"pytorch", "safetensors"}, group_name="training",
+    @asset(deps=[llava_stage1_checkpoint], kinds={"pytorch", "safetensors"}, group_name="training",
            op_tags=step_tags, check_specs=_loss_checks(STAGE2_CHECKPOINT))  # fmt: skip
     def llava_stage2_checkpoint(
         context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
@@ -289,7 +346,7 @@ def _export(
     )
 
 
-@asset(deps=[CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
+@asset(deps=[CHECKPOINT], kinds={"huggingface"}, group_name="training")
 def llava_stage1_export(
     context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
 ) -> MaterializeResult:
@@ -298,7 +355,7 @@ def llava_stage1_export(
     return _export(context, storage, training, STAGE1, EXPORT)
 
 
-@asset(deps=[STAGE2_CHECKPOINT], code_version="1", kinds={"huggingface"}, group_name="training")
+@asset(deps=[STAGE2_CHECKPOINT], kinds={"huggingface"}, group_name="training")
 def llava_stage2_export(
     context: AssetExecutionContext, storage: StorageResource, training: TrainingResource
 ) -> MaterializeResult:
@@ -309,7 +366,6 @@ def llava_stage2_export(
 
 @asset(
     deps=[CHECKPOINT],
-    code_version="1",
     kinds={"pytorch"},
     group_name="training",
     op_tags=GPU_TAGS,

@@ -7,9 +7,12 @@ Dagster itself.)"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from synthvlm_assets.storage import StorageRoot
@@ -34,6 +37,25 @@ def config_json(
             "cache_dir": cache_dir,
         }
     )
+
+
+# The last line of a Python traceback: "[package.]SomeError: message" (or a bare "SomeError").
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::.*)?$")
+# torchrun's summary that one of its processes failed: the process's own exception, above it, says why.
+_LAUNCHER_ERRORS = ("ChildFailedError",)
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as the one line a person reads first: `ModelWeightsError: could not load ...`."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:1000] if first else type(exc).__name__
+
+
+def failure_cause(stderr_lines: Iterable[str]) -> str | None:
+    """The last exception line in a failed process's stderr (not the launcher's own summary), or None."""
+    found = [line.strip() for line in stderr_lines if _EXCEPTION_LINE.match(line.strip())]
+    own = [line for line in found if not line.split(":", 1)[0].endswith(_LAUNCHER_ERRORS)]
+    return (own or found or [None])[-1]
 
 
 def _pipes():
@@ -66,44 +88,53 @@ def main(argv: list[str] | None = None) -> int:
             cfg = json.load(f)
     storage = StorageRoot(cfg["storage_root"], cfg.get("s3_endpoint_url"))
     model = ModelSettings(**cfg["model"])
-    pipes = _pipes()
-    try:
+    # Closing the Pipes context on an exception reports it (its traceback reaches the run's event log).
+    with _pipes() or contextlib.nullcontext() as pipes:
+        try:
 
-        def report(row: dict) -> None:
-            line = (f"step {row['step']}/{row['total_steps']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                    f"samples/s {row['samples_per_second']:.1f} gpu_mem {row['gpu_memory_gib']:.1f} GiB")  # fmt: skip
-            if pipes is not None:
-                pipes.log.info(line)
+            def report(row: dict) -> None:
+                line = (
+                    f"step {row['step']}/{row['total_steps']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                    f"samples/s {row['samples_per_second']:.1f} gpu_mem {row['gpu_memory_gib']:.1f} GiB"
+                )
+                if pipes is not None:
+                    pipes.log.info(line)
+                else:
+                    print(json.dumps(row), flush=True)
+
+            if "stage2" in cfg:
+                r = train_stage2(
+                    storage,
+                    model,
+                    cfg["stage1_run_prefix"],
+                    Stage2Settings(**cfg["stage2"]),
+                    report,
+                    cfg.get("cache_dir"),
+                )
             else:
-                print(json.dumps(row), flush=True)
-
-        if "stage2" in cfg:
-            r = train_stage2(
-                storage, model, cfg["stage1_run_prefix"], Stage2Settings(**cfg["stage2"]), report, cfg.get("cache_dir")
-            )
-        else:
-            r = train_stage1(
-                storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir")
-            )
-        loop = r.loop
-        if pipes is not None:
-            pipes.report_asset_materialization(
-                metadata={
-                    "run_prefix": {"raw_value": storage.uri(r.run_prefix), "type": "path"},
-                    "steps": {"raw_value": loop.steps, "type": "int"},
-                    "samples": {"raw_value": loop.samples, "type": "int"},
-                    "resumed_from_step": {"raw_value": loop.resumed_from_step, "type": "int"},
-                    "final_loss": {"raw_value": loop.losses[-1] if loop.losses else float("nan"), "type": "float"},
-                    "samples_per_second": {"raw_value": loop.samples_per_second, "type": "float"},
-                    "peak_gpu_memory_gib": {"raw_value": loop.peak_memory_gib, "type": "float"},
-                    "processes": {"raw_value": r.summary["processes"], "type": "int"},
-                    "device": {"raw_value": r.summary["device"], "type": "text"},
-                },
-                data_version=r.run_prefix.rsplit("/", 1)[-1],
-            )
-    finally:
-        if pipes is not None:
-            pipes.close()
+                r = train_stage1(
+                    storage, model, Stage1Settings(**cfg["stage1"]), report=report, cache_dir=cfg.get("cache_dir")
+                )
+            loop = r.loop
+            if pipes is not None:
+                pipes.report_asset_materialization(
+                    metadata={
+                        "run_prefix": {"raw_value": storage.uri(r.run_prefix), "type": "path"},
+                        "steps": {"raw_value": loop.steps, "type": "int"},
+                        "samples": {"raw_value": loop.samples, "type": "int"},
+                        "resumed_from_step": {"raw_value": loop.resumed_from_step, "type": "int"},
+                        "final_loss": {"raw_value": loop.losses[-1] if loop.losses else float("nan"), "type": "float"},
+                        "samples_per_second": {"raw_value": loop.samples_per_second, "type": "float"},
+                        "peak_gpu_memory_gib": {"raw_value": loop.peak_memory_gib, "type": "float"},
+                        "processes": {"raw_value": r.summary["processes"], "type": "int"},
+                        "device": {"raw_value": r.summary["device"], "type": "text"},
+                    },
+                    data_version=r.run_prefix.rsplit("/", 1)[-1],
+                )
+        except Exception as exc:
+            if pipes is not None:  # the step fails with this line as its cause (defs/training.py)
+                pipes.report_custom_message({"error": error_line(exc)})
+            raise
     return 0
 
 
