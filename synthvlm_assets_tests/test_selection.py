@@ -95,6 +95,14 @@ def brute_force(rows: list[dict], lam: float, k: int) -> list[tuple[str, int]]:
     return [(r["caption_id"], r["candidate"]) for r in ranked[:k]]
 
 
+def test_scoring_sits_beside_synthesis():
+    from synthvlm_assets.defs.build import Settings, build_definitions
+
+    graph = build_definitions(Settings()).resolve_asset_graph()
+    group = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
+    assert group["image_scores"] == group["sdxl_images"] == "synthesis" and group["synthvlm_100k"] == "selection"
+
+
 @pytest.mark.parametrize("lam", [0.5, 0.0, 2.0])
 def test_selection_equals_brute_force(lam):
     rng = random.Random(1)
@@ -163,7 +171,22 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
         r = materialize([synthvlm_100k], instance=instance, resources=defs.resources, selection=[synthvlm_100k])
         assert r.success and all(c.passed for c in r.get_asset_check_evaluations())
         md = instance.get_latest_materialization_event(AssetKey("synthvlm_100k")).asset_materialization.metadata
+        scores_md = instance.get_latest_materialization_event(AssetKey("image_scores")).asset_materialization.metadata
+        sdxl_md = [
+            r.event_log_entry.asset_materialization.metadata
+            for r in instance.fetch_materializations(AssetKey("sdxl_images"), limit=10).records
+        ]
     assert md["records"].value == 20
+    # The dataset: plots where a person looks, the paper's Table 4 as a table, numbers rounded.
+    assert md["hist_all"].value.startswith("![plot](data:image/png;base64,") and "contact_sheet" in md
+    table4 = {r.data["set"]: r.data for r in md["vs_table_4"].value.records}
+    assert table4["SynthVLM-100K (paper)"]["CLIPScore"] == 0.36 and table4["COCO-Caption (paper)"]["score"] is None
+    assert md["threshold"].value == round(md["threshold"].value, 4)
+    # A shard's scores: a percentile table, no plot; the contact sheet only on the file's first shard.
+    rows = {r.data["value"]: r.data for r in scores_md["scores"].value.records}
+    assert set(rows) == {"clip_score", "ssim", "score"} and rows["ssim"]["min"] <= rows["ssim"]["p50"] <= 1
+    assert not any("base64" in str(v.value) for v in scores_md.values())
+    assert sorted("contact_sheet" in m for m in sdxl_md) == [False, True]
     root = settings.resources()["storage"].root()
     base = root.manifest("synthvlm_100k")["prefix"]
     folder = tmp_path / "root" / base
