@@ -10,7 +10,6 @@ export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 mkdir -p "$DAGSTER_HOME" && cp -n dagster.yaml "$DAGSTER_HOME/dagster.yaml" 2>/dev/null || true
 inputs=("$@")
 [ ${#inputs[@]} -gt 0 ] || inputs=(data/coco_captions_val2017_sample.json)
-# The tiny preset: the real architectures with random weights, offline on a CPU (labelled as meaningless).
-export SYNTHVLM_JUDGE_MODEL="${SYNTHVLM_JUDGE_MODEL:-tiny}" SYNTHVLM_SDXL_MODEL="${SYNTHVLM_SDXL_MODEL:-tiny}"
-export SYNTHVLM_CLIP_MODEL="${SYNTHVLM_CLIP_MODEL:-tiny}"
+# Unless SYNTHVLM_PRESET says otherwise, `synthvlm demo` runs every model not set by its own variable on the tiny
+# preset: the real architectures with random weights, offline on a CPU (labelled as meaningless).
 .venv/bin/synthvlm demo --input "${inputs[@]}" --image-shards "${SYNTHVLM_IMAGE_SHARDS:-1}"

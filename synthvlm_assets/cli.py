@@ -154,6 +154,18 @@ def summary(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def ui_command(settings: Settings) -> str:
+    """The `dagster dev` command line that serves the UI on this instance with these settings (the README's)."""
+    import shlex
+
+    env = {**({"SYNTHVLM_PRESET": settings.preset} if settings.preset else {}), **settings.environment()}
+    env["DAGSTER_HOME"] = os.environ["DAGSTER_HOME"]
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    if not os.path.relpath(dagster).startswith(".."):
+        dagster = os.path.relpath(dagster)
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), dagster, "dev"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,11 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from synthvlm_assets.captions.judge.stage import load_judge
         from synthvlm_assets.defs.resources import JudgeResource
 
-        model = args.model or settings.judge.get("model") or JudgeResource().model
+        given = settings.resource_fields()["judge"]
+        model = args.model or given.get("model") or JudgeResource().model
         judge = load_judge(
-            JudgeResource(
-                **{**settings.judge, "model": model, "backend": "transformers", "endpoint_url": None}
-            ).settings()
+            JudgeResource(**{**given, "model": model, "backend": "transformers", "endpoint_url": None}).settings()
         )
         server = make_server(judge.backend, model, args.host, args.port)
         print(
@@ -231,22 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         con.sql(args.query).show(max_rows=50, max_width=200)
         return 0
 
-    if args.command == "demo" and "model" not in settings.synthesis:
+    if args.command == "demo" and settings.preset is None:
         print(
-            "demo: SYNTHVLM_SDXL_MODEL is not set, so images come from the tiny preset (random weights, meaningless)"
+            "demo: SYNTHVLM_PRESET is not set, so every model not set by its own variable is the tiny preset (random "
+            "weights: images, verdicts, scores and checkpoint are meaningless)"
         )
-        settings.synthesis["model"] = "tiny"
-    if args.command == "demo" and "model" not in settings.judge:
-        print(
-            "demo: SYNTHVLM_JUDGE_MODEL is not set, so the caption judge is the tiny preset (random weights, "
-            "meaningless verdicts)"
-        )
-        settings.judge["model"] = "tiny"
-    if args.command == "demo" and "clip_model" not in settings.scoring:
-        settings.scoring["clip_model"] = "tiny"
-    if args.command == "demo" and "llm" not in settings.training:
-        print("demo: SYNTHVLM_LLAVA_LLM is not set, so stage 1 trains the tiny preset (random weights, meaningless)")
-        settings.training.update(vision_tower="tiny", llm="tiny")
+        settings.preset = "tiny"
     instance = _instance()
     recover_dead_runs(instance)  # no daemon in the embedded default: runs left by a killed synthvlm, freed
     if args.command in ("demo", "register"):
@@ -263,10 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.image_shards and not failures and not args.no_training:
             failures += materialize_training(settings, instance)
         print(summary(settings))
-        print(
-            f"tables: {settings.resources()['storage'].root().uri()}  |  UI: "
-            f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} dagster dev"
-        )
+        print(f"tables: {settings.resources()['storage'].root().uri()}")
+        print(f"UI, with the settings of this run: {ui_command(settings)}")
         return 1 if failures else 0
     return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0
 

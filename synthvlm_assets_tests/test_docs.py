@@ -36,6 +36,20 @@ def test_every_environment_variable_in_the_code_is_documented_and_vice_versa():
     )
 
 
+def test_each_variable_is_documented_with_the_resource_field_it_sets():
+    """The table names, for each variable, the field that `ENV_FIELDS` (the one map) sets with it."""
+    from synthvlm_assets.defs.settings import ENV_FIELDS, LOCATION_ENV
+
+    rows = {
+        m.group(1): line
+        for line in CONFIGURATION.read_text(encoding="utf-8").splitlines()
+        if (m := re.match(r"\| `(SYNTHVLM_[A-Z0-9_]+)` \|", line))
+    }
+    wrong = [f"{var} -> {target}" for var, target in ENV_FIELDS.items() if f"`{target}`" not in rows.get(var, "")]
+    assert not wrong, f"docs/configuration.md does not name the field these variables set: {wrong}"
+    assert set(ENV_FIELDS) | set(LOCATION_ENV) <= set(rows)
+
+
 def test_every_resource_field_is_documented():
     from synthvlm_assets.definitions import defs
 

@@ -122,7 +122,6 @@ def _throttled(log, every_s: float = 30.0):
 @asset(
     deps=["llava_stage2_export"],
     partitions_def=benchmark_tasks,
-    code_version="1",
     kinds={"pytorch"},
     group_name="evaluation",
     op_tags=GPU_TAGS,

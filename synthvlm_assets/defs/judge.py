@@ -1,7 +1,15 @@
 """SPEC §1's LLM judge as an asset: judged_captions, one partition per caption shard, on a GPU worker."""
 
 import pyarrow.compute as pc
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from synthvlm_assets.captions.judge.prompt import INSTRUCTION
 from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
@@ -20,7 +28,6 @@ from synthvlm_assets.progress import ProgressLog
     deps=[CURATED],
     partitions_def=caption_shards,
     retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="captions",
     check_specs=[
@@ -79,29 +86,32 @@ def pair_filtered_captions(
     )
 
 
-@asset(
-    deps=[pair_filtered_captions],
-    partitions_def=caption_shards,
-    retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
-    kinds={"pytorch", "parquet"},
-    group_name="captions",
-    pool="gpu",
-    op_tags=GPU_TAGS,
-    check_specs=[
-        AssetCheckSpec(
-            "every_caption_judged",
-            asset=ASSET,
-            blocking=True,
-            description="One verdict per caption that passed the pair filters.",
-        ),
-        AssetCheckSpec(
-            "only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."
-        ),
-    ],
-)
-@retry_only_transient
-def judged_captions(
+def judged_captions_asset(op_tags: dict) -> AssetsDefinition:
+    """judged_captions with the op tags of its step (defs/build.py: the GPUs of the judge's settings)."""
+    return asset(
+        name=ASSET,
+        deps=[pair_filtered_captions],
+        partitions_def=caption_shards,
+        retry_policy=SHARD_RETRY_POLICY,
+        kinds={"pytorch", "parquet"},
+        group_name="captions",
+        pool="gpu",
+        op_tags=op_tags,
+        check_specs=[
+            AssetCheckSpec(
+                "every_caption_judged",
+                asset=ASSET,
+                blocking=True,
+                description="One verdict per caption that passed the pair filters.",
+            ),
+            AssetCheckSpec(
+                "only_yes_kept", asset=ASSET, blocking=True, description="Kept captions are exactly the Yes verdicts."
+            ),
+        ],
+    )(retry_only_transient(_judged_captions))
+
+
+def _judged_captions(
     context: AssetExecutionContext, storage: StorageResource, judge: JudgeResource
 ) -> MaterializeResult:
     """Captions (curated, past the pair filters) the LLM judge finds fit for image generation (SPEC §1).
@@ -164,3 +174,6 @@ def judged_captions(
             ),
         ],
     )
+
+
+judged_captions = judged_captions_asset(GPU_TAGS)

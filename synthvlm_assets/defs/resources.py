@@ -203,7 +203,8 @@ class JudgeResource(ConfigurableResource):
         default=None, description="Restrict the answer to Yes/No (default: off; on for tiny)."
     )
     tensor_parallel_size: int = Field(
-        default=_JUDGE.tensor_parallel_size, description="vllm: GPUs per judge (70B bf16: 4-8)."
+        default=_JUDGE.tensor_parallel_size,
+        description="vllm: GPUs per judge (70B bf16: 4-8); its step's pod requests as many.",
     )
     quantization: str | None = Field(default=None, description='vllm: e.g. "fp8" (70B on 2 H100s).')
     max_model_len: int = _JUDGE.max_model_len
@@ -213,6 +214,10 @@ class JudgeResource(ConfigurableResource):
 
     def settings(self) -> JudgeSettings:
         return _preset_settings(self, JudgeSettings)
+
+    def gpus(self) -> int:
+        """GPUs a judge step holds: none when a server judges (http), else one per tensor-parallel rank."""
+        return 0 if self.backend == "http" else self.tensor_parallel_size
 
 
 _CLIP, _SSIM, _SEL = ClipSettings(), SSIMSettings(), SelectionSettings()

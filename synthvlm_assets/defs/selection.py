@@ -37,7 +37,6 @@ from synthvlm_assets.selection import select
     deps=[sdxl_images],
     partitions_def=caption_shards,
     retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
     kinds={"pytorch", "parquet"},
     group_name="synthesis",  # per shard, on the GPU, one row per image: beside the images it scores
     pool="gpu",
@@ -90,7 +89,6 @@ def image_scores(
 
 @asset(
     deps=[image_scores],
-    code_version="1",
     kinds={"duckdb", "json", "webdataset", "parquet"},
     group_name="selection",
     check_specs=[

@@ -14,7 +14,7 @@ from synthvlm_assets.captions.sources import SourceFormatError, list_caption_fil
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, StorageResource
 from synthvlm_assets.shards import ShardRegistry, ShardRegistryError, fingerprint
-from synthvlm_assets.storage import split_protocol
+from synthvlm_assets.storage import local_or_absolute, split_protocol
 
 
 def register_new_files(
@@ -25,6 +25,7 @@ def register_new_files(
     Returns the new shard keys and, per file that could not be registered, why (files in `skip` with
     an unchanged fingerprint are not scanned again).
     """
+    input_uri = local_or_absolute(input_uri)  # the variable's value may be relative to the working directory
     fs = registry.source_fs(input_uri)
     protocol, path = split_protocol(input_uri)
     if not fs.exists(path):

@@ -32,7 +32,6 @@ FLAGGED_ROWS = 20  # flagged images listed in the metadata (all of them are in t
     deps=[judged_captions],
     partitions_def=caption_shards,
     retry_policy=SHARD_RETRY_POLICY,
-    code_version="1",
     kinds={"pytorch", "webdataset"},
     group_name="synthesis",
     pool="gpu",
