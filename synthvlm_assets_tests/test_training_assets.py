@@ -175,3 +175,22 @@ def test_failure_cause_skips_the_launcher_summary():
     )
     assert failure_cause(stderr[3:]) == "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
     assert failure_cause(["all good", "Killed"]) is None
+
+
+def test_training_job_runs_on_the_settings_of_the_ui_command(tmp_path, monkeypatch):
+    """The code location as `dagster dev` builds it from SYNTHVLM_PRESET=tiny alone (the README's UI command):
+    its resources read the variables when the run starts, and stage 1, its export and evaluation run offline."""
+    import os
+
+    for var in [v for v in os.environ if v.startswith("SYNTHVLM_")]:
+        monkeypatch.delenv(var)
+    root = StorageRoot(str(tmp_path / "root"))
+    publish_toy_dataset(root, 40)
+    monkeypatch.setenv("SYNTHVLM_PRESET", "tiny")
+    monkeypatch.setenv("SYNTHVLM_STORAGE_ROOT", root.root_uri)
+    defs = build_definitions(Settings.from_env())
+    assert defs.resources["training"].llm.env_var_name == "SYNTHVLM_PRESET"
+    with instance_for_test() as instance:
+        result = defs.resolve_job_def(TRAINING_JOB).execute_in_process(instance=instance)
+        assert result.success
+    assert root.manifest("llava_stage1")["tiny"] is True
