@@ -24,3 +24,8 @@ fi
 .venv/bin/pip install -q -e ".[$extra]"
 find .venv -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
 touch ".venv/.installed-$hash-$extra"
+# The browser test (test_ui_browser.py) uses Debian's Chromium, not a Playwright download; it skips without
+# it (.ci/run installs it and makes it required).
+if [ "$extra" = test ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "note: no chromium on PATH: the browser test will skip (apt-get install chromium)" >&2
+fi
