@@ -90,7 +90,8 @@ class DagsterDev:
             DAGSTER_HOME=str(home),
             SYNTHVLM_STORAGE_ROOT=str(self.storage_root),
             SYNTHVLM_SHARD_ROWS=str(SHARD_ROWS),
-            # The tiny preset (README: the UI); curation itself needs no model.
+            # The README's UI command (the tiny preset); curation itself needs no model.
+            SYNTHVLM_PRESET="tiny",
             SYNTHVLM_JUDGE_MODEL="tiny",
             SYNTHVLM_SDXL_MODEL="tiny",
             SYNTHVLM_CLIP_MODEL="tiny",
@@ -263,8 +264,10 @@ def test_backfill_two_shards_from_the_ui(
             # 1. The asset graph, narrowed to the caption_curation multi-asset.
             page.goto(f"{dagster_dev.url}/asset-groups")
             page.get_by_label("Search and filter assets").focus()
-            page.keyboard.type("key:raw_caption_pool or key:curated_captions")
+            selection = "key:raw_caption_pool or key:curated_captions"
+            page.keyboard.type(selection)
             page.keyboard.press("Enter")
+            expect(page).to_have_url(re.compile(re.escape(f"/asset-groups~{quote(selection)}")))
             expect(page.get_by_text("raw_caption_pool", exact=True).first).to_be_visible()
             expect(page.get_by_text("curated_captions", exact=True).first).to_be_visible()
             shot("asset_graph")
