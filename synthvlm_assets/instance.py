@@ -1,55 +1,66 @@
-"""The embedded default's event log (dagster.yaml): Dagster's SQLite event log storage, made cheap per event.
+"""The embedded default's event log (dagster.yaml): one SQLite database, written cheaply per event.
 
-Dagster's SQLite storage (one database per run plus an index database, same files, same schema) builds
-a new SQLAlchemy engine for every operation and commits every event with a full fsync: ~15 ms an event
-on an idle laptop, and a curation run over 1,000 shards writes ~7,000 events (two materializations and
-five check results a shard). This subclass keeps one engine per database and opens SQLite in WAL mode
-with synchronous=NORMAL, its documented setting for WAL (a crashed process loses nothing; a power cut may
-lose the last events). Deployments use PostgreSQL (docker/dagster.yaml) and are not affected.
+Dagster's default SQLite event log keeps a database per run plus an index database and mirrors every asset
+and check event into the index (check results a third time, in their table): a curation run over 1,000
+shards wrote 81 MB. It also builds a new SQLAlchemy engine per operation and commits with a full fsync
+(~15 ms an event; a 1,000-shard run writes ~9,000). This storage is Dagster's consolidated SQLite layout
+(the schema and SQL that Dagster's PostgreSQL storage uses: each event stored once) with one engine per
+process, WAL and synchronous=NORMAL, SQLite's documented setting for WAL (a crashed process loses nothing;
+a power cut may lose the last events). Deployments use PostgreSQL (docker/dagster.yaml) and are not affected.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import sqlite3
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as db
 from dagster import StringSource
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from dagster._core.storage.event_log.sqlite.consolidated_sqlite_event_log import ConsolidatedSqliteEventLogStorage
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy.pool import StaticPool
-
-_OPEN_ENGINES = 64  # run databases stay open while their run writes; older ones are closed
+from watchdog.events import FileSystemEvent, PatternMatchingEventHandler
+from watchdog.observers import Observer
 
 
 def _pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # Before a new database's first table (a no-op later): pages freed by Dagster's updates of its status
-    # rows go back to the file system instead of piling up (3/4 of a 1,000-shard run's index, otherwise).
-    cursor.execute("PRAGMA auto_vacuum=FULL")
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA journal_size_limit=1048576")  # the WAL shrinks back to 1 MB after a checkpoint
+    cursor.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back to 4 MB after a checkpoint
     cursor.close()
 
 
-class LocalEventLogStorage(SqliteEventLogStorage):
-    """SQLite event log under `<dagster_home>/history/runs` (Dagster's own layout), one engine per database."""
+def _create(path: str) -> None:
+    """An empty database whose freed pages go back to the file system (Dagster updates each check result's
+    row in place, from planned to evaluated) and that is in WAL mode from its first write."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA auto_vacuum=FULL")  # only before the first table
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+
+
+class LocalEventLogStorage(ConsolidatedSqliteEventLogStorage):
+    """Every run's events in `<dagster_home>/history/event_log.db`, through one engine per process."""
 
     def __init__(self, dagster_home: str, inst_data: ConfigurableClassData | None = None) -> None:
-        self._engines: OrderedDict[str, db.engine.Engine] = OrderedDict()
+        self._engine: db.engine.Engine | None = None
+        self._lock = threading.Lock()
         self._tables: set[str] = set()
-        base_dir = os.path.join(dagster_home, "history", "runs")
-        new_index = not os.path.exists(os.path.join(base_dir, "index.db"))
-        super().__init__(base_dir, inst_data)  # creates the index database with an engine of its own
-        if new_index:  # still empty: cheap to rebuild with auto_vacuum
-            with self._engine("index").connect() as conn:
-                conn.exec_driver_sql("PRAGMA auto_vacuum=FULL")
-                conn.exec_driver_sql("VACUUM")
+        base_dir = os.path.join(dagster_home, "history")
+        new = not os.path.exists(os.path.join(base_dir, "event_log.db"))
+        if new:
+            _create(os.path.join(base_dir, "event_log.db"))
+        super().__init__(base_dir, inst_data)  # sees the file, so leaves the schema to us
+        if new:
+            self._init_db()
 
     @classmethod
     def config_type(cls) -> dict[str, Any]:
@@ -59,33 +70,48 @@ class LocalEventLogStorage(SqliteEventLogStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]) -> Any:
         return cls(inst_data=inst_data, **config_value)
 
-    def _engine(self, shard: str) -> db.engine.Engine:
-        engine = self._engines.pop(shard, None)
-        if engine is None:
-            engine = db.create_engine(
-                self.conn_string_for_shard(shard),
-                # One open connection per database, used under the storage's lock: closing the last
-                # connection of a WAL database checkpoints it (an fsync), so it stays open.
-                poolclass=StaticPool,
-                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
-            )
-            db.event.listen(engine, "connect", _pragmas)
-            if shard not in self._initialized_dbs:
-                self._initdb(engine)
-                self._initialized_dbs.add(shard)
-        self._engines[shard] = engine
-        while len(self._engines) > _OPEN_ENGINES:
-            self._engines.popitem(last=False)[1].dispose()
-        return engine
+    @contextmanager
+    def _connect(self) -> Iterator[db.engine.Connection]:
+        # One open connection, used under a lock: the webserver and the run workers are threaded, and
+        # closing a WAL database's last connection checkpoints it (an fsync), so it stays open.
+        with self._lock:
+            if self._engine is None:
+                self._engine = db.create_engine(
+                    self._conn_string,
+                    poolclass=StaticPool,
+                    connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+                )
+                db.event.listen(self._engine, "connect", _pragmas)
+            with self._engine.connect() as conn, conn.begin():
+                yield conn
 
     def has_table(self, table_name: str) -> bool:
         """Asked for every event (a new engine each time upstream); tables are only ever added."""
-        if table_name not in self._tables and super().has_table(table_name):  # may run under the lock
+        if table_name not in self._tables and super().has_table(table_name):  # own engine: may run under the lock
             self._tables.add(table_name)
         return table_name in self._tables
 
-    @contextmanager
-    def _connect(self, shard: str) -> Iterator[db.engine.Connection]:
-        with self._db_lock:
-            with self._engine(shard).connect() as conn, conn.begin():
-                yield conn
+    def watch(self, run_id: str, cursor: str | None, callback: Any) -> None:
+        """As upstream, but a commit in WAL mode changes `event_log.db-wal`, not `event_log.db`: watch both,
+        or the UI's live run log would wait for a checkpoint."""
+        if not self._obs:
+            self._obs = Observer()
+            self._obs.start()
+            self._obs.schedule(_Changes(self), self._base_dir, recursive=False)
+        self._watchers[run_id][callback] = cursor
+
+    def dispose(self) -> None:
+        super().dispose()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+class _Changes(PatternMatchingEventHandler):
+    def __init__(self, storage: LocalEventLogStorage) -> None:
+        self._storage = storage
+        path = storage.get_db_path()
+        super().__init__(patterns=[path, f"{path}-wal"])
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        self._storage.on_modified()

@@ -37,7 +37,7 @@ PER_SHARD = [
     "image_scores",
 ]
 GPU_STEPS = {"judged_captions", "sdxl_images", "image_scores"}
-CHECKS_PER_SHARD = 3 + 2 + 1 + 2 + 3 + 2  # raw, curated, pair filters, judge, images, scores
+CHECKS_PER_SHARD = 1 + 1 + 1 + 2 + 3 + 2  # raw, curated, pair filters, judge, images, scores
 SHARD_ROWS = 12
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 

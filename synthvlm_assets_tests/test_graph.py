@@ -19,7 +19,7 @@ from dagster import (
 from synthvlm_assets.captions.filters import RuleFilterSettings, caption_stats, failed_filters
 from synthvlm_assets.captions.normalize import normalize_caption
 from synthvlm_assets.defs.build import Settings, build_definitions
-from synthvlm_assets.defs.captions import caption_curation
+from synthvlm_assets.defs.captions import CHECK_SPECS, caption_curation
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.sensors import caption_file_sensor
 from synthvlm_assets.query import connect
@@ -64,7 +64,7 @@ def run_shards(settings: Settings, instance: DagsterInstance, uri: str, order=No
         result = materialize([caption_curation], partition_key=key, instance=instance, resources=defs.resources)
         assert result.success
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 5 and all(c.passed for c in checks)
+        assert len(checks) == len(CHECK_SPECS) == 2 and all(c.passed for c in checks)
     return keys
 
 
@@ -137,12 +137,15 @@ def test_materialization_metadata(tmp_path, coco_path):
     md = mat.metadata
     assert md["kept"].value + md["rejected"].value == md["captions_in"].value
     filters = {r.data["filter"]: r.data for r in md["filters"].value.records}
-    assert filters["perplexity"]["fails (alone)"] == "skipped" and filters["special_character_ratio"]["p50"] > 0
-    assert sum(filters[f]["rejected by (first failing)"] for f in filters) == md["rejected"].value
+    assert filters["perplexity"]["fails alone"] == "skipped"
+    p5, p50, p95 = map(float, filters["special_character_ratio"]["p5 / p50 / p95"].split(" / "))
+    assert 0 < p5 <= p50 <= p95
+    assert sum(filters[f]["rejected"] for f in filters) == md["rejected"].value
+    verdicts = [r.data["verdict"] for r in md["samples"].value.records]
+    assert "kept" in verdicts and any(v != "kept" for v in verdicts)
     # per shard: figures and small tables, no rendered plot (milliseconds per shard, a small event log)
-    assert not any("base64" in str(v.value) for v in md.values()) and len(serialize_value(mat)) < 16_000
-    assert md["kept_parquet"].value.endswith(f"curated_captions/{key}/kept.parquet")
-    assert md["perplexity"].value.startswith("skipped")
+    assert not any("base64" in str(v.value) for v in md.values()) and len(serialize_value(mat)) < 8_000
+    assert md["parquet"].value.endswith(f"curated_captions/{key}")
 
 
 def test_sensor_registers_new_files_once(tmp_path, coco_path):

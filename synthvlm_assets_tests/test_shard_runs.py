@@ -12,6 +12,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from synthvlm_assets.cli import materialize, register
 from synthvlm_assets.defs.automation import automation_sensor
 from synthvlm_assets.defs.build import CURATION_JOB, Settings, build_definitions
+from synthvlm_assets.defs.captions import CHECK_SPECS
 
 CAPTIONS = [
     f"A {c} {a} sits on a wooden bench in the park."
@@ -53,8 +54,15 @@ def test_one_run_covers_many_shards_each_materialized_and_checked_on_its_own(tmp
             {(a, k): 1 for a in ("raw_caption_pool", "curated_captions") for k in keys}
         )
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 5 * len(keys) and all(c.passed for c in checks)
+        assert len(checks) == len(CHECK_SPECS) * len(keys) and all(c.passed for c in checks)
         assert {c.partition for c in checks} == set(keys)
+        # each check names its shard's materialization, as for a single-shard run (the UI's "Missing" otherwise)
+        storage_ids = {
+            (r.asset_key, r.partition_key): r.storage_id
+            for a in ("raw_caption_pool", "curated_captions")
+            for r in instance.fetch_materializations(AssetKey(a), limit=100).records
+        }
+        assert {(c.asset_key, c.partition): c.target_materialization_data.storage_id for c in checks} == storage_ids
         # each shard's own figures, not the range's
         kept = {m.partition: m.metadata["kept"].value for m in mats if m.asset_key == AssetKey("curated_captions")}
         assert kept[keys[0]] == len(CAPTIONS) and kept[keys[-1]] == 0  # the second file repeats the first's captions
@@ -158,8 +166,9 @@ if __name__ == "__main__":
 
 
 def test_the_embedded_instance_event_log(tmp_path):
-    """The repo's dagster.yaml (the embedded default): its event log keeps Dagster's layout and schema (the
-    instance reads back every materialization) in WAL mode with auto_vacuum (freed pages do not pile up)."""
+    """The repo's dagster.yaml (the embedded default): its event log is one database with Dagster's schema (the
+    instance reads back every materialization, each stored once) in WAL mode with auto_vacuum (freed pages do
+    not pile up), and no per-run databases."""
     import os
     import shutil
     import sqlite3
@@ -179,10 +188,12 @@ def test_the_embedded_instance_event_log(tmp_path):
         out = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
     assert "curated 3/3 shards in 1 run(s)" in out.stdout
-    for name in ("index.db", *(p.name for p in (home / "history" / "runs").glob("*-*.db"))):
-        db = sqlite3.connect(home / "history" / "runs" / name)
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 1
+    assert not list((home / "history").glob("runs/*.db"))
+    db = sqlite3.connect(home / "history" / "event_log.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 1
+    per_type = dict(db.execute("SELECT dagster_event_type, count(*) FROM event_logs GROUP BY 1").fetchall())
+    assert per_type["ASSET_MATERIALIZATION"] == 2 * 3  # raw + curated per shard, once
     os.environ["DAGSTER_HOME"] = str(home)
     try:
         with DagsterInstance.get() as instance:

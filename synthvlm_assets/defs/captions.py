@@ -9,6 +9,7 @@ run materializes every other shard of its range, then fails naming the shards th
 
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from dagster import (
@@ -21,8 +22,10 @@ from dagster import (
     AssetMaterialization,
     AssetsDefinition,
     AssetSpec,
+    AssetRecordsFilter,
     BackfillPolicy,
     DagsterEventType,
+    DagsterInstance,
     DataVersion,
     Failure,
     MaterializeResult,
@@ -31,8 +34,12 @@ from dagster import (
     multi_asset,
 )
 
-# The tags Dagster puts on a materialization it derives from an output; written here for the
-# materializations of a range, which Dagster can only derive with one data version for all of them.
+# What Dagster derives from a step's output and check results, written here for each shard of a range
+# (Dagster can only derive one data version for all of them): the materialization's tags and the
+# checks' target materialization.
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
@@ -57,15 +64,16 @@ RAW_KEY, CURATED_KEY = AssetKey(RAW), AssetKey(CURATED)
 # so a run over many shards records them per shard, and the UI shows them per partition.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", PreviewWarning)
+    # One check per asset and shard, its conditions in its metadata: in the embedded event log each check
+    # result costs ~4 KB a shard (its event, its row, the row's growth from planned to evaluated).
     CHECK_SPECS = [
         AssetCheckSpec("rows_accounted_for", asset=RAW, blocking=True, partitions_def=caption_shards,
-                       description="Shard rows = captions + malformed rows."),
-        AssetCheckSpec("unique_caption_ids", asset=RAW, blocking=True, partitions_def=caption_shards),
-        AssetCheckSpec("shard_size", asset=RAW, partitions_def=caption_shards,
-                       description="1 <= shard rows <= the shard size its file was registered with."),
+                       description="Every row of the shard is a caption or a malformed row with its reason, "
+                       "once: rows = captions + malformed, unique caption ids, 1 <= rows <= the shard size "
+                       "its file was registered with."),
         AssetCheckSpec("rows_accounted_for", asset=CURATED, blocking=True, partitions_def=caption_shards,
-                       description="Raw captions = kept + rejected."),
-        AssetCheckSpec("unique_caption_ids", asset=CURATED, blocking=True, partitions_def=caption_shards),
+                       description="Every raw caption is kept or rejected with its reason, once: raw captions "
+                       "= kept + rejected, unique caption ids."),
     ]  # fmt: skip
 
 
@@ -108,7 +116,7 @@ def caption_curation_asset(shards_per_run: int) -> AssetsDefinition:
     ) -> Iterator[Any]:
         selected = context.selected_asset_keys
         keys = _still_to_do(context, selected) if context.retry_number else list(context.partition_keys)
-        emit = _emit_result if len(context.partition_keys) == 1 else _emit_events
+        emit = _emit_result if len(context.partition_keys) == 1 else partial(_emit_events, context.instance)
         versions = context.assets_def.code_versions_by_key
         root, settings = storage.root(), curation.settings()
         failed: list[ShardOutcome] = []
@@ -179,19 +187,32 @@ def _emit_result(key, asset_key, metadata, data_version, checks: Checks, code_ve
     )
 
 
-def _emit_events(key, asset_key, metadata, data_version, checks: Checks, code_version, parent) -> Iterator[Any]:
-    """A shard of a range: its own materialization (with its own data version) and check results."""
+def _emit_events(
+    instance: DagsterInstance, key, asset_key, metadata, data_version, checks: Checks, code_version, parent
+) -> Iterator[Any]:
+    """A shard of a range: its own materialization (with its own data version) and check results, which
+    name that materialization as their target, as Dagster does for a check result (else the UI's check
+    partitions read "Missing" for the shards of a range)."""
     tags = {CODE_VERSION_TAG: code_version or "", DATA_VERSION_TAG: data_version.value,
             DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}  # fmt: skip
     if asset_key == CURATED_KEY:
         tags[get_input_data_version_tag(RAW_KEY)] = parent.value if parent else "INITIAL"
         tags[get_input_event_pointer_tag(RAW_KEY)] = NULL_EVENT_POINTER
     yield AssetMaterialization(asset_key=asset_key, partition=key, metadata=metadata, tags=tags)
+    # Stored by the time the step resumes here.
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key, asset_partitions=[key]), limit=1).records
+    target = (
+        AssetCheckEvaluationTargetMaterializationData(
+            storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
+        )
+        if records
+        else None
+    )
     blocking = {spec.name for spec in CHECK_SPECS if spec.asset_key == asset_key and spec.blocking}
     for name, passed, severity, meta in checks:
         yield AssetCheckEvaluation(
             asset_key=asset_key, check_name=name, passed=passed, metadata=meta, severity=severity,
-            blocking=name in blocking, partition=key,
+            blocking=name in blocking, partition=key, target_materialization_data=target,
         )  # fmt: skip
 
 
@@ -203,19 +224,17 @@ def _raw(outcome: ShardOutcome, root: StorageRoot) -> tuple[dict[str, Any], Data
         "rows": r.rows,
         "captions": r.captions,
         "malformed": r.malformed,
-        "caption_length": table(["p5", "p50", "p95"], [list(r.caption_length.values())] if r.caption_length else []),
-        "captions_parquet": MetadataValue.path(root.uri(f"{r.prefix}/captions.parquet")),
+        "caption_chars_p5_p50_p95": " / ".join(f"{v:g}" for v in r.caption_length.values()) or "-",
+        "parquet": MetadataValue.path(root.uri(r.prefix)),
     }
     if r.malformed:  # an empty table costs the event log as much as a full one
         metadata["malformed_by_reason"] = table(["reason", "rows"], list(r.malformed_by_reason.items()))
         metadata["malformed_sample"] = table(["row", "reason", "detail"], r.malformed_sample)
-        metadata["malformed_parquet"] = MetadataValue.path(root.uri(f"{r.prefix}/malformed.parquet"))
-    counts = {"shard_rows": r.rows, "captions": r.captions, "malformed": r.malformed}
+    accounted = r.captions + r.malformed == r.rows and r.unique_ids and 1 <= r.rows <= shard.shard_rows
     checks: Checks = [
-        ("rows_accounted_for", r.captions + r.malformed == r.rows, AssetCheckSeverity.ERROR, counts),
-        ("unique_caption_ids", r.unique_ids, AssetCheckSeverity.ERROR, {}),
-        ("shard_size", 1 <= r.rows <= shard.shard_rows, AssetCheckSeverity.WARN,
-         {"rows": r.rows, "shard_rows": shard.shard_rows}),
+        ("rows_accounted_for", accounted, AssetCheckSeverity.ERROR,
+         {"rows": r.rows, "captions": r.captions, "malformed": r.malformed, "unique_ids": r.unique_ids,
+          "shard_rows": shard.shard_rows}),
     ]  # fmt: skip
     return metadata, manifest_data_version(r.manifest), checks
 
@@ -225,17 +244,16 @@ def _curated(
 ) -> tuple[dict[str, Any], DataVersion, Checks]:
     c: CuratedSummary = outcome.curated  # type: ignore[assignment]
     bounds = settings.bounds()
-    perplexity = "applied" if settings.perplexity_enabled else "skipped: no KenLM model configured"
     per_filter = [
         [
             name,
             _bound_text(bounds.get(name)),
-            c.fails_alone[name] if name in bounds else "skipped",
             c.rejected_by.get(name, 0),
-            *c.quantiles.get(name, {}).values(),
+            c.fails_alone[name] if name in bounds else "skipped",
+            " / ".join(f"{v:.4g}" for v in c.quantiles.get(name, {}).values()) or "-",
         ]
         for name in FILTER_NAMES
-    ] + [["duplicate", "first occurrence wins", c.rejected_by.get("duplicate", 0), c.rejected_by.get("duplicate", 0)]]
+    ] + [["duplicate", "first occurrence", c.rejected_by.get("duplicate", 0), c.rejected_by.get("duplicate", 0), "-"]]
     metadata = {
         "captions_in": c.captions_in,
         "kept": c.kept,
@@ -244,20 +262,19 @@ def _curated(
         **{f"rejected_by_{reason}": n for reason, n in sorted(c.rejected_by.items())},
         "earlier_shards": c.earlier_shards,
         "earlier_distinct_captions": c.earlier_distinct,
-        "perplexity": perplexity,
-        "filters": table(
-            ["filter", "keep when", "fails (alone)", "rejected by (first failing)", "p5", "p50", "p95"], per_filter
+        # Few columns: each costs ~250 bytes of schema per shard in the event log.
+        "filters": table(["filter", "keep", "rejected", "fails alone", "p5 / p50 / p95"], per_filter),
+        "samples": table(
+            ["verdict", "caption_id", "caption"],
+            [["kept", i, text] for i, text in c.kept_sample] + [[why, i, text] for i, why, text in c.rejected_sample],
         ),
-        "kept_sample": table(["caption_id", "caption"], c.kept_sample),
-        "rejected_sample": table(["caption_id", "reason", "caption"], c.rejected_sample),
-        "kept_parquet": MetadataValue.path(root.uri(f"{c.prefix}/kept.parquet")),
-        "rejected_parquet": MetadataValue.path(root.uri(f"{c.prefix}/rejected.parquet")),
+        "parquet": MetadataValue.path(root.uri(c.prefix)),
     }
-    counts = {"in": c.captions_in, "kept": c.kept, "rejected": c.rejected}
+    accounted = c.kept + c.rejected == c.captions_in and c.unique_ids
     checks: Checks = [
-        ("rows_accounted_for", c.kept + c.rejected == c.captions_in, AssetCheckSeverity.ERROR, counts),
-        ("unique_caption_ids", c.unique_ids, AssetCheckSeverity.ERROR, {}),
-    ]
+        ("rows_accounted_for", accounted, AssetCheckSeverity.ERROR,
+         {"in": c.captions_in, "kept": c.kept, "rejected": c.rejected, "unique_ids": c.unique_ids}),
+    ]  # fmt: skip
     return metadata, manifest_data_version(c.manifest), checks
 
 
