@@ -68,7 +68,8 @@ build() { # tag dockerfile [build args...]
   shift 2
   t0=$(date +%s)
   log="/tmp/synthvlm-build-${file##*/}.log"
-  if ! docker build --network host "${pip_args[@]}" -f "$ctx/$file" -t "$tag" "$@" "$ctx" > "$log" 2>&1; then
+  # --force-rm: a failed step's container (several GB for the worker's dependencies) does not stay behind.
+  if ! docker build --force-rm --network host "${pip_args[@]}" -f "$ctx/$file" -t "$tag" "$@" "$ctx" > "$log" 2>&1; then
     tail -40 "$log" >&2
     echo "build of $tag failed (log: $log)" >&2
     exit 1

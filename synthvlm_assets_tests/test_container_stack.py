@@ -43,6 +43,10 @@ SHARD_ROWS = 12
 FIXED_NAMES = {"network": "synthvlm", "volumes": {"synthvlm-dagster-storage", "synthvlm-cache"}}
 RUN_LABEL = "synthvlm.stack=synthvlm"
 REPORT = REPO / "build" / "container_test_report.json"
+WHEELHOUSE = REPO / "build" / "wheelhouse"
+# Peak disk use of building the images from nothing (docker/build.sh code worker with a wheelhouse), in GB,
+# measured with the free space sampled each second (docs/deployment.md): with a margin.
+BUILD_NEEDS_GB = {"wheelhouse": 3.5, "docker": 17.0, "docker_cached": 3.0}
 
 
 def _docker_reachable() -> str | None:
@@ -233,17 +237,45 @@ def report(request):
     _say(request, f"container stack: {json.dumps(doc)}")
 
 
+def _disk_shortfall() -> str | None:
+    """Why the images cannot be built on this disk, or None. Building the worker needs the wheelhouse, pip's
+    unpacked wheels, the installed layer and the builder's copy of it at once (measured in docs/deployment.md);
+    a filled wheelhouse or an existing worker image (its dependency layer cached) needs much less."""
+    docker_root = Path(sh("docker", "info", "-f", "{{.DockerRootDir}}").stdout.strip())
+    wheels_gb = 0.0 if any(WHEELHOUSE.glob(".filled-*")) else BUILD_NEEDS_GB["wheelhouse"]
+    cached = sh("docker", "image", "inspect", WORKER_IMAGE, check=False).returncode == 0
+    docker_gb = BUILD_NEEDS_GB["docker_cached" if cached else "docker"]
+    wheelhouse = WHEELHOUSE if WHEELHOUSE.exists() else REPO
+    if not docker_root.exists():  # a remote engine: only the wheelhouse is here
+        need = {str(wheelhouse): wheels_gb}
+    elif os.stat(docker_root).st_dev == os.stat(wheelhouse).st_dev:
+        need = {str(docker_root): wheels_gb + docker_gb}
+    else:
+        need = {str(wheelhouse): wheels_gb, str(docker_root): docker_gb}
+    short = [
+        f"{where}: {free:.1f} GB free, needs {gb:.0f} GB"
+        for where, gb in need.items()
+        if (free := shutil.disk_usage(where).free / 1e9) < gb
+    ]
+    return "; ".join(short) or None
+
+
 @pytest.fixture(scope="module")
 def images(report, request):
-    """Build the stand-in base images and the project's images (code, worker) from this checkout."""
+    """Build the stand-in base images and the project's images (code, worker) from this checkout. With
+    SYNTHVLM_CONTAINER_TEST_CLEANUP=1 (CI) the project's images and the wheelhouse go afterwards: ~11 GB that
+    the rest of the suite (SeaweedFS among it) may need on a small disk."""
     assert shutil.which("docker-compose") or sh("docker", "compose", "version", check=False).returncode == 0, (
         "a Docker engine is here but no Compose (v2 plugin or v1 docker-compose): apt-get install docker-compose"
     )
+    if (shortfall := _disk_shortfall()) is not None:
+        # The machine, not the project: a build that fills the disk fails every test after it too.
+        pytest.skip(f"container stack test: not enough disk to build the images ({shortfall})")
     t0 = time.monotonic()
     sh("bash", "scripts/build_base_images.sh", timeout=900)
     t1 = time.monotonic()
     env = {
-        "SYNTHVLM_WHEELHOUSE": str(REPO / "build" / "wheelhouse"),
+        "SYNTHVLM_WHEELHOUSE": str(WHEELHOUSE),
         "SYNTHVLM_PYTHON_IMAGE": STANDINS["SYNTHVLM_PYTHON_IMAGE"],
         "SYNTHVLM_CODE_IMAGE": CODE_IMAGE,
         "SYNTHVLM_WORKER_IMAGE": WORKER_IMAGE,
@@ -262,7 +294,10 @@ def images(report, request):
         image_gb={tag: round(size / 1e9, 2) for tag, size in sizes.items()},
     )
     _say(request, f"image sizes: code {sizes[CODE_IMAGE] / 1e9:.2f} GB, worker {sizes[WORKER_IMAGE] / 1e9:.2f} GB")
-    return sizes
+    yield sizes
+    if os.environ.get("SYNTHVLM_CONTAINER_TEST_CLEANUP") == "1":
+        sh("docker", "image", "rm", "-f", CODE_IMAGE, WORKER_IMAGE, check=False)
+        shutil.rmtree(WHEELHOUSE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
