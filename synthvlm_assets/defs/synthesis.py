@@ -1,8 +1,5 @@
 """SPEC §2 as an asset: sdxl_images, one partition per caption shard, on a GPU worker."""
 
-import io
-import tarfile
-
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -12,7 +9,6 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from PIL import Image
 
 from synthvlm_assets.captions.judge.stage import ASSET as JUDGED
 from synthvlm_assets.defs.judge import judged_captions
@@ -23,7 +19,7 @@ from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.progress import ProgressLog
 from synthvlm_assets.shards import ShardRegistryError
-from synthvlm_assets.synthesis.stage import ASSET, synthesize_shard, wanted_images
+from synthvlm_assets.synthesis.stage import ASSET, image_sizes, synthesize_shard, wanted_images
 
 FLAGGED_ROWS = 20  # flagged images listed in the metadata (all of them are in the manifest)
 
@@ -72,7 +68,7 @@ def sdxl_images(
     sample_rows = [r for r in rows if not r["flag"]][:16] if _first_of_its_file(storage, shard) else []
     tar_key = root.manifest(result.prefix)["tar"]["key"]
     with root.fs.open(root.path(tar_key), "rb") as f:
-        sizes, jpegs = _scan_tar(f, keep={r["key"] for r in sample_rows})
+        sizes, jpegs = image_sizes(f, keep={r["key"] for r in sample_rows})
     wanted = wanted_images(captions, settings)
     flags = [r for r in rows if r["flag"]]
     ok_keys = {r["key"] for r in rows if not r["flag"]}
@@ -125,19 +121,6 @@ def sdxl_images(
             ),
         ],
     )
-
-
-def _scan_tar(fileobj, keep: set[str]) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
-    """(width, height) of every JPEG in the tar from its header, and the bytes of those in `keep`."""
-    sizes, kept = {}, {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if member.name.endswith(".jpg"):
-                key, data = member.name[: -len(".jpg")], tar.extractfile(member).read()
-                sizes[key] = Image.open(io.BytesIO(data)).size
-                if key in keep:
-                    kept[key] = data
-    return sizes, kept
 
 
 def _generation_stats(gen) -> dict:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synthvlm_assets.synthesis.stage import add_tar_member
+from synthvlm_assets import tars
 
 # LLaVA's eleven brief-caption instructions (SPEC §5).
 BRIEF_INSTRUCTIONS = (
@@ -60,13 +59,14 @@ def llava_record(caption_id: str, caption: str, rank: int) -> dict:
 
 
 def webdataset_shard(samples: Iterable[tuple[dict, bytes]]) -> bytes:
+    """A WebDataset shard of selected rows: `<name>.jpg`, `.txt` (the caption) and `.json` (the row)."""
+
+    def members(row: dict, jpeg: bytes) -> dict[str, bytes]:
+        row_json = json.dumps(row, sort_keys=True, default=str).encode()
+        return {"jpg": jpeg, "txt": row["caption"].encode("utf-8"), "json": row_json}
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, jpeg in samples:
-            key = sample_name(row["caption_id"])
-            add_tar_member(tar, f"{key}.jpg", jpeg)
-            add_tar_member(tar, f"{key}.txt", row["caption"].encode("utf-8"))
-            add_tar_member(tar, f"{key}.json", json.dumps(row, sort_keys=True, default=str).encode())
+    tars.write_samples(buf, ((sample_name(row["caption_id"]), members(row, jpeg)) for row, jpeg in samples))
     return buf.getvalue()
 
 

@@ -14,16 +14,17 @@ import io
 import json
 import os
 import posixpath
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pyarrow as pa
 from PIL import Image
 
+from synthvlm_assets import tars
 from synthvlm_assets.progress import Progress, no_progress
 from synthvlm_assets.storage import StorageError, StorageRoot
 from synthvlm_assets.synthesis.sdxl import Generated, SDXLGenerator
@@ -81,35 +82,39 @@ def encode_jpeg(pixels, quality: int) -> bytes:
 
 
 # -- tars -------------------------------------------------------------------------------------
-def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: identical bytes run to run
-    tar.addfile(info, io.BytesIO(data))
+def write_tar(fileobj: BinaryIO, samples: Iterable[tuple[str, Sample]]) -> None:
+    """A shard's tar: `<key>.json` (the meta) and, unless the image is flagged, `<key>.jpg`."""
+
+    def members(sample: Sample) -> dict[str, bytes]:
+        out = {"json": json.dumps(sample.meta, sort_keys=True).encode()}
+        if sample.jpeg is not None:
+            out["jpg"] = sample.jpeg
+        return out
+
+    tars.write_samples(fileobj, ((key, members(sample)) for key, sample in samples))
 
 
-def write_tar(fileobj, samples: Iterable[tuple[str, Sample]]) -> None:
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, sample in samples:
-            add_tar_member(tar, f"{key}.json", json.dumps(sample.meta, sort_keys=True).encode())
-            if sample.jpeg is not None:
-                add_tar_member(tar, f"{key}.jpg", sample.jpeg)
+def read_tar(fileobj: BinaryIO) -> Iterator[tuple[str, Sample]]:
+    """Samples of a tar written by `write_tar`, streamed; a flagged sample comes without its JPEG."""
+    for key, members in tars.read_samples(fileobj):
+        if "json" not in members:
+            continue  # a JPEG without its meta is no sample
+        meta = json.loads(members["json"])
+        if meta.get("flag"):
+            yield key, Sample(None, meta)
+        elif "jpg" in members:
+            yield key, Sample(members["jpg"], meta)
 
 
-def read_tar(fileobj) -> Iterator[tuple[str, Sample]]:
-    """Samples of a tar written by `write_tar`, streamed."""
-    pending: dict[str, dict] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            key, ext = member.name.rsplit(".", 1)
-            data = tar.extractfile(member).read()
-            if ext == "json":
-                meta = json.loads(data)
-                if meta.get("flag"):
-                    yield key, Sample(None, meta)
-                else:
-                    pending[key] = meta
-            elif ext == "jpg" and key in pending:
-                yield key, Sample(data, pending.pop(key))
+def image_sizes(fileobj: BinaryIO, keep: Container[str]) -> tuple[dict[str, tuple[int, int]], dict[str, bytes]]:
+    """(width, height) of every JPEG of a shard's tar, from its header, and the bytes of those in `keep`."""
+    sizes, kept = {}, {}
+    for key, sample in read_tar(fileobj):
+        if sample.jpeg is not None:
+            sizes[key] = Image.open(io.BytesIO(sample.jpeg)).size
+            if key in keep:
+                kept[key] = sample.jpeg
+    return sizes, kept
 
 
 # -- the stage --------------------------------------------------------------------------------
