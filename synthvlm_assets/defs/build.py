@@ -6,7 +6,7 @@ import warnings
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
-from synthvlm_assets.defs.automation import PER_SHARD, SELECTION, automation_sensor, code_versions, nightly_schedule
+from synthvlm_assets.defs.automation import PER_SHARD, SELECTION, automation_sensor, code_versions, nightly_sensor
 from synthvlm_assets.defs.captions import caption_curation_asset
 from synthvlm_assets.defs.evaluation import llava_benchmark_eval, llava_benchmark_job
 from synthvlm_assets.defs.judge import judged_captions_asset, pair_filtered_captions
@@ -40,6 +40,7 @@ def build_definitions(settings: Settings) -> Definitions:
     # The judge's step holds the GPUs its backend loads the model on (vLLM's tensor parallelism).
     judged_captions = judged_captions_asset(gpu_tags(plain["judge"].gpus()))
     per_shard = [caption_curation, pair_filtered_captions, judged_captions, sdxl_images, image_scores]
+    per_shard_keys = [key for a in per_shard for key in a.keys]
     assets = [*per_shard, synthvlm_100k]
     # Training is launched on purpose (llava_training_job): GPU hours never start from automation.
     # Training in a GPU pod of its own (launcher "k8s"): its step needs no GPU.
@@ -94,8 +95,7 @@ def build_definitions(settings: Settings) -> Definitions:
     return Definitions(
         assets=[*assets, *training, *stage2, llava_benchmark_eval],
         jobs=[main_job, curation_job, dataset_job, training_job, stage2_job, llava_benchmark_job],
-        sensors=[caption_file_sensor, automation_sensor],
-        schedules=[nightly_schedule(MAIN_JOB, caption_shards.name, "image_scores")],
+        sensors=[caption_file_sensor, automation_sensor, nightly_sensor(caption_shards, per_shard_keys)],
         resources=settings.definition_resources(),
         executor=settings.executor_def(),
     )
