@@ -290,6 +290,16 @@ def test_a_shard_the_user_left_unsynthesized_stays_so(location):
     )
     assert changed.tick() == {}
 
+    # A new shard whose curation the user launched before the sensor's tick: the run is planned, so the shard
+    # is the user's; its GPU stages are not added to it.
+    changed.register("s2")
+    run = changed.start_run(CURATION, "s2")
+    assert changed.tick() == {}
+    assert changed.run(CURATION, "s2")  # its work, done here by a run of the test's own
+    changed.instance.report_run_canceled(run)  # and the planned run ends
+    for _ in range(3):
+        assert changed.tick() == {}
+
 
 def test_turning_automation_back_on_runs_only_new_and_stale_shards(location):
     """Automation off for a while (no ticks; the sensor keeps its cursor) while the user works by hand. The first

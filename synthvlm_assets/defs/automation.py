@@ -26,8 +26,9 @@ from dagster import (
     sensor,
 )
 
-# Private, no public equivalent in dagster 1.13: the subset a backfill targets (RunRequest.for_asset_graph_subset
-# takes one), and the tags the automation sensor puts on its runs and backfills.
+# Private, no public equivalent in dagster 1.13: the subset a backfill targets (RunRequest.for_asset_graph_subset,
+# itself marked private, takes one; it is how a sensor requests a backfill), and the tags the automation
+# sensor puts on its runs and backfills.
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.storage.tags import AUTO_MATERIALIZE_TAG, AUTOMATION_CONDITION_TAG
 
