@@ -30,6 +30,7 @@ Writes benchmarks/results/orchestration-cpu<N>[-quick].{txt,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import glob
 import json
@@ -1042,8 +1043,14 @@ def main() -> None:
         path.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         return table
 
-    with tempfile.TemporaryDirectory(prefix="orch-bench-", dir=args.workdir) as tmp_s:
+    if args.keep:  # the instances outlive the run: a folder that is not removed on exit
+        workdir = contextlib.nullcontext(tempfile.mkdtemp(prefix="orch-bench-", dir=args.workdir))
+    else:
+        workdir = tempfile.TemporaryDirectory(prefix="orch-bench-", dir=args.workdir)
+    with workdir as tmp_s:
         tmp = Path(tmp_s)
+        if args.keep:
+            print(f"instances kept under {tmp}", flush=True)
         coco_jsonl = to_jsonl(args.coco, tmp / "coco.jsonl")
         coco = bench_pool("coco", args.coco, coco_jsonl, tmp, args, dj_py, not args.no_daemon, save)
         pools.append(coco)

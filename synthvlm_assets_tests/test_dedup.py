@@ -46,6 +46,26 @@ def test_index_keeps_first_occurrence_and_handles_nul_ended_keys():
     assert len(merged.keys) == 4 and list(merged.keys) == sorted(merged.keys)
 
 
+def test_range_index_answers_like_a_dict_of_first_occurrences_in_few_segments():
+    """A run's index of the keys its shards added: the first occurrence wins, as in a dict kept by
+    registration order, in O(log n) sorted segments (compact: a 1,000,000-caption range held 180 MB as a dict)."""
+    rng = random.Random(1)
+    pool = [rng.randbytes(15) + bytes([b]) for b in (0, 1, 2) for _ in range(200)]  # NUL-ended keys too
+    before = DedupIndex.from_tables([first_occurrences(pool[:50], file_seq=0, rows=range(50))], {0: "f0"})
+    index, expected = dedup.RangeIndex(before), {k: f"f0:{r}" for r, k in enumerate(pool[:50])}
+    for seq in range(1, 120):
+        keys = rng.sample(pool, rng.randint(0, 20))
+        probe = keys + [rng.randbytes(16)]
+        assert index.earlier_ids(probe) == [expected.get(k) for k in probe]
+        index.before.tags[seq] = f"f{seq}"  # the registry's file tags, as stages.py passes them
+        table = first_occurrences(keys, file_seq=seq, rows=range(100, 100 + len(keys)))
+        for k, r in zip(table.column("dedup_key").to_pylist(), table.column("source_row").to_pylist()):
+            expected.setdefault(k, f"f{seq}:{r}")
+        index.add(table)
+    assert len(index.added.segments) <= 2 * np.log2(len(pool)) + 1
+    assert index.earlier_ids(pool) == [expected.get(k) for k in pool]
+
+
 @pytest.fixture()
 def many_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(dedup, "CONSOLIDATE_EVERY", 4)

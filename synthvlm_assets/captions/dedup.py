@@ -140,20 +140,28 @@ class RangeIndex:
 
     def __init__(self, before: DedupIndex) -> None:
         self.before = before
-        self.added: dict[bytes, tuple[int, int]] = {}  # key -> (file_seq, source_row) of its first row
+        # The range's keys as disjoint sorted segments, merged as they grow (a binary counter: O(log n) of
+        # them): ~28 bytes a key, where a dict of bytes took ~250 (180 MB over a 1,000,000-caption range).
+        self.added = DedupIndex(_Segment.empty(), before.tags)
 
     def earlier_ids(self, keys: Sequence[bytes]) -> list[str | None]:
         ids = self.before.get_many(keys)
-        for i, (found, key) in enumerate(zip(ids, keys)):
-            if found is None and (hit := self.added.get(key)) is not None:
-                ids[i] = f"{self.before.tags[hit[0]]}:{hit[1]}"
+        missing = [i for i, found in enumerate(ids) if found is None]
+        if missing and self.added.segments:
+            for i, found in zip(missing, self.added.get_many([keys[i] for i in missing])):
+                ids[i] = found
         return ids
 
     def add(self, keys: pa.Table) -> None:
         """A shard's keys table (its first occurrences), after every shard before it."""
-        added = self.added
-        for key, seq, row in zip(*(keys.column(c).to_pylist() for c in ("dedup_key", "file_seq", "source_row"))):
-            added.setdefault(key, (seq, row))
+        new = _Segment.from_tables([keys])
+        for seg in self.added.segments:  # an earlier shard's row stays the first occurrence
+            new = new.select(~seg.contains(new.keys))
+        segments = [*self.added.segments, new] if len(new.keys) else self.added.segments
+        while len(segments) > 1 and len(segments[-2].keys) <= 2 * len(segments[-1].keys):
+            last = segments.pop()
+            segments[-1] = segments[-1].union(last)
+        self.added.segments = segments
 
 
 def _keys_array(column: pa.ChunkedArray) -> np.ndarray:
