@@ -11,6 +11,7 @@ from dagster import instance_for_test
 from synthvlm_assets.cli import register
 from synthvlm_assets.defs.automation import AutomationDriver
 from synthvlm_assets.defs.build import Settings, build_definitions
+from synthvlm_assets.query import STEPS
 
 
 def captions_jsonl(coco_path, path, start: int, n: int, prefix: str = "") -> None:
@@ -18,14 +19,7 @@ def captions_jsonl(coco_path, path, start: int, n: int, prefix: str = "") -> Non
     path.write_text("".join(json.dumps({"id": a["id"], "caption": prefix + a["caption"]}) + "\n" for a in anns))
 
 
-PER_SHARD = [
-    "raw_caption_pool",
-    "curated_captions",
-    "pair_filtered_captions",
-    "judged_captions",
-    "sdxl_images",
-    "image_scores",
-]
+PER_SHARD = list(STEPS)  # the per-shard chain, in order
 
 
 def test_growing_pool_threshold_and_lambda_changes(tmp_path, coco_path):

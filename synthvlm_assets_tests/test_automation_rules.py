@@ -38,15 +38,9 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 from synthvlm_assets.defs.automation import AUTOMATION_RUN_TAGS, latest_nightly, nightly_sensor
 from synthvlm_assets.defs.build import Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.query import STEPS
 
-CHAIN = [
-    "raw_caption_pool",
-    "curated_captions",
-    "pair_filtered_captions",
-    "judged_captions",
-    "sdxl_images",
-    "image_scores",
-]
+CHAIN = list(STEPS)  # the per-shard chain, in order
 CURATION = CHAIN[:2]
 SELECTION = "synthvlm_100k"
 

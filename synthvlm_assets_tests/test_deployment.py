@@ -24,18 +24,12 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 
 from synthvlm_assets.defs.build import MAIN_JOB, Settings
 from synthvlm_assets.query import connect
+from synthvlm_assets.query import STEPS
 
 from .conftest import REPO, SeaweedFS
 from .test_graph import reference
 
-PER_SHARD = [
-    "raw_caption_pool",
-    "curated_captions",
-    "pair_filtered_captions",
-    "judged_captions",
-    "sdxl_images",
-    "image_scores",
-]
+PER_SHARD = list(STEPS)  # the per-shard chain, in order
 GPU_STEPS = {"judged_captions", "sdxl_images", "image_scores"}
 CHECKS_PER_SHARD = 1 + 1 + 1 + 2 + 3 + 2  # raw, curated, pair filters, judge, images, scores
 SHARD_ROWS = 12
