@@ -174,6 +174,11 @@ def test_configurable_field_names(tmp_path):
     ("name", "content", "message"),
     [
         ("broken.json", b'[{"caption": "a"}, {"caption": "b"', "invalid JSON after record 1"),
+        ("utf16.jsonl", '{"caption": "a"}\n'.encode("utf-16"), r"UTF-16-LE text .*; caption files must be UTF-8"),
+        ("utf16.json", '[{"caption": "a"}]'.encode("utf-16-be"), r"NUL bytes .*; caption files must be UTF-8"),
+        ("utf16.csv", "id,caption\n1,a\n".encode("utf-16"), r"UTF-16-LE text .*; caption files must be UTF-8"),
+        ("utf32.csv", "id,caption\n1,a\n".encode("utf-32"), r"UTF-32-LE text .*; caption files must be UTF-8"),
+        ("latin1.csv", "id,l\u00e9gende\n1,a\n".encode("latin-1"), r"line 1: the CSV header is not UTF-8 .*0xe9"),
         ("object.json", b'{"images": []}', "not a COCO captions file"),
         ("number.json", b"42", "must hold a list of records or a COCO object"),
         ("broken.parquet", b"PAR1 not really", "not a readable Parquet file"),
@@ -450,3 +455,22 @@ def test_generated_hostile_csv_every_line_accounted_for(tmp_path, seed):
     assert malformed.column("source_row").to_pylist() == [i for i, (_, c) in enumerate(lines) if c is None]
     for r in malformed.to_pylist():
         assert f"{path} line {r['source_row'] + 2}" in r["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("end", [b"\r", b"\r\n", b"\n"])
+def test_line_ends_are_counted_as_universal_newlines(tmp_path, fmt, end):
+    """CR-only, CRLF and LF files: the registration scan and the shard reader count the same lines."""
+    if fmt == "jsonl":
+        lines = [b'{"id": "0", "caption": "zero"}', b"", b"{broken", b'{"id": "3", "caption": "three"}']
+    else:
+        lines = [b"id,caption", b'0,"zero\rwith a CR"', b'1,"stray', b"3,three"]
+    path = tmp_path / f"pool.{fmt}"
+    path.write_bytes(end.join(lines) + end)
+    assert scan_source(FS, str(path), 1).n_records == 3
+    for shard_rows in (1, 2, 3):
+        shards, captions, malformed = load_all(registry(tmp_path / str(shard_rows)), str(path), shard_rows)
+        assert sum(s.rows for s in shards) == 3 and captions.column("source_id").to_pylist() == ["0", "3"]
+        [bad] = malformed.to_pylist()
+        # CSV: record 0's quoted CR is a line end too, as in any text reader
+        assert bad["source_row"] == 1 and f"{path} line {3 if fmt == 'jsonl' else 4}" in bad["detail"]

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import itertools
 import posixpath
+import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long c
 # A quoted CSV field may hold line breaks, but a quote opened and not closed within this many lines
 # is a stray quote: its line becomes a malformed row and the lines after it are read as their own rows.
 CSV_MAX_RECORD_LINES = 64
+_LINE_CHUNK = 64 * 1024  # small: a shard read stops soon after its last line
+_CHUNK = 1 << 20  # reads through a whole file: the registration scan, JSON lists
 
 
 RAW_SCHEMA = pa.schema(
@@ -121,6 +124,29 @@ def _first_byte(f: Any) -> bytes:
             return stripped[:1]
 
 
+_WIDE_BOMS = {  # UTF-32 first: its little-endian mark starts with UTF-16's
+    b"\xff\xfe\x00\x00": "UTF-32-LE",
+    b"\x00\x00\xfe\xff": "UTF-32-BE",
+    b"\xff\xfe": "UTF-16-LE",
+    b"\xfe\xff": "UTF-16-BE",
+}
+
+
+def check_utf8_start(head: bytes, path: str) -> None:
+    """Text caption files are UTF-8 (a byte-order mark allowed): UTF-16 or UTF-32 text, known by its byte-order
+    mark or by NUL bytes among the first characters, is refused in one line rather than read as garbage rows."""
+    for bom, name in _WIDE_BOMS.items():
+        if head.startswith(bom):
+            raise SourceFormatError(
+                f"{path}: {name} text (byte-order mark {bom.hex(' ')}); caption files must be UTF-8"
+                f" (convert it, e.g. iconv -f {name} -t UTF-8)"
+            )
+    if b"\0" in head[:4]:
+        raise SourceFormatError(
+            f"{path}: NUL bytes among the first characters (UTF-16 or UTF-32 text?); caption files must be UTF-8"
+        )
+
+
 def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
     ext = posixpath.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
@@ -128,6 +154,9 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
             f"{path}: unknown caption file type {ext!r} (expected one of {', '.join(_EXTENSIONS)})"
         )
     fmt = _EXTENSIONS[ext]
+    if fmt != "parquet":
+        with fs.open(path, "rb") as f:
+            check_utf8_start(f.read(4), path)
     if fmt == "json":
         with fs.open(path, "rb") as f:
             first = _first_byte(f)
@@ -152,11 +181,6 @@ class _HashingReader:
         data = self.f.read(n)
         self.hash.update(data)
         return data
-
-    def __iter__(self) -> Iterator[bytes]:
-        for line in self.f:
-            self.hash.update(line)
-            yield line
 
     def drain(self) -> str:
         while self.read(1 << 20):
@@ -184,6 +208,30 @@ class _ShardHasher:
             self.digests.append(self._current.hexdigest())
             self._current = None
         return self.digests
+
+
+def _lines(f: Any, size: int | None = None) -> Iterator[bytes]:
+    """The lines of a binary file with their ends, split as Python's universal newlines split text (LF, CRLF or
+    a lone CR), so the registration scan and the shard reader count the same lines whatever the line ends.
+    Their lengths add up to the file's, so byte offsets stay exact."""
+    parts: list[bytes] = []  # the start of a line not yet ended
+    while chunk := f.read(size or _LINE_CHUNK):
+        parts.append(chunk)
+        if b"\n" not in chunk and b"\r" not in chunk:
+            continue  # joined once a line end comes: a long line is not copied chunk by chunk
+        lines = b"".join(parts).splitlines(keepends=True)
+        last = lines.pop()
+        if last.endswith(b"\n"):
+            lines.append(last)
+            parts = []
+        else:  # no line end yet, or a CR whose LF may open the next chunk
+            parts = [last]
+        yield from lines
+    if parts:
+        yield b"".join(parts)
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, kept by the surrogateescape decoding
 
 
 def _json_items(f: Any, prefix: str, path: str) -> Iterator[Any]:
@@ -224,7 +272,7 @@ class _Feed:
 
 def _simple_csv_line(raw: bytes) -> list[str] | None:
     """The fields of a line without quotes, carriage returns or NULs (what csv gives for it), else None."""
-    body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+    body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith((b"\n", b"\r")) else raw
     if b'"' in body or b"\r" in body or b"\0" in body:
         return None
     return body.decode("utf-8", "surrogateescape").split(",") if body else []
@@ -244,7 +292,7 @@ def _csv_records(
     feed = _Feed()
     reader = csv.reader(feed, strict=True)
     pending: deque[tuple[int, int, bytes]] = deque()  # lines read ahead and given back
-    source = iter(f)
+    source = _lines(f)
     pos, next_line = offset, line or 0  # line None: unknown (an old registry entry), bytes name the place
 
     def take() -> tuple[int, int, bytes] | None:
@@ -318,7 +366,7 @@ def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> So
         f = _HashingReader(raw_file)
         if fmt == "jsonl":
             offset = 0
-            for line_no, line in enumerate(f, 1):
+            for line_no, line in enumerate(_lines(f, _CHUNK), 1):
                 if line.strip():
                     if n % shard_rows == 0:
                         offsets.append(offset)
@@ -333,8 +381,7 @@ def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> So
             header = next(records, None)
             if header is None:
                 raise SourceFormatError(f"{path}: empty CSV file (no header row)")
-            if header.values is None:
-                raise SourceFormatError(f"{path}: unreadable CSV header: {header.error}")
+            columns = _csv_header(header, path)
             for record in records:
                 if n % shard_rows == 0:
                     offsets.append(record.offset)
@@ -342,7 +389,7 @@ def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> So
                     shard_hashes.start_shard()
                 shard_hashes.update(record.raw)
                 n += 1
-            return SourceScan(fmt, n, offsets, header.values, lines, shard_hashes.finish(), f.drain())
+            return SourceScan(fmt, n, offsets, columns, lines, shard_hashes.finish(), f.drain())
         prefix = "annotations.item" if fmt == "coco" else "item"
         for _ in _json_items(f, prefix, path):
             n += 1
@@ -394,15 +441,13 @@ def _jsonl_records(
         f.seek(offset)
     else:  # no index: skip from the top
         row, line_no = 0, 1
-    for raw in f:
+    for raw in _lines(f):
         if row >= end:
             break
-        if not raw.strip():
-            line_no = None if line_no is None else line_no + 1
-            continue
-        if row >= start:
-            yield _jsonl_record(json, raw, path, row, line_no)
-        row += 1
+        if raw.strip():  # as the registration scan counts: blank lines are no records
+            if row >= start:
+                yield _jsonl_record(json, raw, path, row, line_no)
+            row += 1
         line_no = None if line_no is None else line_no + 1
 
 
@@ -426,15 +471,26 @@ def _jsonl_record(json: Any, raw: bytes, path: str, row: int, line: int | None) 
         return RawRecord(row, error=f"invalid_json: {at}: {type(exc).__name__}: {one_line(exc)}", line=line)
 
 
+def _csv_header(header: _CsvRecord, path: str) -> list[str]:
+    """The header's column names; a header that is no CSV record, or not UTF-8 text, is a file error in one line
+    (its names go into the registry, and caption files are UTF-8)."""
+    if header.values is None:
+        raise SourceFormatError(f"{path}: unreadable CSV header: {header.error}")
+    names = [header.values[0].removeprefix("\ufeff"), *header.values[1:]] if header.values else []
+    if (bad := _ESCAPED_BYTE.search("\0".join(names))) is not None:
+        raise SourceFormatError(
+            f"{path} line {header.line}: the CSV header is not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x});"
+            " caption files must be UTF-8 (convert it, e.g. iconv -f latin1 -t UTF-8)"
+        )
+    return names
+
+
 def _csv_dict_records(
     f: Any, path: str, start: int, end: int, offset: int | None, line: int | None
 ) -> Iterator[RawRecord]:
     records = _csv_records(f, path, 0)
     header_record = next(records)
-    if header_record.values is None:
-        raise SourceFormatError(f"{path}: unreadable CSV header: {header_record.error}")
-    header = header_record.values
-    header = [header[0].lstrip("\ufeff"), *header[1:]] if header else header
+    header = _csv_header(header_record, path)
     if offset is not None:
         f.seek(offset)
         # Without the line of row `start` (a registry entry from before lines were recorded) the
@@ -446,6 +502,12 @@ def _csv_dict_records(
         at_line = record.line if (offset is None or line) else None
         if record.values is None:
             yield RawRecord(row, error=record.error, line=at_line)
+        elif not record.raw.isascii() and (bad := _ESCAPED_BYTE.search("".join(record.values))):
+            # as in the JSON formats: bytes that are not UTF-8 anywhere in the record make it malformed
+            at = where(path, row, at_line)
+            yield RawRecord(
+                row, error=f"undecodable_text: {at}: invalid UTF-8 (byte 0x{ord(bad[0]) - 0xDC00:02x})", line=at_line
+            )
         elif len(record.values) != len(header):
             yield RawRecord(
                 row,
