@@ -7,9 +7,11 @@ for line-based formats so a shard read seeks straight to it); a shard read then 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import itertools
+import json
 import posixpath
 import re
 from collections import deque
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -40,6 +41,9 @@ _CSV_FIELD_LIMIT = 64 * 1024 * 1024  # csv's default 128 KiB would make a long c
 # A quoted CSV field may hold line breaks, but a quote opened and not closed within this many lines
 # is a stray quote: its line becomes a malformed row and the lines after it are read as their own rows.
 CSV_MAX_RECORD_LINES = 64
+# A JSON record nested deeper than this is malformed, in every JSON format alike: far below the recursion limit
+# json.loads stops at, so the verdict does not depend on the caller's stack; a caption record needs 3 or 4 levels.
+JSON_MAX_NESTING = 256
 _LINE_CHUNK = 64 * 1024  # small: a shard read stops soon after its last line
 _CHUNK = 1 << 20  # reads through a whole file: the registration scan, JSON lists
 
@@ -231,19 +235,255 @@ def _lines(f: Any, size: int | None = None) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
+_JSON_WS = re.compile(r"[ \t\r\n]*")
+_OUTSIDE_STRING = re.compile(r'[\[{]+|[\]}]+|[,:"]')
+_INSIDE_STRING = re.compile(r'["\\]')
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, kept by the surrogateescape decoding
+_DECODER = json.JSONDecoder()
 
 
-def _json_items(f: Any, prefix: str, path: str) -> Iterator[Any]:
-    n = 0
+def _nesting(text: str) -> int:
+    """How deep the brackets of a JSON text nest (those inside strings not counted)."""
+    steps = (1 if b in "[{" else -1 for b in _BRACKET.findall(_STRING.sub("", text)))
+    return max(itertools.accumulate(steps), default=0)
+
+
+def _text_problem(text: str) -> tuple[str, str] | None:
+    """Why a record's JSON text is malformed whatever json would make of it: bytes that are not UTF-8, or
+    nesting deeper than JSON_MAX_NESTING (counted only where there are that many brackets at all)."""
+    if (bad := _ESCAPED_BYTE.search(text)) is not None:
+        return "undecodable_text", f"invalid UTF-8 (byte 0x{ord(bad[0]) - 0xDC00:02x} at character {bad.start()})"
+    if len(text) <= 2 * JSON_MAX_NESTING or text.count("[") + text.count("{") <= JSON_MAX_NESTING:
+        return None  # too few brackets to nest that deep
+    if (depth := _nesting(text)) > JSON_MAX_NESTING:
+        return "invalid_json", f"nested too deeply ({depth} levels, at most {JSON_MAX_NESTING})"
+    return None
+
+
+def decode_json_record(text: str, path: str, row: int, line: int | None, jsonl: bool = False) -> RawRecord:
+    """One record's JSON text (decoded with surrogateescape), the same in every JSON format: a JSONL line, an
+    item of a JSON list or of COCO's annotations. Whatever makes it unreadable (bytes that are not UTF-8, bad
+    JSON, deep nesting, an integer past int()'s digit limit) makes it one malformed record naming file and
+    place, never a failed file or shard."""
+    at = where(path, row, line)
+    if (problem := _text_problem(text)) is not None:
+        return RawRecord(row, error=f"{problem[0]}: {at}: {problem[1]}", line=line)
     try:
-        for item in ijson.items(f, prefix, use_float=True):
-            yield item
-            n += 1
-    except ijson.JSONError as exc:
-        raise SourceFormatError(f"{path}: invalid JSON after record {n} (0-based) of '{prefix}': {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise SourceFormatError(f"{path}: undecodable bytes after record {n} of '{prefix}': {exc}") from exc
+        return RawRecord(row, json.loads(text), line=line)
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if jsonl and exc.pos >= len(text.rstrip()):  # e.g. a lone "{": one line of a pretty-printed record
+            hint = " (the line ends inside a JSON value: JSONL holds one whole record per line)"
+        return RawRecord(row, error=f"invalid_json: {at}: {exc}{hint}", line=line)
+    except RecursionError:  # only on an already deep stack: JSON_MAX_NESTING is far below the limit
+        return RawRecord(row, error=f"invalid_json: {at}: nested too deeply to parse", line=line)
+    except Exception as exc:  # noqa: BLE001 - e.g. ValueError: an integer with more digits than int() allows
+        return RawRecord(row, error=f"invalid_json: {at}: {type(exc).__name__}: {one_line(exc)}", line=line)
+
+
+class _JsonRecords:
+    """The records of a JSON list, or of the list under one top-level key of a JSON object (COCO's "annotations"
+    or "images"), streamed. json decodes each record where it stands (raw_decode, at C speed); where it cannot
+    (a record across a chunk's end, bad JSON, deep nesting, an integer past int()'s digit limit) the record's end
+    is found by following its strings and brackets, and its text is decoded alone (decode_json_record): one
+    malformed record, and the records after it are read. Broken structure around the records (a missing comma,
+    a truncated file) is a SourceFormatError naming the line and the last complete record. With `to_end` False
+    (a shard read, after the registration scan checked the whole file) reading stops after the key's list."""
+
+    def __init__(self, f: Any, path: str, key: str | None = None, to_end: bool = True) -> None:
+        self.f, self.path, self.key, self.to_end = f, path, key, to_end
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("surrogateescape")  # BOM dropped, bad bytes kept
+        self.buf, self.pos, self.eof = "", 0, False
+        self.escaped = False  # whether the buffer holds a byte that is not UTF-8
+        self.mark: int | None = None  # where the record being read starts: kept in the buffer
+        self.line, self.line_pos = 1, 0  # the line of buffer position line_pos
+        self.rows = 0  # records of `key` so far
+        self.found_key = key is None
+        self.counting = False  # count the records only (the registration scan): no verdicts, nothing yielded
+
+    def _fill(self) -> bool:
+        """Read on; what lies before the current record (or position) is let go. False at the end."""
+        if self.eof:
+            return False
+        keep = self.pos if self.mark is None else min(self.mark, self.pos)
+        self._line_at(keep)
+        keep = min(keep, self.line_pos)  # a CR whose line is not counted yet stays
+        chunk = self.f.read(max(_CHUNK, len(self.buf) - keep))  # doubling: a long record costs linear time
+        self.eof = not chunk
+        text = self.decoder.decode(chunk, final=self.eof)
+        self.buf = self.buf[keep:] + text
+        self.escaped = _ESCAPED_BYTE.search(self.buf) is not None
+        self.pos -= keep
+        self.line_pos -= keep
+        if self.mark is not None:
+            self.mark -= keep
+        return bool(text) or not self.eof
+
+    def _line_at(self, pos: int) -> int:
+        """The line of buffer position `pos`, lines ended as universal newlines end them."""
+        if pos > self.line_pos:
+            end = pos
+            if self.buf[pos - 1] == "\r" and self.buf[pos : pos + 1] in ("\n", ""):
+                end -= 1  # a CRLF cut here, or a CR whose LF may come with the next chunk: counted later
+            b, start = self.buf, self.line_pos
+            self.line += b.count("\n", start, end) + b.count("\r", start, end) - b.count("\r\n", start, end)
+            self.line_pos = end
+        return self.line
+
+    def _fail(self, what: str) -> SourceFormatError:
+        line = self._line_at(min(self.pos, len(self.buf)))
+        done = f"after record {self.rows - 1} (0-based)" if self.rows else "before the first record"
+        of = f" of '{self.key}'" if self.key else ""
+        return SourceFormatError(f"{self.path} line {line}: invalid JSON: {what}, {done}{of}")
+
+    def _peek(self) -> str:
+        """The next character that is not JSON whitespace, not consumed ("" at the end of the file)."""
+        while True:
+            self.pos = _JSON_WS.match(self.buf, self.pos).end()  # type: ignore[union-attr]
+            if self.pos < len(self.buf) or not self._fill():
+                return self.buf[self.pos : self.pos + 1]
+
+    def _expect(self, char: str, what: str) -> None:
+        if (found := self._peek()) != char:
+            raise self._fail(f"expected {what}, found {found!r}" if found else f"the file ends before {what}")
+        self.pos += 1
+
+    def _skip_value(self) -> str:
+        """Past one value, following only strings and brackets, to the `,` `]` `}` or `:` after it at its own
+        level (not consumed); returns that character. A run of brackets is one step: deep nesting costs little."""
+        depth, in_string = 0, False
+        while True:
+            found = (_INSIDE_STRING if in_string else _OUTSIDE_STRING).search(self.buf, self.pos)
+            if found is None or (found[0] == "\\" and found.end() == len(self.buf)):  # an escape needs its next char
+                self.pos = len(self.buf) if found is None else found.start()
+                if not self._fill():
+                    raise self._fail(f"the file ends inside {'a string' if in_string else 'a value'}")
+                continue
+            self.pos, token = found.start(), found[0]
+            if in_string:  # a string longer than the buffer, or not closed: escape by escape
+                self.pos += 2 if token == "\\" else 1
+                in_string = token == "\\"
+            elif token == '"':
+                whole = _STRING.match(self.buf, self.pos)  # the common case: the whole string is in the buffer
+                self.pos = self.pos + 1 if whole is None else whole.end()
+                in_string = whole is None
+            elif token[0] in "[{":
+                depth += len(token)
+                self.pos += len(token)
+            elif token[0] in "]}":
+                if depth < len(token):  # the closer at depth 0 ends the list or object the value is in
+                    self.pos += depth
+                    return self.buf[self.pos]
+                depth -= len(token)
+                self.pos += len(token)
+            elif depth == 0:
+                return token
+            else:  # a `,` or `:` inside the value
+                self.pos += 1
+
+    def _slow_record(self, keep: bool) -> tuple[RawRecord | None, str]:
+        """The record at the current position, its end found by its strings and brackets, decoded alone (None
+        unless `keep`); and the `,` or `]` after it (not consumed)."""
+        self.mark = self.pos
+        after = self._skip_value()
+        line = self._line_at(self.mark)
+        text = self.buf[self.mark : self.pos].rstrip(" \t\r\n")
+        self.mark = None
+        if after not in ",]":
+            raise self._fail(f"expected ',' or ']' after a record, found {after!r}")
+        return (decode_json_record(text, self.path, self.rows, line) if keep else None), after
+
+    def _items(self, keep: bool) -> Iterator[RawRecord]:
+        """The items of the list whose `[` was just consumed, through its `]`; yielded if `keep`."""
+        if self._peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            if (first := self._peek()) in ("", ",", "]"):
+                raise self._fail(f"expected a record, found {first!r}" if first else "the file ends inside a list")
+            # The common case, in a tight loop: record after record that json decodes where it stands.
+            buf, pos, size = self.buf, self.pos, len(self.buf)
+            while pos < size:
+                try:
+                    value, end = _DECODER.raw_decode(buf, pos)
+                    after = _JSON_WS.match(buf, end).end()  # type: ignore[union-attr]
+                except (ValueError, RecursionError):  # bad or hostile JSON: the slow path says why
+                    break
+                if after == size or buf[after] not in ",]":  # cut by the chunk's end, or not one value
+                    break
+                self.pos = after + 1
+                if keep and self.counting:
+                    self.rows += 1
+                elif keep:
+                    row, self.rows = self.rows, self.rows + 1
+                    # a record with bytes that are not UTF-8, or long enough to nest too deeply, is checked
+                    problem = _text_problem(buf[pos:end]) if self.escaped or end - pos > 2 * JSON_MAX_NESTING else None
+                    if problem is None:
+                        yield RawRecord(row, value)
+                    else:
+                        at = where(self.path, row, line := self._line_at(pos))
+                        yield RawRecord(row, error=f"{problem[0]}: {at}: {problem[1]}", line=line)
+                if buf[after] == "]":
+                    return
+                pos = self.pos = _JSON_WS.match(buf, self.pos).end()  # type: ignore[union-attr]
+            else:
+                continue  # the chunk ends between records: _peek reads on
+            if (first := buf[pos]) in ",]":  # an empty place in the list: no record, broken structure
+                raise self._fail(f"expected a record, found {first!r}")
+            record, after_char = self._slow_record(keep and not self.counting)
+            self.pos += 1
+            if keep:
+                self.rows += 1
+            if record is not None:
+                yield record
+            if after_char == "]":
+                return
+
+    def count(self) -> int:
+        """How many records there are, the whole file checked as when reading it."""
+        self.counting = True
+        for _ in self:
+            pass
+        return self.rows
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        if self.key is None:
+            self._expect("[", "'[' (a list of records)")
+            yield from self._items(True)
+        else:
+            self._expect("{", "'{'")
+            while self._peek() != "}":
+                if self._peek() != '"':
+                    raise self._fail("expected a key in the top-level object")
+                self.mark = self.pos
+                if self._skip_value() != ":":
+                    raise self._fail("expected ':' after a key")
+                try:
+                    name = json.loads(self.buf[self.mark : self.pos])
+                except ValueError as exc:
+                    raise self._fail(f"unreadable key ({exc})") from None
+                self.mark = None
+                self.pos += 1
+                if (first := self._peek()) == "[":  # a list is read item by item: it may be big
+                    self.pos += 1
+                    self.found_key = self.found_key or name == self.key
+                    yield from self._items(name == self.key)
+                    if name == self.key and not self.to_end:
+                        return
+                elif first in ("", ",", "}", "]", ":"):
+                    raise self._fail(f"expected a value after key {name!r}")
+                else:
+                    self._skip_value()
+                if self._peek() != ",":
+                    break
+                self.pos += 1
+                if self._peek() != '"':
+                    raise self._fail("expected a key after ','")
+            self._expect("}", "',' or '}' in the top-level object")
+        if self._peek():
+            raise self._fail("extra data after the end")
 
 
 @dataclass
@@ -390,15 +630,11 @@ def scan_source(fs: fsspec.AbstractFileSystem, path: str, shard_rows: int) -> So
                 shard_hashes.update(record.raw)
                 n += 1
             return SourceScan(fmt, n, offsets, columns, lines, shard_hashes.finish(), f.drain())
-        prefix = "annotations.item" if fmt == "coco" else "item"
-        for _ in _json_items(f, prefix, path):
-            n += 1
+        records = _JsonRecords(f, path, "annotations" if fmt == "coco" else None)
+        n = records.count()
         sha256 = f.drain()
-    if fmt == "coco" and n == 0:
-        with fs.open(path, "rb") as f:
-            keys = {k for p, e, k in ijson.parse(f) if p == "" and e == "map_key"}
-        if "annotations" not in keys:
-            raise SourceFormatError(f"{path}: a JSON object without 'annotations' is not a COCO captions file")
+    if not records.found_key:
+        raise SourceFormatError(f"{path}: a JSON object without an 'annotations' list is not a COCO captions file")
     return SourceScan(fmt, n, None, sha256=sha256)
 
 
@@ -423,10 +659,9 @@ def iter_records(
         elif fmt == "csv":
             yield from _csv_dict_records(f, path, start, end, offset, line)
         elif fmt == "coco":
-            yield from _coco_records(fs, f, path, start, end)
+            yield from _coco_records(f, path, start, end)
         elif fmt == "json":
-            for row, item in enumerate(itertools.islice(_json_items(f, "item", path), start, end), start):
-                yield RawRecord(row, item)
+            yield from itertools.islice(_JsonRecords(f, path), start, end)
         else:
             raise SourceFormatError(f"{path}: unknown format {fmt!r}")
 
@@ -434,8 +669,6 @@ def iter_records(
 def _jsonl_records(
     f: Any, path: str, start: int, end: int, offset: int | None, line: int | None
 ) -> Iterator[RawRecord]:
-    import json
-
     row, line_no = start, line
     if offset is not None:
         f.seek(offset)
@@ -446,29 +679,10 @@ def _jsonl_records(
             break
         if raw.strip():  # as the registration scan counts: blank lines are no records
             if row >= start:
-                yield _jsonl_record(json, raw, path, row, line_no)
+                text = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff")
+                yield decode_json_record(text, path, row, line_no, jsonl=True)
             row += 1
         line_no = None if line_no is None else line_no + 1
-
-
-def _jsonl_record(json: Any, raw: bytes, path: str, row: int, line: int | None) -> RawRecord:
-    """One JSONL line: whatever decoding it raises (bad UTF-8, bad JSON, an integer past Python's digit
-    limit, nesting past the recursion limit) makes it one malformed record naming the file and line."""
-    at = where(path, row, line)
-    try:
-        text = raw.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError as exc:
-        return RawRecord(
-            row, error=f"undecodable_text: {at}: invalid UTF-8 at byte {exc.start} of the line", line=line
-        )
-    try:
-        return RawRecord(row, json.loads(text), line=line)
-    except json.JSONDecodeError as exc:
-        return RawRecord(row, error=f"invalid_json: {at}: {exc}", line=line)
-    except RecursionError:
-        return RawRecord(row, error=f"invalid_json: {at}: nested too deeply to parse", line=line)
-    except Exception as exc:  # noqa: BLE001 - e.g. ValueError: an integer with more digits than int() allows
-        return RawRecord(row, error=f"invalid_json: {at}: {type(exc).__name__}: {one_line(exc)}", line=line)
 
 
 def _csv_header(header: _CsvRecord, path: str) -> list[str]:
@@ -519,16 +733,24 @@ def _csv_dict_records(
             yield RawRecord(row, dict(zip(header, record.values)), line=at_line)
 
 
-def _coco_records(fs: fsspec.AbstractFileSystem, f: Any, path: str, start: int, end: int) -> Iterator[RawRecord]:
+def _coco_records(f: Any, path: str, start: int, end: int) -> Iterator[RawRecord]:
     images = {}
-    for image in _json_items(f, "images.item", path):
-        if isinstance(image, dict) and "id" in image:
-            images[image["id"]] = image.get("coco_url") or image.get("file_name")
+    # Image entries are no caption rows: a malformed one only links no image.
+    for image in _JsonRecords(f, path, "images", to_end=False):
+        if isinstance(image.value, dict) and "id" in image.value:
+            try:
+                images[image.value["id"]] = image.value.get("coco_url") or image.value.get("file_name")
+            except TypeError:  # an unhashable id
+                pass
     f.seek(0)
-    for row, ann in enumerate(itertools.islice(_json_items(f, "annotations.item", path), start, end), start):
-        if isinstance(ann, dict):
-            ann = {**ann, "image_url": images.get(ann.get("image_id")), "source": "coco"}
-        yield RawRecord(row, ann)
+    for record in itertools.islice(_JsonRecords(f, path, "annotations", to_end=False), start, end):
+        if isinstance(ann := record.value, dict):
+            try:
+                image = images.get(ann.get("image_id"))
+            except TypeError:  # an unhashable image_id
+                image = None
+            record.value = {**ann, "image_url": image, "source": "coco"}
+        yield record
 
 
 def _parquet_records(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int) -> Iterator[RawRecord]:
