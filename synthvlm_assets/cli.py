@@ -23,6 +23,24 @@ from synthvlm_assets.recovery import recover_dead_runs
 
 CAPTION_ASSETS = (RAW, CURATED)
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+RESUME_HINT = "what was staged or cached is kept: `synthvlm materialize --missing` goes on from there"
+
+
+class Interrupted(Exception):
+    """The user stopped a run (Ctrl-C): no further run is started."""
+
+
+def _stop_if_interrupted(result) -> None:
+    """A step that an interrupt stopped fails with INTERRUPTED (defs/retries.py) and Dagster goes on with the
+    run's other steps and returns; without this the next shard's run would start as if nothing happened."""
+    from synthvlm_assets.defs.retries import INTERRUPTED
+
+    for event in result.get_step_failure_events():
+        user = event.step_failure_data.user_failure_data
+        if user is not None and user.description == INTERRUPTED:
+            raise Interrupted(f"interrupted in {event.step_key} (run {result.run_id[:8]})")
+
+
 COCO_HINT = (
     "The COCO 2017 validation captions come with the annotations archive "
     "http://images.cocodataset.org/annotations/annotations_trainval2017.zip (captions_val2017.json)."
@@ -101,6 +119,7 @@ def materialize(
     for first, last in ranges:
         tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
         result = curation.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=_QUIET)
+        _stop_if_interrupted(result)
         failures += not result.success
         print(f"{first} .. {last}: {curation.name} {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     curated = instance.get_materialized_partitions(AssetKey("curated_captions"))
@@ -114,6 +133,7 @@ def materialize(
         result = main.execute_in_process(
             partition_key=key, asset_selection=gpu_part, instance=instance, raise_on_error=False, run_config=_QUIET
         )
+        _stop_if_interrupted(result)
         failures += not result.success
         print(
             f"[{i}/{len(to_image)}] {key}: {main.name} {'ok' if result.success else 'FAILED'} (run "
@@ -126,6 +146,7 @@ def materialize_dataset(settings: Settings, instance) -> int:
     """Run the selection (synthvlm_100k) once over every scored shard. Returns 1 on failure."""
     job = build_definitions(settings).resolve_job_def(DATASET_JOB)
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
+    _stop_if_interrupted(result)
     print(f"synthvlm_100k: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     return 0 if result.success else 1
 
@@ -134,6 +155,7 @@ def materialize_training(settings: Settings, instance) -> int:
     """Run LLaVA stage 1, its export and the sanity evaluation (llava_training_job). Returns 1 on failure."""
     job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
+    _stop_if_interrupted(result)
     print(f"llava_stage1_checkpoint: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     return 0 if result.success else 1
 
@@ -167,6 +189,14 @@ def ui_command(settings: Settings) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"synthvlm: {exc or 'interrupted'}; {RESUME_HINT}", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -111,3 +111,38 @@ def test_terminated_synthesis_is_not_retried_and_the_next_run_reuses_its_batches
         assert image_lines[0].endswith("2 reused from earlier work") and "(100%)" in image_lines[-1]
         assert any(m.startswith(f"image_scores {shard.key}: ") and "(100%)" in m for m in logs)
         assert not root.list(f"sdxl_images/_staging/{shard.key}")
+
+
+def test_an_interrupted_cli_stops_after_the_run_it_was_in(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a curation run: the step fails without a retry and `synthvlm materialize` starts no further
+    run (Dagster returns from the interrupted run as from any failed one); main exits 130 with a hint."""
+    from synthvlm_assets import cli
+    from synthvlm_assets.defs import captions
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(
+        "".join(f'{{"id": {i}, "caption": "A red bus parked on a quiet street number {i}."}}\n' for i in range(6))
+    )
+    settings = Settings(storage_root=str(tmp_path / "root"), shard_rows=2, shards_per_run=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield  # a generator, as curate_range is
+
+    monkeypatch.setattr(captions, "curate_range", interrupted)
+    with instance_for_test() as instance:
+        assert len(cli.register([str(pool)], settings, instance)) == 3
+        with pytest.raises(cli.Interrupted, match="interrupted in caption_curation"):
+            cli.materialize(settings, instance, image_shards=0)
+        (run,) = instance.get_run_records()  # three ranges of one shard: only the first started
+        types = [e.dagster_event_type for e in instance.all_logs(run.dagster_run.run_id) if e.dagster_event]
+        assert DagsterEventType.STEP_UP_FOR_RETRY not in types and DagsterEventType.STEP_FAILURE in types
+
+    def stopped(*args, **kwargs):
+        raise cli.Interrupted("interrupted in sdxl_images (run 1234abcd)")
+
+    monkeypatch.setattr(cli, "materialize", stopped)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SYNTHVLM_STORAGE_ROOT", str(tmp_path / "root"))
+    assert cli.main(["materialize"]) == 130
+    assert "interrupted in sdxl_images (run 1234abcd); " + cli.RESUME_HINT in capsys.readouterr().err

@@ -55,7 +55,7 @@ from synthvlm_assets.defs.automation import manifest_data_version
 from synthvlm_assets.defs.metadata import table
 from synthvlm_assets.defs.partitions import caption_shards
 from synthvlm_assets.defs.resources import CaptionSourceResource, CurationResource, StorageResource
-from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY
+from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.storage import StorageRoot
 
 RAW_KEY, CURATED_KEY = AssetKey(RAW), AssetKey(CURATED)
@@ -108,6 +108,7 @@ def caption_curation_asset(shards_per_run: int) -> AssetsDefinition:
         backfill_policy=BackfillPolicy.multi_run(shards_per_run),
         retry_policy=SHARD_RETRY_POLICY,
     )
+    @retry_only_transient
     def caption_curation(
         context: AssetExecutionContext,
         storage: StorageResource,

@@ -1,7 +1,9 @@
 """Step retries of the per-shard assets (the storage layer retries single operations first)."""
 
+import contextlib
 import functools
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from dagster import Backoff, DagsterExecutionInterruptedError, Failure, Jitter, RetryPolicy
@@ -29,10 +31,10 @@ def retry_only_transient(fn: F) -> F:
     step) fails the step without a retry. Dagster itself turns an interrupt into RetryRequested when the step
     has a retry policy, which left a cancelled run's step "up for retry" and then stuck in Preparing."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    @contextlib.contextmanager
+    def failures() -> Iterator[None]:
         try:
-            return fn(*args, **kwargs)
+            yield
         except Failure:
             raise
         except (KeyboardInterrupt, DagsterExecutionInterruptedError) as exc:
@@ -41,5 +43,19 @@ def retry_only_transient(fn: F) -> F:
             if retryable(exc):
                 raise
             raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+
+    if inspect.isgeneratorfunction(fn):  # an asset that yields: its errors come while it is iterated
+
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            with failures():
+                yield from fn(*args, **kwargs)
+
+        return generator  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with failures():
+            return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
