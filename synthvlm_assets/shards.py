@@ -1,4 +1,5 @@
-"""The shard registry: which caption files are registered, in which order, and their shards.
+"""The shard registry: which caption files are registered, in which order, and their shards; and
+`read_shard`, a shard's rows from its source file (captions/sources.py reads the formats).
 
 A shard is a fixed row range of one source file; its key names the file and the range
 (`coco_captions_val2017-1a2b3c4d-00000000-00001000`). Registration order (files by sequence number,
@@ -23,8 +24,23 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 
-from synthvlm_assets.captions.sources import SourceScan, scan_source
+from synthvlm_assets.captions.normalize import dedup_key, normalize_caption
+from synthvlm_assets.captions.sources import (
+    MALFORMED_SCHEMA,
+    RAW_SCHEMA,
+    CaptionFields,
+    CaptionRow,
+    MalformedRow,
+    SourceScan,
+    caption_id,
+    iter_records,
+    one_line,
+    scan_source,
+    to_caption_row,
+    where,
+)
 from synthvlm_assets.storage import StorageRoot, filesystem_for, local_or_absolute, split_protocol
 
 REGISTRY_PREFIX = "registry/files"
@@ -255,3 +271,49 @@ class ShardRegistry:
         self.storage.write_json(posixpath.join(REGISTRY_PREFIX, f"{seq:06d}--{tag}.json"), entry)
         self._cache.clear()
         return entry, [self._shard(entry, i) for i in range(len(shards))]
+
+
+def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSystem) -> tuple[pa.Table, pa.Table]:
+    """Load one shard's rows from its source file: (rows in the pool schema, malformed rows with reasons).
+
+    The text is normalised here, once: curation filters the normalised text, and every later shard
+    checks its duplicates against the stored dedup keys without normalising this shard again.
+    """
+    path = split_protocol(shard.uri)[1]
+    default_source = path.rsplit("/", 1)[-1]
+    rows: list[CaptionRow] = []
+    bad: list[MalformedRow] = []
+    for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset, shard.line):
+        try:
+            row = to_caption_row(record, fields, default_source)
+        except Exception as exc:  # noqa: BLE001 - one hostile record (e.g. too deep to repr) fails only itself
+            at = where(shard.uri, record.row, record.line)
+            row = MalformedRow(record.row, "invalid_record", f"{at}: {type(exc).__name__}: {one_line(exc)}")
+        (rows if isinstance(row, CaptionRow) else bad).append(row)
+    normalized = [normalize_caption(r.caption) for r in rows]
+    raw = pa.table(
+        {
+            "caption_id": [caption_id(shard.file_tag, r.source_row) for r in rows],
+            "caption": [r.caption for r in rows],
+            "caption_normalized": normalized,
+            "dedup_key": [dedup_key(t) for t in normalized],
+            "source": [r.source for r in rows],
+            "source_id": [r.source_id for r in rows],
+            "source_file": [shard.uri] * len(rows),
+            "source_row": [r.source_row for r in rows],
+            "image_ref": [r.image_ref for r in rows],
+            "shard": [shard.key] * len(rows),
+        },
+        schema=RAW_SCHEMA,
+    )
+    malformed = pa.table(
+        {
+            "source_file": [shard.uri] * len(bad),
+            "source_row": [b.source_row for b in bad],
+            "shard": [shard.key] * len(bad),
+            "reason": [b.reason for b in bad],
+            "detail": [b.detail for b in bad],
+        },
+        schema=MALFORMED_SCHEMA,
+    )
+    return raw, malformed

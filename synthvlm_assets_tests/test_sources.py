@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, iter_records, read_shard, scan_source
-from synthvlm_assets.shards import ShardRegistry, ShardRegistryError
+from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, iter_records, scan_source
+from synthvlm_assets.shards import ShardRegistry, ShardRegistryError, read_shard
 from synthvlm_assets.storage import StorageRoot
 
 from .conftest import LLAVA_EXAMPLE
@@ -361,17 +361,17 @@ def test_jsonl_row_that_breaks_the_decoder_is_one_malformed_row(tmp_path, line, 
 
 
 def test_a_record_that_breaks_the_row_mapping_is_one_malformed_row(tmp_path, monkeypatch):
-    from synthvlm_assets.captions import sources
+    from synthvlm_assets import shards
 
     path = write_jsonl(tmp_path / "a.jsonl", RECORDS)
-    real = sources.to_caption_row
+    real = shards.to_caption_row
 
     def flaky(record, fields, default_source):
         if record.row == 4:
             raise RecursionError("maximum recursion depth exceeded")
         return real(record, fields, default_source)
 
-    monkeypatch.setattr(sources, "to_caption_row", flaky)
+    monkeypatch.setattr(shards, "to_caption_row", flaky)
     _, captions, malformed = load_all(registry(tmp_path), str(path))
     assert captions.num_rows == 6
     [bad] = malformed.to_pylist()

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION
-from synthvlm_assets.captions.sources import CaptionFields, read_shard
-from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError
+from synthvlm_assets.captions.sources import CaptionFields
+from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError, read_shard
 from synthvlm_assets.storage import StorageError, StorageRoot
 
 CONSOLIDATE_EVERY = 16

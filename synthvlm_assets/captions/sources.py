@@ -17,17 +17,12 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synthvlm_assets.captions.normalize import dedup_key, normalize_caption
-from synthvlm_assets.storage import split_protocol
-
-if TYPE_CHECKING:
-    from synthvlm_assets.shards import Shard
 
 _EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -869,49 +864,3 @@ def list_caption_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 def caption_id(tag: str, row: int) -> str:
     """Unique across the pool by construction: the file's tag and the record's row in it."""
     return f"{tag}:{row}"
-
-
-def read_shard(shard: Shard, fields: CaptionFields, fs: fsspec.AbstractFileSystem) -> tuple[pa.Table, pa.Table]:
-    """Load one shard's rows from its source file: (rows in the pool schema, malformed rows with reasons).
-
-    The text is normalised here, once: curation filters the normalised text, and every later shard
-    checks its duplicates against the stored dedup keys without normalising this shard again.
-    """
-    path = split_protocol(shard.uri)[1]
-    default_source = path.rsplit("/", 1)[-1]
-    rows: list[CaptionRow] = []
-    bad: list[MalformedRow] = []
-    for record in iter_records(fs, path, shard.format, shard.start, shard.end, shard.offset, shard.line):
-        try:
-            row = to_caption_row(record, fields, default_source)
-        except Exception as exc:  # noqa: BLE001 - one hostile record (e.g. too deep to repr) fails only itself
-            at = where(shard.uri, record.row, record.line)
-            row = MalformedRow(record.row, "invalid_record", f"{at}: {type(exc).__name__}: {one_line(exc)}")
-        (rows if isinstance(row, CaptionRow) else bad).append(row)
-    normalized = [normalize_caption(r.caption) for r in rows]
-    raw = pa.table(
-        {
-            "caption_id": [caption_id(shard.file_tag, r.source_row) for r in rows],
-            "caption": [r.caption for r in rows],
-            "caption_normalized": normalized,
-            "dedup_key": [dedup_key(t) for t in normalized],
-            "source": [r.source for r in rows],
-            "source_id": [r.source_id for r in rows],
-            "source_file": [shard.uri] * len(rows),
-            "source_row": [r.source_row for r in rows],
-            "image_ref": [r.image_ref for r in rows],
-            "shard": [shard.key] * len(rows),
-        },
-        schema=RAW_SCHEMA,
-    )
-    malformed = pa.table(
-        {
-            "source_file": [shard.uri] * len(bad),
-            "source_row": [b.source_row for b in bad],
-            "shard": [shard.key] * len(bad),
-            "reason": [b.reason for b in bad],
-            "detail": [b.detail for b in bad],
-        },
-        schema=MALFORMED_SCHEMA,
-    )
-    return raw, malformed

@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 from synthvlm_assets.captions.curation import CurationResult, curate_captions
 from synthvlm_assets.captions.dedup import DedupStore, RangeIndex, keys_of_raw
 from synthvlm_assets.captions.filters import FILTER_NAMES, PerplexityModel, RuleFilterSettings
-from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError, read_shard
-from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError
+from synthvlm_assets.captions.sources import CaptionFields, SourceFormatError
+from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError, read_shard
 from synthvlm_assets.storage import StorageError, StorageRoot, is_transient
 
 RAW = "raw_caption_pool"
