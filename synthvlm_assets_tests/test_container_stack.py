@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import secrets
 import shutil
 import socket
@@ -30,6 +29,7 @@ import pytest
 
 from .conftest import REPO
 from .test_automation import PER_SHARD
+from .test_deployment import captions
 
 PROJECT = "synthvlmtest"
 STANDINS = {
@@ -88,35 +88,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def captions(n: int, seed: int) -> list[dict]:
-    """Plain English captions that pass the paper's filters (a few duplicates for dedup)."""
-    rng = random.Random(seed)
-    subjects = [
-        "A brown dog",
-        "Two children",
-        "An old man",
-        "A red bus",
-        "A small cat",
-        "A group of people",
-        "A woman",
-    ]
-    verbs = ["is standing", "is sitting", "is waiting", "is resting", "is playing", "is walking"]
-    places = [
-        "next to a wooden fence",
-        "on a busy city street",
-        "in a green park",
-        "near the river bank",
-        "inside a kitchen",
-    ]
-    rows = [
-        {"id": f"{seed}-{i}", "caption": f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}."}
-        for i in range(n)
-    ]
-    for i in range(0, n - 1, 7):
-        rows[i + 1]["caption"] = rows[i]["caption"]
-    return rows
 
 
 class Stack:
