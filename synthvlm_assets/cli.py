@@ -142,21 +142,13 @@ def materialize(
     return failures
 
 
-def materialize_dataset(settings: Settings, instance) -> int:
-    """Run the selection (synthvlm_100k) once over every scored shard. Returns 1 on failure."""
-    job = build_definitions(settings).resolve_job_def(DATASET_JOB)
+def run_job(settings: Settings, instance, job_name: str, label: str) -> int:
+    """Run an unpartitioned job once (DATASET_JOB: synthvlm_100k over every scored shard; TRAINING_JOB: LLaVA
+    stage 1, its export and the sanity evaluation). Returns 1 on failure."""
+    job = build_definitions(settings).resolve_job_def(job_name)
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
     _stop_if_interrupted(result)
-    print(f"synthvlm_100k: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
-    return 0 if result.success else 1
-
-
-def materialize_training(settings: Settings, instance) -> int:
-    """Run LLaVA stage 1, its export and the sanity evaluation (llava_training_job). Returns 1 on failure."""
-    job = build_definitions(settings).resolve_job_def(TRAINING_JOB)
-    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=_QUIET)
-    _stop_if_interrupted(result)
-    print(f"llava_stage1_checkpoint: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+    print(f"{label}: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
     return 0 if result.success else 1
 
 
@@ -290,9 +282,9 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0
         failures = materialize(settings, instance, missing_only=True, image_shards=args.image_shards)
         if args.image_shards and not failures:
-            failures += materialize_dataset(settings, instance)
+            failures += run_job(settings, instance, DATASET_JOB, "synthvlm_100k")
         if args.image_shards and not failures and not args.no_training:
-            failures += materialize_training(settings, instance)
+            failures += run_job(settings, instance, TRAINING_JOB, "llava_stage1_checkpoint")
         print(summary(settings))
         print(f"tables: {settings.resources()['storage'].root().uri()}")
         print(f"UI, with the settings of this run: {ui_command(settings)}")
