@@ -226,8 +226,9 @@ def parquet_counts(storage_root: Path, shard: str) -> tuple[int, int]:
 
 
 def metadata_row(page, key: str):
-    """The row of a metadata table whose first cell is `key` (the partition's metadata)."""
-    return page.get_by_role("row").filter(has=page.get_by_role("cell", name=key, exact=True))
+    """The partition's metadata entry `key` with its one value (a row named "kept 446"); not a row of a table
+    entry such as `samples`, whose verdict column also has cells named "kept"."""
+    return page.get_by_role("row", name=re.compile(rf"^{re.escape(key)} \S+$"))
 
 
 def test_backfill_two_shards_from_the_ui(
