@@ -112,6 +112,11 @@ class Location:
         )
         return result.success
 
+    def new_judge_data(self, shard: str, version: str) -> None:
+        """A user's run of judged_captions for `shard` that publishes new data (`version`)."""
+        self.data["judged_captions", shard] = version
+        assert self.run(["judged_captions"], shard)
+
     def launch_requested(self) -> Counter:
         """What the last tick requested, run as the sensor's runs are (tagged), one run per partition."""
         by_shard: dict[str | None, list[str]] = {}
@@ -228,8 +233,7 @@ def test_a_cancelled_user_run_is_not_relaunched_until_its_input_changes(location
     for tick_before_cancel in (True, False):
         run = location.start_run(["sdxl_images", "image_scores"], "s1")
         assert location.tick() == {}
-        location.data["judged_captions", "s1"] = f"cancelled-{tick_before_cancel}"
-        assert location.run(["judged_captions"], "s1")
+        location.new_judge_data("s1", f"cancelled-{tick_before_cancel}")
         if tick_before_cancel:
             assert location.tick() == {}  # sdxl_images is planned in the user's run
         location.instance.report_run_canceled(run)
@@ -237,8 +241,7 @@ def test_a_cancelled_user_run_is_not_relaunched_until_its_input_changes(location
         for _ in range(3):
             assert location.tick() == {}
 
-    location.data["judged_captions", "s1"] = "v3"
-    assert location.run(["judged_captions"], "s1")
+    location.new_judge_data("s1", "v3")
     assert location.settle() == Counter({"sdxl_images": 1, "image_scores": 1, SELECTION: 1})
 
 
@@ -257,8 +260,7 @@ def test_a_failed_step_is_not_retried_until_its_input_changes(location):
     location.end_backfill(backfill, BulkActionStatus.COMPLETED_FAILED)
     for _ in range(3):
         assert location.tick() == {}
-    location.data["judged_captions", "s1"] = "v2"
-    assert location.run(["judged_captions"], "s1")
+    location.new_judge_data("s1", "v2")
     assert location.settle() == Counter({"sdxl_images": 1, "image_scores": 1, SELECTION: 1})
 
 
@@ -271,8 +273,7 @@ def test_a_shard_the_user_left_unsynthesized_stays_so(location):
     assert all(location.run([name], "s1") for name in CHAIN[:4])
     for _ in range(3):
         assert location.tick() == {}
-    location.data["judged_captions", "s1"] = "v2"
-    assert location.run(["judged_captions"], "s1")
+    location.new_judge_data("s1", "v2")
     assert location.tick() == {}
 
     # New settings: the existing partitions rerun, the missing ones stay missing.
@@ -306,8 +307,7 @@ def test_turning_automation_back_on_runs_only_new_and_stale_shards(location):
     location.register("s2", "s3", "s4")
     assert location.run(CURATION, "s3")
     assert all(location.run([name], "s4") for name in CHAIN)
-    location.data["judged_captions", "s1"] = "v2"
-    assert location.run(["judged_captions"], "s1")
+    location.new_judge_data("s1", "v2")
 
     # automation on
     assert location.tick() == {

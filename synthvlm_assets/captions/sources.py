@@ -239,6 +239,11 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, kept 
 _DECODER = json.JSONDecoder()
 
 
+def _bad_byte(found: re.Match[str]) -> str:
+    """The byte that a surrogateescape decoding kept (a match of _ESCAPED_BYTE), as 0x.. for a message."""
+    return f"0x{ord(found[0]) - 0xDC00:02x}"
+
+
 def _nesting(text: str) -> int:
     """How deep the brackets of a JSON text nest (those inside strings not counted)."""
     steps = (1 if b in "[{" else -1 for b in _BRACKET.findall(_STRING.sub("", text)))
@@ -249,7 +254,7 @@ def _text_problem(text: str) -> tuple[str, str] | None:
     """Why a record's JSON text is malformed whatever json would make of it: bytes that are not UTF-8, or
     nesting deeper than JSON_MAX_NESTING (counted only where there are that many brackets at all)."""
     if (bad := _ESCAPED_BYTE.search(text)) is not None:
-        return "undecodable_text", f"invalid UTF-8 (byte 0x{ord(bad[0]) - 0xDC00:02x} at character {bad.start()})"
+        return "undecodable_text", f"invalid UTF-8 (byte {_bad_byte(bad)} at character {bad.start()})"
     if len(text) <= 2 * JSON_MAX_NESTING or text.count("[") + text.count("{") <= JSON_MAX_NESTING:
         return None  # too few brackets to nest that deep
     if (depth := _nesting(text)) > JSON_MAX_NESTING:
@@ -688,7 +693,7 @@ def _csv_header(header: _CsvRecord, path: str) -> list[str]:
     names = [header.values[0].removeprefix("\ufeff"), *header.values[1:]] if header.values else []
     if (bad := _ESCAPED_BYTE.search("\0".join(names))) is not None:
         raise SourceFormatError(
-            f"{path} line {header.line}: the CSV header is not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x});"
+            f"{path} line {header.line}: the CSV header is not UTF-8 text (byte {_bad_byte(bad)});"
             " caption files must be UTF-8 (convert it, e.g. iconv -f latin1 -t UTF-8)"
         )
     return names
@@ -714,9 +719,7 @@ def _csv_dict_records(
         elif not record.raw.isascii() and (bad := _ESCAPED_BYTE.search("".join(record.values))):
             # as in the JSON formats: bytes that are not UTF-8 anywhere in the record make it malformed
             at = where(path, row, at_line)
-            yield RawRecord(
-                row, error=f"undecodable_text: {at}: invalid UTF-8 (byte 0x{ord(bad[0]) - 0xDC00:02x})", line=at_line
-            )
+            yield RawRecord(row, error=f"undecodable_text: {at}: invalid UTF-8 (byte {_bad_byte(bad)})", line=at_line)
         elif len(record.values) != len(header):
             yield RawRecord(
                 row,
