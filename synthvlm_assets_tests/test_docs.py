@@ -50,19 +50,20 @@ def test_each_variable_is_documented_with_the_resource_field_it_sets():
     assert set(ENV_FIELDS) | set(LOCATION_ENV) <= set(rows)
 
 
-def test_every_resource_field_is_documented():
+def test_resource_reference_is_what_the_resources_declare():
+    """docs/configuration.md's resource tables are generated from the resources (names, defaults, descriptions),
+    and every field has a description."""
+    from synthvlm_assets.defs.settings import REFERENCE_BEGIN, REFERENCE_END, RESOURCES, configuration_reference
     from synthvlm_assets.definitions import defs
 
-    text = CONFIGURATION.read_text(encoding="utf-8")
-    missing = []
-    for key, resource in defs.resources.items():
-        section = text.split(f"### `{key}`", 1)
-        if len(section) < 2:
-            missing.append(f"section ### `{key}`")
-            continue
-        body = section[1].split("\n### ", 1)[0]
-        missing += [f"{key}.{name}" for name in type(resource).model_fields if f"| `{name}` |" not in body]
-    assert not missing, f"resource fields missing from docs/configuration.md: {missing}"
+    assert set(defs.resources) >= set(RESOURCES)
+    undescribed = [f"{k}.{n}" for k, r in RESOURCES.items() for n, f in r.model_fields.items() if not f.description]
+    assert not undescribed, f"resource fields without a description: {undescribed}"
+    documented = CONFIGURATION.read_text(encoding="utf-8").split(REFERENCE_BEGIN, 1)[1].split(REFERENCE_END, 1)[0]
+    assert documented.strip() == configuration_reference().strip(), (
+        "docs/configuration.md's resource fields differ from the code: "
+        "run `python -m synthvlm_assets.defs.settings docs/configuration.md`"
+    )
 
 
 def test_readme_is_short():
