@@ -41,7 +41,7 @@ def settings_fields(
         if f.name in exclude:
             continue
         name = names.get(f.name, f.name)
-        kind, value, doc = hints[f.name], getattr(default, f.name), docs[name]
+        kind, value, doc = hints[f.name], getattr(default, f.name), docs.get(name, "")  # test_docs wants one
         if f.name != "model" and getattr(preset, f.name) != value:
             kind, doc = kind | None, f"{doc} Default {value} ({getattr(preset, f.name)} for the tiny preset)."
             value = None
