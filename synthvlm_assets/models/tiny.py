@@ -157,6 +157,9 @@ def tiny_bert_tokenizer():
 
 
 TINY_PAIR_IMAGE_SIZE = 64
+# The towers of the tiny pair-filter models (BLIP ITM, CLIP): the same toy width and depth for text and vision.
+_PAIR_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+_PAIR_VISION = dict(**_PAIR_TOWER, image_size=TINY_PAIR_IMAGE_SIZE, patch_size=16)
 
 
 def tiny_blip_itm(seed: int = 0):
@@ -168,25 +171,15 @@ def tiny_blip_itm(seed: int = 0):
     tokenizer = tiny_bert_tokenizer()
     config = BlipConfig(
         text_config=dict(
+            **_PAIR_TOWER,
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
             encoder_hidden_size=32,
             bos_token_id=tokenizer.cls_token_id,
             pad_token_id=tokenizer.pad_token_id,
             sep_token_id=tokenizer.sep_token_id,
             eos_token_id=tokenizer.sep_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            image_size=TINY_PAIR_IMAGE_SIZE,
-            patch_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        ),
+        vision_config=_PAIR_VISION,
         projection_dim=16,
         image_text_hidden_size=16,
     )
@@ -205,24 +198,14 @@ def tiny_hf_clip(seed: int = 0):
     tokenizer = tiny_clip_tokenizer()
     config = CLIPConfig(
         text_config=dict(
+            **_PAIR_TOWER,
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
             max_position_embeddings=77,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            image_size=TINY_PAIR_IMAGE_SIZE,
-            patch_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        ),
+        vision_config=_PAIR_VISION,
         projection_dim=16,
     )
     image_processor = CLIPImageProcessor(
