@@ -271,6 +271,22 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     with pytest.raises(KeyError, match="no materialized raw_caption_pool"):
         lineage(root, "nope:1")
 
+    # An image that no longer decodes fails the readable check, which names it (each image is checked in memory
+    # while the dataset is written, not downloaded again).
+    from synthvlm_assets.formats.dataset import synthvlm_100k as publish
+    from synthvlm_assets.selection import SelectionSettings
+    from synthvlm_assets.synthesis.stage import Sample, read_tar, write_tar
+
+    tar_key = root.manifest(f"sdxl_images/{scores[0]['shard']}")["tar"]["key"]
+    with root.fs.open(root.path(tar_key), "rb") as f:
+        samples = [(k, Sample(s.jpeg[:64], s.meta) if k == scores[0]["key"] else s) for k, s in read_tar(f)]
+    with root.fs.open(root.path(tar_key), "wb") as f:
+        write_tar(f, samples)
+    out = publish(root, SelectionSettings(k=20), "a-run")
+    readable, seen = out.checks["selected_images_readable"]
+    assert not readable and seen["unreadable"] == 1 and scores[0]["caption_id"] in seen["first"]
+    assert out.checks["selected_count"] == (True, {"records": 20, "expected": 20})
+
 
 def test_worker_processes_give_the_same_scores():
     """Decode/resize in worker processes (the GPU-box default) equals in-process, and does not hang

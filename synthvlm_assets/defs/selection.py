@@ -1,9 +1,5 @@
 """SPEC §3-§5 as assets: image_scores per shard, then synthvlm_100k over all scored shards."""
 
-import hashlib
-import json
-
-import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import (
     AssetCheckResult,
@@ -23,14 +19,13 @@ from synthvlm_assets.defs.resources import ScoringResource, SelectionResource, S
 from synthvlm_assets.defs.partitions import GPU_TAGS
 from synthvlm_assets.defs.synthesis import sdxl_images
 from synthvlm_assets.formats.dataset import ASSET as DATASET
-from synthvlm_assets.formats.dataset import PAPER_TABLE_4, dataset_card, publish_dataset
+from synthvlm_assets.formats.dataset import PAPER_TABLE_4
+from synthvlm_assets.formats.dataset import synthvlm_100k as publish_synthvlm_100k
 from synthvlm_assets.formats.llava import image_path
 from synthvlm_assets.progress import ProgressLog
 from synthvlm_assets.scoring.clip_score import ClipScorer
 from synthvlm_assets.scoring.stage import ASSET as SCORES
 from synthvlm_assets.scoring.stage import score_shard
-from synthvlm_assets.query import lineage_table
-from synthvlm_assets.selection import select
 
 
 @asset(
@@ -106,40 +101,9 @@ def synthvlm_100k(
 ) -> MaterializeResult:
     """The global top K over every scored shard (best candidate per caption), as LLaVA JSON + images,
     WebDataset shards, Hugging Face Parquet and a dataset card."""
-    import io
-
-    from PIL import Image
-
     root = storage.root()
-    settings = selection.settings()
-    shards = [k.rsplit("/", 1)[-1] for k in root.list(SCORES) if not k.rsplit("/", 1)[-1].startswith("_")]
-    manifests = {s: root.manifest(f"{SCORES}/{s}") for s in shards}
-    passed = [s for s, m in manifests.items() if m is not None and m.get("checks_passed")]
-    excluded = sorted(set(shards) - set(passed))
-    scores = pa.concat_tables([root.read_partition(f"{SCORES}/{s}", "scores") for s in passed]) if passed else None
-    if scores is None or scores.num_rows == 0:
-        raise RuntimeError(f"no scored shard passed its checks under {root.uri(SCORES)} (excluded: {excluded[:10]})")
-    selected, n_captions = select(scores, settings)
-    tiny = any("tiny" in str(v) for v in set(scores.column("clip_model").to_pylist()))
-    info = {
-        "settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction},
-        "captions_scored": n_captions,
-        "shards": len(passed),
-        "excluded_shards": excluded,
-        "tiny": tiny,
-        "run_id": context.run.run_id,
-    }
-    lineage = lineage_table(root, selected, context.run.run_id)
-    manifest, rows = publish_dataset(root, selected, lambda sel: dataset_card(sel, scores, info), info, lineage)
-    base = manifest["prefix"]
-    readable = 0
-    for r in rows:
-        try:
-            Image.open(io.BytesIO(root.read_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}"))).verify()
-            readable += 1
-        except Exception:  # noqa: BLE001 - any failure to read counts as unreadable
-            pass
-    expected = min(settings.k, n_captions) if settings.k is not None else int(settings.fraction * n_captions)
+    out = publish_synthvlm_100k(root, selection.settings(), context.run.run_id)
+    rows, selected, scores, base = out.rows, out.selected, out.scores, out.manifest["prefix"]
     threshold = rows[-1]["score"] if rows else None
     sheet_rows = rows[:8] + rows[-8:] if len(rows) > 16 else rows
     means = [
@@ -148,17 +112,13 @@ def synthvlm_100k(
     ]
     means += [[name, c, s, w] for name, (c, s, w) in PAPER_TABLE_4.items()]  # w: None where the paper has none
     return MaterializeResult(
-        data_version=DataVersion(
-            hashlib.sha256(
-                json.dumps([[r["caption_id"], r["candidate"], r["rank"]] for r in rows]).encode()
-            ).hexdigest()[:12]
-        ),
+        data_version=DataVersion(out.manifest["version"]),
         metadata=rounded(
             {
                 "records": len(rows),
-                "captions_scored": n_captions,
+                "captions_scored": out.captions_scored,
                 "threshold": threshold,
-                "excluded_shards": len(excluded),
+                "excluded_shards": len(out.excluded_shards),
                 "vs_table_4": table(["set", "CLIPScore", "SSIM", "score"], means),
                 # The dataset is where a person looks at plots (markdown: Dagster has no image metadata type).
                 "hist_all": histograms(
@@ -183,24 +143,16 @@ def synthvlm_100k(
                         )
                         for r in sheet_rows
                     ],
-                    "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if tiny else ""),
+                    "top 8 and bottom 8 selected" + (" - tiny preset, meaningless" if out.tiny else ""),
                 ),
                 "llava_json": MetadataValue.path(root.uri(f"{base}/{DATASET}.json")),
                 "dataset_card": MetadataValue.path(root.uri(f"{base}/README.md")),
                 "lineage_parquet": MetadataValue.path(root.uri(f"{base}/lineage.parquet")),
-                "version": manifest["version"],
+                "version": out.manifest["version"],
             }
         ),
         check_results=[
-            AssetCheckResult(
-                check_name="selected_count",
-                passed=len(rows) == expected,
-                metadata={"records": len(rows), "expected": expected},
-            ),
-            AssetCheckResult(
-                check_name="selected_images_readable",
-                passed=readable == len(rows),
-                metadata={"unreadable": len(rows) - readable},
-            ),
+            AssetCheckResult(check_name=name, passed=passed, metadata=seen)
+            for name, (passed, seen) in out.checks.items()
         ],
     )

@@ -12,13 +12,18 @@ synthvlm_100k/_manifest.json                    written last: names the current 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from synthvlm_assets.formats.llava import hf_parquet, image_path, llava_record, webdataset_shard
+from synthvlm_assets.query import lineage_table
+from synthvlm_assets.scoring.stage import ASSET as SCORES
+from synthvlm_assets.selection import SelectionSettings, select
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.synthesis.stage import ASSET as IMAGES
 from synthvlm_assets.synthesis.stage import read_tar
@@ -32,15 +37,65 @@ PAPER_TABLE_4 = {
 }
 
 
+@dataclass
+class PublishedDataset:
+    """One synthvlm_100k: what competed, what was selected and written, and its checks."""
+
+    manifest: dict
+    rows: list[dict]  # the selected rows, best first, with their captions
+    selected: pa.Table
+    scores: pa.Table  # every candidate of the scored shards that passed their checks
+    captions_scored: int
+    excluded_shards: list[str]  # scored shards left out: their checks failed or they have no manifest
+    tiny: bool  # scored with the tiny preset: meaningless
+    checks: dict[str, tuple[bool, dict]]  # check name -> (passed, what it saw)
+
+
+def synthvlm_100k(storage: StorageRoot, settings: SelectionSettings, run_id: str) -> PublishedDataset:
+    """SPEC §4-§5: the global top K over every scored shard that passed its checks, published."""
+    shards = [k.rsplit("/", 1)[-1] for k in storage.list(SCORES) if not k.rsplit("/", 1)[-1].startswith("_")]
+    manifests = {s: storage.manifest(f"{SCORES}/{s}") for s in shards}
+    passed = [s for s, m in manifests.items() if m is not None and m.get("checks_passed")]
+    excluded = sorted(set(shards) - set(passed))
+    scores = pa.concat_tables([storage.read_partition(f"{SCORES}/{s}", "scores") for s in passed]) if passed else None
+    if scores is None or scores.num_rows == 0:
+        raise RuntimeError(
+            f"no scored shard passed its checks under {storage.uri(SCORES)} (excluded: {excluded[:10]})"
+        )
+    selected, n_captions = select(scores, settings)
+    tiny = any("tiny" in str(v) for v in set(scores.column("clip_model").to_pylist()))
+    info = {
+        "settings": {"lam": settings.lam, "k": settings.k, "fraction": settings.fraction},
+        "captions_scored": n_captions,
+        "shards": len(passed),
+        "excluded_shards": excluded,
+        "tiny": tiny,
+        "run_id": run_id,
+    }
+    lineage = lineage_table(storage, selected, run_id)
+    manifest, rows, unreadable = publish_dataset(
+        storage, selected, lambda sel: dataset_card(sel, scores, info), info, lineage
+    )
+    expected = min(settings.k, n_captions) if settings.k is not None else int(settings.fraction * n_captions)
+    checks = {
+        "selected_count": (len(rows) == expected, {"records": len(rows), "expected": expected}),
+        "selected_images_readable": (not unreadable, {"unreadable": len(unreadable), "first": str(unreadable[:10])}),
+    }
+    return PublishedDataset(manifest, rows, selected, scores, n_captions, excluded, tiny, checks)
+
+
 def publish_dataset(
     storage: StorageRoot,
     selected: pa.Table,
     card: Callable[[pa.Table], str],
     info: dict,
     lineage: pa.Table | None = None,
-) -> tuple[dict, list[dict]]:
-    """Write every format of the selection and switch the current version to it; returns the
-    manifest and the selected rows with their captions."""
+) -> tuple[dict, list[dict], list[str]]:
+    """Write every format of the selection and switch the current version to it; returns the manifest, the
+    selected rows with their captions, and the caption ids of images that do not decode (each image is checked
+    in memory before it is written, and read back once to write the WebDataset and Parquet shards)."""
+    from PIL import Image
+
     rows = selected.to_pylist()
     version = hashlib.sha256(
         json.dumps(
@@ -51,6 +106,7 @@ def publish_dataset(
 
     # Images: one streaming pass over each shard's tar, taking the selected keys.
     by_shard: dict[str, dict[str, dict]] = defaultdict(dict)
+    unreadable: list[str] = []
     for r in rows:
         by_shard[r["shard"]][r["key"]] = r
     for shard, wanted in sorted(by_shard.items()):
@@ -60,6 +116,10 @@ def publish_dataset(
                 if key in wanted:
                     r = wanted[key]
                     r["caption"] = sample.meta["caption"]
+                    try:
+                        Image.open(io.BytesIO(sample.jpeg)).verify()
+                    except Exception:  # noqa: BLE001 - whatever PIL raises, the image is unusable
+                        unreadable.append(r["caption_id"])
                     storage.write_bytes(f"{base}/{image_path(r['rank'], r['caption_id'])}", sample.jpeg)
     missing = [r["caption_id"] for r in rows if "caption" not in r]
     if missing:
@@ -81,7 +141,7 @@ def publish_dataset(
     storage.write_json(f"{ASSET}/_manifest.json", manifest)  # the switch: readers follow this
     if previous and previous.get("prefix") not in (None, base):
         storage.delete(previous["prefix"])
-    return manifest, rows
+    return manifest, rows, unreadable
 
 
 def dataset_card(selected: pa.Table, all_scores: pa.Table, info: dict) -> str:
