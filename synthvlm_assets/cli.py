@@ -2,9 +2,11 @@
 
 synthvlm demo --input ../shared/data/coco_captions_val2017.json   # the main job, embedded default
 synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
+synthvlm curate more_captions.jsonl                               # register, then curate (no GPU stage)
 synthvlm materialize --missing                                    # every shard not yet curated
 synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
 synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
+synthvlm latest                                                   # where the current SynthVLM-100K is
 (the demo ends with a stage-1 LLaVA checkpoint trained on its SynthVLM-style dataset: llava_training_job)
 """
 
@@ -19,9 +21,12 @@ from collections.abc import Sequence
 from synthvlm_assets.captions.stages import CURATED, RAW
 from synthvlm_assets.defs.build import CURATION_JOB, DATASET_JOB, MAIN_JOB, TRAINING_JOB, Settings, build_definitions
 from synthvlm_assets.defs.partitions import caption_shards
+from synthvlm_assets.formats.dataset import ASSET as DATASET
 from synthvlm_assets.recovery import recover_dead_runs
 
 CAPTION_ASSETS = (RAW, CURATED)
+# Assets published as versions switched in by their _manifest.json: `synthvlm latest` names the current one.
+PUBLISHED = (DATASET, "llava_stage1_export", "llava_stage2_export")
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 RESUME_HINT = "what was staged or cached is kept: `synthvlm materialize --missing` goes on from there"
 
@@ -188,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130  # the shell's code for SIGINT
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synthvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -203,10 +208,14 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     p = sub.add_parser("register", help="register caption files as shards")
     p.add_argument("uris", nargs="+")
+    p = sub.add_parser("curate", help="register caption files and curate every shard not curated yet (no GPU stage)")
+    p.add_argument("uris", nargs="*", help="caption files to register first (local paths or s3:// URIs)")
     p = sub.add_parser("materialize", help="run the main job for shards")
     p.add_argument("--shard", nargs="*", help="shard keys (default: all registered)")
     p.add_argument("--missing", action="store_true", help="only shards with an asset not materialized yet")
     p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
+    p = sub.add_parser("latest", help="print where the current version of a published asset is")
+    p.add_argument("asset", nargs="?", default=DATASET, choices=PUBLISHED, help=f"default: {DATASET}")
     p = sub.add_parser("lineage", help="print one caption's whole chain, source file to SynthVLM-100K rank")
     p.add_argument("caption_id")
     p = sub.add_parser(
@@ -223,47 +232,68 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--model", default=None, help="HF id, folder, s3:// prefix or tiny (default: SYNTHVLM_JUDGE_MODEL)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    return parser
 
-    if args.command == "judge-serve":
-        from synthvlm_assets.captions.judge.server import make_server
-        from synthvlm_assets.captions.judge.stage import load_judge
-        from synthvlm_assets.defs.resources import JudgeResource
 
-        given = settings.resource_fields()["judge"]
-        model = args.model or given.get("model") or JudgeResource().model
-        judge = load_judge(
-            JudgeResource(**{**given, "model": model, "backend": "transformers", "endpoint_url": None}).settings()
-        )
-        server = make_server(judge.backend, model, args.host, args.port)
-        print(
-            f"judge {model} (prompt version {judge.prompt.version}) on http://{args.host}:{args.port}/v1/completions",
-            flush=True,
-        )
-        server.serve_forever()
-        return 0
+def _judge_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from synthvlm_assets.captions.judge.server import make_server
+    from synthvlm_assets.captions.judge.stage import load_judge
+    from synthvlm_assets.defs.resources import JudgeResource
 
-    if args.command == "lineage":
-        import json
+    given = settings.resource_fields()["judge"]
+    model = args.model or given.get("model") or JudgeResource().model
+    judge = load_judge(
+        JudgeResource(**{**given, "model": model, "backend": "transformers", "endpoint_url": None}).settings()
+    )
+    server = make_server(judge.backend, model, args.host, args.port)
+    print(f"judge {model} (prompt version {judge.prompt.version}) on http://{args.host}:{args.port}/v1/completions")
+    sys.stdout.flush()
+    server.serve_forever()
+    return 0
 
-        from synthvlm_assets.query import lineage
 
-        try:
-            print(json.dumps(lineage(settings.resources()["storage"].root(), args.caption_id), indent=1, default=str))
-        except KeyError as exc:
-            sys.exit(str(exc.args[0]))
-        return 0
-    if args.command == "sql":
-        from synthvlm_assets.query import connect
+def _lineage(args: argparse.Namespace, settings: Settings) -> int:
+    import json
 
-        con = connect(settings.resources()["storage"].root())
-        if args.query is None:
-            print(summary(settings))
-            return 0
+    from synthvlm_assets.query import lineage
+
+    try:
+        print(json.dumps(lineage(settings.resources()["storage"].root(), args.caption_id), indent=1, default=str))
+    except KeyError as exc:
+        sys.exit(str(exc.args[0]))
+    return 0
+
+
+def _sql(args: argparse.Namespace, settings: Settings) -> int:
+    from synthvlm_assets.query import connect
+
+    con = connect(settings.resources()["storage"].root())
+    if args.query is None:
+        print(summary(settings))
+    else:
         con.sql(args.query).show(max_rows=50, max_width=200)
-        return 0
+    return 0
 
+
+def latest(settings: Settings, asset: str = DATASET) -> str:
+    """The URI of the current version of a published asset: what its `_manifest.json` (the switch) names."""
+    root = settings.resources()["storage"].root()
+    manifest = root.manifest(asset)
+    if not manifest or "prefix" not in manifest:
+        raise LookupError(f"{asset}: nothing published yet under {root.uri(asset)}")
+    return root.uri(manifest["prefix"])
+
+
+def _latest(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        print(latest(settings, args.asset))
+    except LookupError as exc:
+        sys.exit(str(exc))
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    """demo, register, curate and materialize: the commands that run Dagster jobs on the instance."""
     if args.command == "demo" and settings.preset is None:
         print(
             "demo: SYNTHVLM_PRESET is not set, so every model not set by its own variable is the tiny preset (random "
@@ -272,24 +302,35 @@ def _main(argv: Sequence[str] | None) -> int:
         settings.preset = "tiny"
     instance = _instance()
     recover_dead_runs(instance)  # no daemon in the embedded default: runs left by a killed synthvlm, freed
-    if args.command in ("demo", "register"):
-        uris = args.input if args.command == "demo" else args.uris
-        for uri in uris:
-            if "://" not in uri and not os.path.exists(uri):
-                sys.exit(f"caption file not found: {uri}. {COCO_HINT}")
-        register(uris, settings, instance)
-        if args.command == "register":
-            return 0
-        failures = materialize(settings, instance, missing_only=True, image_shards=args.image_shards)
-        if args.image_shards and not failures:
-            failures += run_job(settings, instance, DATASET_JOB, "synthvlm_100k")
-        if args.image_shards and not failures and not args.no_training:
-            failures += run_job(settings, instance, TRAINING_JOB, "llava_stage1_checkpoint")
-        print(summary(settings))
-        print(f"tables: {settings.resources()['storage'].root().uri()}")
-        print(f"UI, with the settings of this run: {ui_command(settings)}")
-        return 1 if failures else 0
-    return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0
+    if args.command == "materialize":
+        return 1 if materialize(settings, instance, args.shard, args.missing, args.image_shards) else 0
+    uris = args.input if args.command == "demo" else args.uris
+    for uri in uris:
+        if "://" not in uri and not os.path.exists(uri):
+            sys.exit(f"caption file not found: {uri}. {COCO_HINT}")
+    register(uris, settings, instance)
+    if args.command == "register":
+        return 0
+    image_shards = args.image_shards if args.command == "demo" else 0
+    failures = materialize(settings, instance, missing_only=True, image_shards=image_shards)
+    if image_shards and not failures:
+        failures += run_job(settings, instance, DATASET_JOB, DATASET)
+        if not failures:
+            print(f"{DATASET}: {latest(settings)}")
+    if image_shards and not failures and not args.no_training:
+        failures += run_job(settings, instance, TRAINING_JOB, "llava_stage1_checkpoint")
+    print(summary(settings))
+    print(f"tables: {settings.resources()['storage'].root().uri()}")
+    print(f"UI, with the settings of this run: {ui_command(settings)}")
+    return 1 if failures else 0
+
+
+COMMANDS = {"judge-serve": _judge_serve, "lineage": _lineage, "sql": _sql, "latest": _latest}
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS.get(args.command, _pipeline)(args, Settings.from_env())
 
 
 if __name__ == "__main__":

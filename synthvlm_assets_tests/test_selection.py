@@ -137,6 +137,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     import datasets
     import webdataset as wds
 
+    from synthvlm_assets.cli import latest
     from synthvlm_assets.defs.build import Settings, build_definitions
     from synthvlm_assets.defs.captions import caption_curation
     from synthvlm_assets.defs.judge import judged_captions, pair_filtered_captions
@@ -190,6 +191,7 @@ def test_dataset_end_to_end_and_consumers(tmp_path, coco_path):
     root = settings.resources()["storage"].root()
     base = root.manifest("synthvlm_100k")["prefix"]
     folder = tmp_path / "root" / base
+    assert latest(settings) == root.uri(base) == str(folder)  # `synthvlm latest`: the current version
 
     # LLaVA's loader: json.load a list; each record's image relative to the image folder; one <image>.
     records = json.loads((folder / "synthvlm_100k.json").read_text())

@@ -80,3 +80,11 @@ def test_cli_demo_register_and_sql(tmp_path, coco_path):
         [*cli, "demo", "--input", str(tmp_path / "nope.json")], env=env, capture_output=True, text=True, timeout=120
     )
     assert missing.returncode != 0 and "caption file not found" in missing.stderr
+    # `curate`: a new file registered and curated, nothing else run; nothing published yet for `latest`.
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps({"id": a["id"], "caption": a["caption"]}) + "\n" for a in anns[:300]))
+    curate = subprocess.run([*cli, "curate", str(more)], env=env, capture_output=True, text=True, timeout=300)
+    assert curate.returncode == 0, curate.stderr[-3000:]
+    assert "curated 1/1 shards" in curate.stdout and "raw captions 1800" in curate.stdout, curate.stdout
+    latest = subprocess.run([*cli, "latest"], env=env, capture_output=True, text=True, timeout=120)
+    assert latest.returncode != 0 and "synthvlm_100k: nothing published yet" in latest.stderr
