@@ -57,6 +57,7 @@ class SDXLGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, DTYPES[settings.dtype])
         self.base, self.refiner = base, refiner
+        self.deepcache = {}  # id(pipeline) -> its UNet's DeepCache (deepcache_interval > 1)
         for pipe in filter(None, (self.base, self.refiner)):
             if pipe.device.type != self.device:
                 pipe.to(self.device)
@@ -67,8 +68,17 @@ class SDXLGenerator:
                 pipe.fuse_qkv_projections(unet=True, vae=False)
             if self.device == "cuda":
                 pipe.unet.to(memory_format=torch.channels_last)
-                if settings.compile:
-                    pipe.unet = torch.compile(pipe.unet)
+            # Fast paths, after fusing (the fused layers are the ones quantised) and before compiling.
+            if settings.fp8_linear:
+                from synthvlm_assets.synthesis.fp8 import apply_fp8_linear
+
+                apply_fp8_linear(pipe.unet)
+            if settings.deepcache_interval > 1:
+                from synthvlm_assets.synthesis.deepcache import DeepCache
+
+                self.deepcache[id(pipe)] = DeepCache(pipe.unet, settings.deepcache_interval)
+            if self.device == "cuda" and settings.compile:
+                pipe.unet = torch.compile(pipe.unet)
         self.stats = GenerationStats()
         self._vae_fp32 = None
         self.model_revision = resolved_revision(base, settings)
@@ -131,16 +141,29 @@ class SDXLGenerator:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self.refiner is None:
-                latents = self.base(**common, height=s.height, width=s.width).images
+                latents = self.run_pipeline(self.base, **common, height=s.height, width=s.width)
             else:
                 # The hand-over of SPEC §2: base stops at `refiner_switch`, the refiner starts there.
                 # (SynthVLM's code passes denoising_end to the refiner too, returning noisy images.)
-                handover = self.base(**common, height=s.height, width=s.width, denoising_end=s.refiner_switch).images
-                latents = self.refiner(**common, image=handover, denoising_start=s.refiner_switch).images
+                handover = self.run_pipeline(
+                    self.base, **common, height=s.height, width=s.width, denoising_end=s.refiner_switch
+                )
+                latents = self.run_pipeline(self.refiner, **common, image=handover, denoising_start=s.refiner_switch)
             out = self._decode(latents)
         self.stats.images += len(prompts)
         self.stats.seconds += time.perf_counter() - t0
         return out
+
+    def run_pipeline(self, pipe, **kwargs):
+        """One pipeline call (latents out), with the UNet's step cache driven by the step-end callback."""
+        cache = self.deepcache.get(id(pipe))
+        if cache is None:
+            return pipe(**kwargs).images
+        cache.reset()
+        try:
+            return pipe(**kwargs, callback_on_step_end=cache.step_end).images
+        finally:
+            cache.reset()  # frees the kept feature; an interrupted call leaves no state behind
 
     def _vae(self, fp32: bool):
         import torch
