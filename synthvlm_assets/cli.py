@@ -7,6 +7,7 @@ synthvlm materialize --missing                                    # every shard 
 synthvlm sql "SELECT count(*) FROM curated_captions"              # DuckDB over the Parquet tables
 synthvlm lineage coco_captions_val2017-32922018:37                # one caption's whole chain
 synthvlm latest                                                   # where the current SynthVLM-100K is
+synthvlm score path/to/folder --out scores.parquet                # CLIPScore + SSIM of NAME.jpg + NAME.txt pairs
 (the demo ends with a stage-1 LLaVA checkpoint trained on its SynthVLM-style dataset: llava_training_job)
 """
 
@@ -216,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-shards", type=int, default=None, help="only the first N shards get images (default: all)")
     p = sub.add_parser("latest", help="print where the current version of a published asset is")
     p.add_argument("asset", nargs="?", default=DATASET, choices=PUBLISHED, help=f"default: {DATASET}")
+    p = sub.add_parser(
+        "score", help="CLIPScore, SSIM and score of a folder of NAME.jpg + NAME.txt pairs, or of a LLaVA JSON"
+    )
+    p.add_argument("path", help="a folder (local or s3://), or a LLaVA pretraining JSON file (images beside it)")
+    p.add_argument("--out", default="scores.parquet", help="the Parquet file of scores (default: scores.parquet)")
     p = sub.add_parser("lineage", help="print one caption's whole chain, source file to SynthVLM-100K rank")
     p.add_argument("caption_id")
     p = sub.add_parser(
@@ -292,6 +298,37 @@ def _latest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    """Score a user's images with the scoring and selection settings; 1 when any row is left unscored."""
+    import posixpath
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from synthvlm_assets.scoring.clip_score import ClipScorer
+    from synthvlm_assets.scoring.folder import score_folder
+    from synthvlm_assets.storage import StorageRoot
+
+    resources = settings.resources()
+    scoring, endpoint = resources["scoring"], resources["storage"].s3_endpoint_url
+    path = args.path.rstrip("/")
+    folder, name = posixpath.split(path) if path.lower().endswith(".json") else (path, None)
+    scorer = ClipScorer.load(scoring.clip_settings(), scoring.cache_dir, endpoint)
+    table = score_folder(StorageRoot(folder or ".", endpoint), scorer, scoring.ssim_settings(),
+                         resources["selection"].lam, name)  # fmt: skip
+    pq.write_table(table, args.out)
+    scored = table.filter(pc.is_null(table.column("error")))
+    means = ", ".join(f"{c} {pc.mean(scored.column(c)).as_py():.4f}" for c in ("clip_score", "ssim", "score"))
+    print(
+        f"{scored.num_rows} of {table.num_rows} scored"
+        + (f" (mean {means})" if scored.num_rows else "")
+        + f": {args.out}"
+    )
+    for row in table.filter(pc.is_valid(table.column("error"))).slice(0, 10).to_pylist():
+        print(f"  not scored: {row['image']}: {row['error']}")
+    return 0 if scored.num_rows == table.num_rows else 1
+
+
 def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
     """demo, register, curate and materialize: the commands that run Dagster jobs on the instance."""
     if args.command == "demo" and settings.preset is None:
@@ -325,7 +362,7 @@ def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failures else 0
 
 
-COMMANDS = {"judge-serve": _judge_serve, "lineage": _lineage, "sql": _sql, "latest": _latest}
+COMMANDS = {"judge-serve": _judge_serve, "lineage": _lineage, "sql": _sql, "latest": _latest, "score": _score}
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -50,6 +50,10 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the object."""
 
 
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object is not there (a StorageError, and a FileNotFoundError for callers that ask for that)."""
+
+
 # S3 error codes and HTTP statuses that say "try again" (AWS's throttling and server-side errors;
 # SeaweedFS and MinIO answer with the same codes).
 TRANSIENT_S3_CODES = frozenset(
@@ -338,7 +342,7 @@ class StorageRoot:
         try:
             return self.retrying("read", key, lambda: self._call("cat_file", self.path(key)))
         except FileNotFoundError as exc:
-            raise StorageError(f"not found: {self.uri(key)}") from exc
+            raise ObjectNotFound(f"not found: {self.uri(key)}") from exc
 
     def delete(self, key: str) -> None:
         def delete() -> None:
@@ -385,7 +389,7 @@ class StorageRoot:
         try:
             return self.retrying("read", key, read)
         except FileNotFoundError as exc:
-            raise StorageError(f"not found: {self.uri(key)}") from exc
+            raise ObjectNotFound(f"not found: {self.uri(key)}") from exc
 
     # -- partitions -------------------------------------------------------------------------
     def publish_partition(self, prefix: str, tables: dict[str, pa.Table], info: dict[str, Any]) -> dict[str, Any]:
@@ -410,10 +414,8 @@ class StorageRoot:
         key = posixpath.join(prefix, MANIFEST)
         try:
             return self.read_json(key)
-        except StorageError as exc:
-            if str(exc).startswith("not found"):
-                return None
-            raise
+        except ObjectNotFound:
+            return None
 
     def read_partition(self, prefix: str, name: str, columns: list[str] | None = None) -> pa.Table:
         manifest = self.manifest(prefix)

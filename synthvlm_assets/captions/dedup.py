@@ -24,7 +24,7 @@ import pyarrow as pa
 from synthvlm_assets.captions.normalize import NORMALIZATION_VERSION
 from synthvlm_assets.captions.sources import CaptionFields
 from synthvlm_assets.shards import Shard, ShardRegistry, ShardRegistryError, read_shard
-from synthvlm_assets.storage import StorageError, StorageRoot
+from synthvlm_assets.storage import ObjectNotFound, StorageRoot
 
 CONSOLIDATE_EVERY = 16
 KEYS_SCHEMA = pa.schema([("dedup_key", pa.binary(16)), ("file_seq", pa.int32()), ("source_row", pa.int64())])
@@ -191,10 +191,8 @@ class DedupStore:
     def _read(self, key: str) -> pa.Table | None:
         try:
             return self.storage.read_parquet(key)
-        except StorageError as exc:
-            if str(exc).startswith("not found"):
-                return None
-            raise
+        except ObjectNotFound:
+            return None
 
     def shard_keys(self, shard: Shard, registry: ShardRegistry) -> pa.Table | None:
         """An earlier shard's keys: what it published (its stored keys, or its raw_caption_pool partition's),
