@@ -1,17 +1,24 @@
 """SPEC §1's LLM judge: prompt assembly as token ids, hostile captions, verdicts and p_yes, the three
-backends' agreement (transformers with and without the prefix cache, HTTP through a real server), the
-verdict cache and the loading path."""
+backends' agreement (transformers' shared-prefix path against greedy generation and its other paths, HTTP
+through a real server), the verdict cache and the loading path."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 
 import pyarrow as pa
 import pytest
 
-from synthvlm_assets.captions.judge.backends import FirstToken, HTTPJudge, TransformersJudge, VLLMJudge
+from synthvlm_assets.captions.judge.backends import (
+    FirstToken,
+    HTTPJudge,
+    TransformersJudge,
+    VLLMJudge,
+    length_buckets,
+)
 from synthvlm_assets.captions.judge.prompt import (
     INSTRUCTION,
     JudgePrompt,
@@ -137,6 +144,107 @@ def test_prefix_cache_gives_the_same_answers(tiny_judge, coco_path):
         backend.score([prompts[0], [7, *prompts[1][1:]]], shared_prefix=shared)
 
 
+def varied_captions(coco_path, n: int) -> list[str]:
+    """COCO captions with an empty one, one letter and long ones (~100 to ~500 tokens), shuffled."""
+    coco = coco_captions(coco_path, n + 40)
+    captions = coco[:n] + ["", "a", " ".join(coco[n : n + 3]), " ".join(coco[n + 3 : n + 40])[:500]]
+    random.Random(0).shuffle(captions)
+    return captions
+
+
+def answering_llama(tokenizer, prompts: list[list[int]]):
+    """The tiny Llama with the LM-head rows of its three most frequent greedy answers on `prompts` swapped
+    with those of "Yes", " No" and "Y": its free answers are then Yes, No, a token that only starts Yes
+    (a parse failure) and others, so the verdicts are not all parse failures."""
+    import torch
+
+    model = tiny_llama(tokenizer, seed=1)
+    firsts = TransformersJudge(model, tokenizer, path="plain").logprobs(prompts).argmax(-1).tolist()
+    common = sorted(set(firsts), key=lambda t: (-firsts.count(t), t))[:3]
+    answers = [tokenizer.convert_tokens_to_ids(t) for t in ("Yes", "\u0120No", "Y")]  # Ġ: a leading space
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        for frequent, answer in zip(common, answers):
+            weight[[frequent, answer]] = weight[[answer, frequent]]
+    return model
+
+
+def test_length_buckets_cover_every_row_within_the_budget():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 300) for _ in range(500)]
+    batches = length_buckets(lengths, 1024)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # sorted by length: little padding
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
+    assert length_buckets([5000, 3], 1024) == [[1], [0]]  # a row over the budget goes alone
+
+
+def test_one_pass_verdicts_equal_greedy_generation(tokenizer, coco_path):
+    """The shared-prefix path (prefix KV once, tails in length buckets, one forward pass) answers what
+    greedy generation's first token answers, on captions of 1 to ~500 tokens, in the captions' order."""
+    import torch
+
+    prompt = JudgePrompt.build(tokenizer)
+    prompts = [prompt.ids(c) for c in varied_captions(coco_path, 76)]
+    shared = len(prompt.prefix)
+    model = answering_llama(tokenizer, prompts)
+    backend = TransformersJudge(model, tokenizer, batch_tokens=1024)
+    results = backend.score(prompts, shared_prefix=shared)
+    with torch.inference_mode():
+        generated = [
+            tokenizer.decode(model.generate(torch.tensor([p]), max_new_tokens=1, do_sample=False)[0, -1:])
+            for p in prompts
+        ]
+    assert [r.token for r in results] == generated
+    verdicts = [parse_verdict(r.token) for r in results]
+    assert verdicts == [parse_verdict(g) for g in generated]
+    assert {"yes", "no", "parse_failure"} <= set(verdicts) and "Y" in generated  # "Y" starts Yes: still a failure
+    assert verdicts[generated.index("Y")] == "parse_failure"
+    extra = backend.stats.extra
+    # Packed: the matmuls compute no pads. Sorted: the tails' attention grid pads ~10% here (80 rows of 1 to
+    # ~500 tokens); in their order it would pad to ~7x.
+    assert extra["forward_passes"] > 4 and extra["forward_tokens"] == extra["tail_tokens"]
+    assert extra["grid_tokens"] < 1.15 * extra["tail_tokens"]
+    for path in ("plain", "repeat-prefix"):
+        other = TransformersJudge(model, tokenizer, path=path).score(prompts, shared_prefix=shared)
+        assert [r.token for r in other] == generated
+        for a, b in zip(results, other):
+            assert a.yes_logprob == pytest.approx(b.yes_logprob, abs=1e-4)
+            assert a.no_logprob == pytest.approx(b.no_logprob, abs=1e-4)
+
+
+def test_the_prefix_kv_is_computed_once_and_the_model_left_as_it_was(tiny_judge, coco_path):
+    backend = TransformersJudge(tiny_judge.backend.model, tiny_judge.backend.tokenizer)
+    prompts = [tiny_judge.prompt.ids(c) for c in coco_captions(coco_path, 8)]
+    shared = len(tiny_judge.prompt.prefix)
+    backend.score(prompts[:4], shared_prefix=shared)
+    kv = backend._prefix[1]
+    backend.score(prompts[4:], shared_prefix=shared)
+    assert backend._prefix[1] is kv and kv[0][0].shape[0] == 1  # kept at batch 1, never repeated per row
+    assert backend.model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="share"):
+        backend.score([prompts[0], [7, *prompts[1][1:]]], shared_prefix=shared)
+
+
+def test_a_model_the_shared_prefix_attention_cannot_serve_falls_back(tokenizer, coco_path):
+    """Mistral with a sliding window shorter than the prompt: the KV-repeat path, same answers as plain."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.5, sliding_window=48,
+    ))  # fmt: skip
+    prompt = JudgePrompt.build(tokenizer)
+    prompts = [prompt.ids(c) for c in varied_captions(coco_path, 12)]
+    backend = TransformersJudge(model, tokenizer, batch_tokens=1024)
+    results = backend.score(prompts, shared_prefix=len(prompt.prefix))
+    assert backend.path == "repeat-prefix" and "sliding" in backend.stats.extra["shared_prefix_unsupported"]
+    plain = TransformersJudge(model, tokenizer, path="plain").score(prompts)
+    assert [r.token for r in results] == [r.token for r in plain]
+    assert [r.yes_logprob for r in results] == pytest.approx([r.yes_logprob for r in plain], abs=1e-4)
+
+
 def test_forced_choice_answers_only_yes_or_no(tokenizer, coco_path):
     judge = TransformersJudge(tiny_llama(tokenizer), tokenizer, forced_choice=True)
     prompt = JudgePrompt.build(tokenizer)
@@ -156,12 +264,12 @@ def judge_server(tiny_judge):
 
 
 def test_http_backend_against_a_real_server(tiny_judge, judge_server, coco_path):
-    prompts = [tiny_judge.prompt.ids(c) for c in coco_captions(coco_path, 12)]
+    prompts = [tiny_judge.prompt.ids(c) for c in varied_captions(coco_path, 8)]
     http = HTTPJudge(judge_server, "tiny", concurrency=4, top_logprobs=400)  # the whole tiny vocabulary
     for a, b in zip(http.score(prompts), tiny_judge.backend.score(prompts)):
         assert a.token == b.token
         assert p_yes(a.yes_logprob, a.no_logprob) == pytest.approx(p_yes(b.yes_logprob, b.no_logprob), abs=1e-5)
-    assert http.stats.prompts == 12
+    assert http.stats.prompts == 12 and len({len(p) for p in prompts}) == 12
 
 
 def test_http_backend_errors_are_clear(judge_server):

@@ -3,17 +3,20 @@
 - `VLLMJudge`: vLLM offline (`LLM.generate` on token-id prompts, max_tokens=1, temperature=0,
   prefix caching), the default on GPUs. vLLM has no CPU build: this path runs on GPU workers only.
 - `HTTPJudge`: any OpenAI-compatible `/v1/completions` server with log-probs (`vllm serve`, ours).
-- `TransformersJudge`: one forward pass, last-position logits, the shared prefix's KV cache computed
-  once per batch; for CPUs and tests.
+- `TransformersJudge`: one forward pass, last-position logits; the shared prefix's KV computed once and
+  read in place by every row, the tails sorted by length and packed; for CPUs, tests and GPUs without vLLM.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,50 +57,250 @@ def _timed(backend, prompts: list[list[int]], fn):
     return out
 
 
-class TransformersJudge:
-    name = "transformers"
+def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` sorted by length and cut into batches whose padded size (rows x longest)
+    stays within `batch_tokens` (a longer single row goes alone): sorting keeps the padding small."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Ascending order: the newest row is the longest, so it sets the batch's width.
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
-    def __init__(
-        self, model, tokenizer, forced_choice: bool = False, prefix_cache: bool = True, device: str | None = None
-    ) -> None:
+
+class SharedPrefixUnsupported(NotImplementedError):
+    """The model's attention needs something `shared_prefix_attention` does not do (softcapping, sinks, a
+    sliding window shorter than the prompt, a cache that keeps part of the prefix)."""
+
+
+SHARED_PREFIX_ATTENTION = "synthvlm_shared_prefix"
+
+
+@dataclass
+class PackedTails:
+    """Where B tails packed end to end (N tokens, no padding) sit in a right-padded (B, T) grid: the
+    matmuls of a forward pass run on the N packed tokens, only the tails' attention on the grid."""
+
+    grid: object  # (B, T) long: the packed index of each grid cell (pads repeat their row's last token)
+    cells: object  # (N,) long: the grid cell (b * T + t) of each packed token
+    last: object  # (B,) long: the packed index of each tail's last token (its logits are the answer)
+    positions: object  # (1, N) long: each token's position in its prompt (after the shared prefix)
+
+    @classmethod
+    def of(cls, lengths: list[int], shared: int, device) -> PackedTails:
         import torch
 
+        lens = torch.tensor(lengths, device=device)
+        starts = torch.cumsum(lens, 0) - lens
+        t = torch.arange(int(lens.max()), device=device)
+        grid = starts[:, None] + torch.minimum(t[None, :], lens[:, None] - 1)
+        cells = (torch.arange(len(lengths), device=device)[:, None] * len(t) + t[None, :])[t[None, :] < lens[:, None]]
+        positions = shared + torch.arange(int(lens.sum()), device=device) - torch.repeat_interleave(starts, lens)
+        return cls(grid, cells, starts + lens - 1, positions[None, :])
+
+
+def shared_prefix_attention(
+    module, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0,
+    shared_prefix_kv: list | None = None, packed_tails: PackedTails | None = None, **kwargs,
+) -> tuple:  # fmt: skip
+    """A transformers attention function (registered as SHARED_PREFIX_ATTENTION) for tails packed in one
+    row, (1, H, N, d): every tail token attends to the shared prefix's keys and values (one copy,
+    (1, Hkv, P, d), from `shared_prefix_kv[layer]`) and causally to its own tail's tokens.
+
+    The tails' part runs on the right-padded grid of `packed_tails` (under the causal mask a real token
+    never sees the pads after it, so no padding mask); grouped by KV head, every row's queries meet the
+    prefix in one matmul per head, so the prefix is never copied per row (what the KV-repeat path and SDPA
+    over a concatenated cache both do). Scores in the model's dtype, softmax in float32, as transformers'
+    eager attention. Returns (1, N, H, d)."""
+    import torch
+
+    if shared_prefix_kv is None or packed_tails is None:
+        raise ValueError("shared_prefix_attention needs shared_prefix_kv and packed_tails")
+    if module.training and dropout:
+        raise SharedPrefixUnsupported("attention dropout (the judge runs in eval mode)")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise SharedPrefixUnsupported(f"attention with {name}")
+    prefix_k, prefix_v = shared_prefix_kv[module.layer_idx]
+    b, t = packed_tails.grid.shape
+    h, d, hkv, p = query.shape[1], query.shape[-1], key.shape[1], prefix_k.shape[-2]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < p + t:
+        raise SharedPrefixUnsupported(f"a sliding window of {window} < {p + t} prompt tokens")
+    g = h // hkv  # query heads per KV head: head i reads KV head i // g (transformers' repeat_kv)
+    scaling = d**-0.5 if scaling is None else scaling
+    # (1, heads, N, d) -> the grid, KV-head-major: (hkv, b, g*t, d) and (hkv, b, t, d).
+    q = (query[0] * scaling)[:, packed_tails.grid].view(hkv, g, b, t, d).transpose(1, 2).reshape(hkv, b, g * t, d)
+    k, v = key[0][:, packed_tails.grid], value[0][:, packed_tails.grid]
+    scores = torch.cat(
+        [
+            torch.matmul(q.view(hkv, b * g * t, d), prefix_k[0].transpose(-1, -2)).view(hkv, b, g * t, p),
+            torch.matmul(q, k.transpose(-1, -2)),
+        ],
+        dim=-1,
+    )  # (hkv, b, g*t, p + t)
+    causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril().repeat(g, 1)
+    scores[..., p:].masked_fill_(~causal, float("-inf"))  # the diagonal stays: no row is all -inf
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., :p].reshape(hkv, b * g * t, p), prefix_v[0]).view(hkv, b, g * t, d)
+    out = out + torch.matmul(probs[..., p:], v)
+    # Back to the packed tokens: (b, t, h, d) grid cells -> (1, N, h, d).
+    return out.view(hkv, b, g, t, d).permute(1, 3, 0, 2, 4).reshape(b * t, h, d)[packed_tails.cells][None], None
+
+
+class TransformersJudge:
+    """The judge on a transformers causal LM, one forward pass per batch: the verdict is the argmax of the
+    log-probs after the prompt, greedy decoding's first token (what `max_tokens=1` generates).
+
+    `path`, for prompts whose first `shared_prefix` tokens are the same:
+    - "shared-prefix" (default): the prefix's KV is computed once and kept for the backend's life (batch 1,
+      ~16 MB at 8B; the model must not change under it); the tails (caption + closing template) are sorted
+      by length, cut into forward passes of at most `batch_tokens` (rows x longest tail) and packed end to
+      end, so the matmuls compute no pads; they attend to the one prefix copy (`shared_prefix_attention`).
+      Results come back in the prompts' order. Without a shared prefix: whole prompts, right-padded in the
+      same length buckets.
+    - "repeat-prefix": the 2026-11 path, a benchmark baseline: the prefix's KV computed per call and
+      repeated per row, one forward pass over the call's prompts in their order.
+    - "plain": whole prompts, one forward pass per call.
+    """
+
+    name = "transformers"
+    PATHS = ("shared-prefix", "repeat-prefix", "plain")
+
+    def __init__(
+        self, model, tokenizer, forced_choice: bool = False, path: str = "shared-prefix", device: str | None = None,
+        batch_tokens: int = 8192,
+    ) -> None:  # fmt: skip
+        import torch
+
+        if path not in self.PATHS:
+            raise ValueError(f"path must be one of {', '.join(self.PATHS)}, got {path!r}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.answers = answer_token_ids(tokenizer)
-        self.forced_choice, self.prefix_cache = forced_choice, prefix_cache
+        self.forced_choice, self.path, self.batch_tokens = forced_choice, path, batch_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stats = BackendStats()
+        # Tokens after the prefix: through the matmuls (pads included), in the padded grid, real ones.
+        self.stats = BackendStats(
+            extra=dict.fromkeys(["forward_passes", "forward_tokens", "grid_tokens", "tail_tokens"], 0)
+        )
+        self._allowed = torch.tensor(self.answers[YES] + self.answers[NO], device=self.device)
+        self._prefix: tuple[tuple[int, ...], list] | None = None  # (ids, per layer (keys, values))
+        self._decoded: dict[int, str] = {}
+        # Forward passes switch the model's attention function: one at a time (reentrant: the fallback).
+        self._lock = threading.RLock()
 
     def score(self, prompts: list[list[int]], shared_prefix: int = 0) -> list[FirstToken]:
-        return (
-            _timed(self, prompts, lambda: self._score(prompts, shared_prefix if self.prefix_cache else 0))
-            if prompts
-            else []
-        )
+        if not prompts:
+            return []
+        if self.path == "shared-prefix":
+            return _timed(self, prompts, lambda: self._score_shared(prompts, shared_prefix))
+        shared = shared_prefix if self.path == "repeat-prefix" else 0
+        return _timed(self, prompts, lambda: self._first_tokens(self.logprobs(prompts, shared)))
 
-    def _score(self, prompts: list[list[int]], shared: int) -> list[FirstToken]:
-        import torch
-
-        logprobs = self.logprobs(prompts, shared)
+    def _first_tokens(self, logprobs) -> list[FirstToken]:
+        """FirstToken per row of (B, vocab) log-probs: the answers' columns and the greedy (or forced) token
+        gathered on the device and copied once; Yes/No log-sums in float64 as before."""
+        cols = logprobs[:, self._allowed]
+        first = self._allowed[cols.argmax(-1)] if self.forced_choice else logprobs.argmax(-1)
+        n_yes = len(self.answers[YES])
         out = []
-        yes, no = self.answers[YES], self.answers[NO]
-        allowed = torch.tensor(yes + no, device=logprobs.device)
-        for row in logprobs:
-            # Greedy decoding; forced choice restricts the first token to the Yes/No spellings.
-            first = int(allowed[row[allowed].argmax()]) if self.forced_choice else int(row.argmax())
-            out.append(
-                FirstToken(self.tokenizer.decode([first]), logsumexp(row[yes].tolist()), logsumexp(row[no].tolist()))
-            )
+        for token, row in zip(first.tolist(), cols.double().cpu().tolist()):
+            if token not in self._decoded:
+                self._decoded[token] = self.tokenizer.decode([token])
+            out.append(FirstToken(self._decoded[token], logsumexp(row[:n_yes]), logsumexp(row[n_yes:])))
         return out
 
-    def logprobs(self, prompts: list[list[int]], shared: int = 0):
-        """(B, vocab) float32 log-probabilities of the token after each prompt."""
+    def _score_shared(self, prompts: list[list[int]], shared: int) -> list[FirstToken]:
+        if not all(prompts):
+            raise ValueError("an empty prompt has no next token to judge")
+        # The last prompt token must be computed in the forward pass (its logits are the answer).
+        shared = max(0, min(shared, min(map(len, prompts)) - 1))
+        prefix = prompts[0][:shared]
+        if any(p[:shared] != prefix for p in prompts):
+            raise ValueError("prompts do not share their first shared_prefix tokens")
+        tails = [p[shared:] for p in prompts]
+        with self._lock:
+            try:
+                prefix_kv = self._prefix_kv(prefix) if shared else None
+                return self._in_buckets(tails, lambda batch: self._forward(batch, shared, prefix_kv))
+            except SharedPrefixUnsupported as exc:
+                # A model this attention cannot serve (found on its first batch): the KV-repeat path for good,
+                # in length buckets of the same token budget.
+                self.path, self.stats.extra["shared_prefix_unsupported"] = "repeat-prefix", str(exc)
+                return self._in_buckets(prompts, lambda batch: self._logprobs(batch, shared))
+
+    def _in_buckets(self, rows: list[list[int]], logprobs_of) -> list[FirstToken]:
+        """First tokens of `rows` computed in length buckets, returned in the rows' order."""
+        results: list[FirstToken | None] = [None] * len(rows)
+        for batch in length_buckets([len(r) for r in rows], self.batch_tokens):
+            for i, result in zip(batch, self._first_tokens(logprobs_of([rows[i] for i in batch]))):
+                results[i] = result
+        return results
+
+    def _prefix_kv(self, prefix: list[int]) -> list:
+        """The prefix's keys and values per layer, (1, Hkv, P, d) each, computed on first use and kept."""
         import torch
 
+        if self._prefix is None or self._prefix[0] != tuple(prefix):
+            with torch.inference_mode():
+                cache = self.model.get_decoder()(
+                    torch.tensor([prefix], device=self.device), use_cache=True
+                ).past_key_values
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            if any(k.shape[-2] != len(prefix) for k, _ in layers):
+                raise SharedPrefixUnsupported("a KV cache that keeps only part of the prefix (sliding layers)")
+            self._prefix = (tuple(prefix), layers)
+        return self._prefix[1]
+
+    def _forward(self, tails: list[list[int]], shared: int, prefix_kv: list | None):
+        """(B, vocab) float32 log-probs after each tail, one forward pass. After a shared prefix the tails are
+        packed end to end (the matmuls compute no pads; only their attention is padded, see PackedTails);
+        without one, whole prompts right-padded (the model's own attention, causal)."""
+        import torch
+
+        lengths = [len(t) for t in tails]
+        width = max(lengths)
+        extra = self.stats.extra
+        extra["forward_passes"] += 1
+        extra["forward_tokens"] += sum(lengths) if prefix_kv is not None else len(tails) * width
+        extra["grid_tokens"] += len(tails) * width
+        extra["tail_tokens"] += sum(lengths)
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        with torch.inference_mode():
+            if prefix_kv is None:
+                ids = torch.tensor([t + [self.pad_id] * (width - len(t)) for t in tails], device=self.device)
+                hidden = decoder(ids, use_cache=False).last_hidden_state  # pads sit after real tokens
+                last = hidden[
+                    torch.arange(len(tails), device=self.device), torch.tensor(lengths, device=self.device) - 1
+                ]
+            else:
+                packed = PackedTails.of(lengths, shared, self.device)
+                ids = torch.tensor([[i for t in tails for i in t]], device=self.device)
+                with _attention_implementation(self.model.config, SHARED_PREFIX_ATTENTION):
+                    hidden = decoder(
+                        ids, position_ids=packed.positions, use_cache=False, shared_prefix_kv=prefix_kv,
+                        packed_tails=packed,
+                    ).last_hidden_state  # fmt: skip
+                last = hidden[0, packed.last]
+            return torch.log_softmax(head(last).float(), dim=-1)
+
+    def logprobs(self, prompts: list[list[int]], shared: int = 0):
+        """(B, vocab) float32 log-probabilities of the token after each prompt, one forward pass in the
+        given order (the "repeat-prefix" and "plain" paths, and the HTTP server's)."""
         if shared and any(p[:shared] != prompts[0][:shared] for p in prompts):
             raise ValueError("prompts do not share their first shared_prefix tokens")
+        with self._lock:
+            return self._logprobs(prompts, shared)
+
+    def _logprobs(self, prompts: list[list[int]], shared: int):
+        import torch
+
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         tails = [p[shared:] for p in prompts]
         lengths = torch.tensor([len(t) for t in tails], device=self.device)
@@ -118,6 +321,22 @@ class TransformersJudge:
             hidden = decoder(ids, use_cache=bool(shared), **kwargs).last_hidden_state
             last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
             return torch.log_softmax(head(last).float(), dim=-1)  # the last positions only: no (B, T, vocab) logits
+
+
+@contextmanager
+def _attention_implementation(config, name: str) -> Iterator[None]:
+    """The model's attention function switched to `name` for one forward pass, then restored. A name
+    transformers has no mask function for gets no mask built (the function masks by itself)."""
+    from transformers import AttentionInterface
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, shared_prefix_attention)
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 class VLLMJudge:

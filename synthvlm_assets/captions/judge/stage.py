@@ -66,7 +66,10 @@ class JudgeSettings:
     backend: str = "auto"  # auto (vllm on a GPU, else transformers) | vllm | transformers | http
     endpoint_url: str | None = None  # http: e.g. http://127.0.0.1:8000 (`vllm serve`)
     api_key_env: str = "SYNTHVLM_JUDGE_API_KEY"  # http: the variable holding the bearer token, if any
-    batch_size: int = 64
+    # Prompts per backend call: vLLM schedules them itself; the transformers backend sorts them by length
+    # into forward passes of at most batch_tokens (a bigger window, less padding and fuller passes).
+    batch_size: int = 1024
+    batch_tokens: int = 8192  # transformers: padded caption+template tokens per forward pass (prefix not counted)
     max_caption_tokens: int = 512
     forced_choice: bool = False  # restrict the first token to Yes/No (structured output): changes parse failures
     tensor_parallel_size: int = 1  # vllm
@@ -115,7 +118,9 @@ def load_judge(settings: JudgeSettings, cache_dir: str | None = None, s3_endpoin
         from synthvlm_assets.models.tiny import tiny_llama, tiny_llama_tokenizer
 
         tokenizer = tiny_llama_tokenizer()
-        backend = TransformersJudge(tiny_llama(tokenizer), tokenizer, settings.forced_choice)
+        backend = TransformersJudge(
+            tiny_llama(tokenizer), tokenizer, settings.forced_choice, batch_tokens=settings.batch_tokens
+        )
         return Judge(
             JudgePrompt.build(tokenizer, max_caption_tokens=settings.max_caption_tokens), backend, TINY, "tiny-random"
         )
@@ -148,7 +153,9 @@ def load_judge(settings: JudgeSettings, cache_dir: str | None = None, s3_endpoin
             model = AutoModelForCausalLM.from_pretrained(source, revision=settings.revision, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise load_error("judge.model", settings.model, exc) from exc
-        backend: JudgeBackend = TransformersJudge(model, tokenizer, settings.forced_choice)
+        backend: JudgeBackend = TransformersJudge(
+            model, tokenizer, settings.forced_choice, batch_tokens=settings.batch_tokens
+        )
     elif kind == "vllm":
         backend = VLLMJudge(
             source,
