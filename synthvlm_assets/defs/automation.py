@@ -74,7 +74,7 @@ def code_versions(resources: Mapping) -> dict[str, str]:
         "judged_captions": {k: judge[k] for k in _JUDGE_OUTPUT},
         "sdxl_images": resources["synthesis"].settings().image_settings(),
         "image_scores": {
-            "clip": {k: v for k, v in asdict(scoring.clip_settings()).items() if k != "batch_size"},
+            "clip": {k: v for k, v in asdict(scoring.clip_settings()).items() if k not in ("batch_size", "decode")},
             "ssim": asdict(scoring.ssim_settings()),
         },
         "synthvlm_100k": asdict(resources["selection"].settings()),

@@ -20,6 +20,12 @@ class ClipSettings:
     prefix: str = "A photo depicts "
     dtype: str = "fp16"  # on a GPU; the CPU computes in fp32
     batch_size: int = 256
+    # Where JPEGs are decoded and resized for scoring (scoring/stage.py): "device" (batched nvjpeg decode,
+    # then CLIP's and SSIM's resizes on the GPU, pixel-identical to PIL's; nvjpeg's decode is not bit-exact
+    # with PIL's; JPEGs it does not decode, e.g. CMYK, go through PIL one by one), "device-resize" (PIL
+    # decodes in CPU worker processes, the GPU resizes: the reference's pixels), "workers" (PIL decodes and
+    # resizes in the worker processes), "auto" ("device" on a GPU, else "workers"). Not part of the output.
+    decode: str = "auto"
 
 
 class ClipScorer:

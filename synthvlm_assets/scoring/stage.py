@@ -1,7 +1,11 @@
 """image_scores for one shard: CLIPScore and SSIM of every usable image, in one pass over its tar.
 
-JPEG decode and the PIL resizes that define both scores run in CPU worker processes (they bound the
-throughput); the CLIP towers and the SSIM arithmetic run batched on the GPU when there is one.
+Three paths (`ClipSettings.decode`): "device" decodes each batch of JPEGs on the GPU (nvjpeg) and does
+the resizes that define both scores there too (scoring/device.py, pixel-identical to PIL's resizes);
+"device-resize" decodes with PIL in CPU worker processes and resizes on the device (the reference's
+pixels exactly: nvjpeg's decode is not bit-identical to libjpeg-turbo's); "workers" decodes and resizes
+with PIL in the worker processes, which bounds its throughput. The CLIP towers and the SSIM arithmetic
+run batched on the device either way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from PIL import Image
 
 from synthvlm_assets.progress import Progress, no_progress
 from synthvlm_assets.scoring.clip_score import ClipScorer
+from synthvlm_assets.scoring.device import (
+    ClipPreprocess,
+    DecodeCounts,
+    resolve_decode,
+    score_decoded_on_device,
+    score_jpegs_on_device,
+)
 from synthvlm_assets.scoring.ssim import SSIMSettings, ssim_pair, ssim_torch
 from synthvlm_assets.storage import StorageRoot
 from synthvlm_assets.synthesis.stage import ASSET as IMAGES
@@ -64,6 +75,11 @@ def prepare(jpeg: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _PREPROCESS(image).numpy(), a, b
 
 
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """The "device-resize" path's worker task: PIL's decode only, (H, W, 3) uint8."""
+    return np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # writable: torch.from_numpy warns otherwise
+
+
 @dataclass
 class ScoreResult:
     scores: pa.Table
@@ -71,6 +87,7 @@ class ScoreResult:
     images_per_second: float
     prefix: str
     checks: dict[str, bool]  # also in the partition manifest: the selection reads only shards that passed
+    decode: dict | None = None  # DecodeCounts: the path, and images decoded on the device or by PIL
 
 
 def score_checks(scores: pa.Table, usable_images: int) -> dict[str, bool]:
@@ -151,20 +168,31 @@ def score_images(
     ssim_settings: SSIMSettings,
     workers: int = 0,
     pool: ProcessPoolExecutor | None = None,
+    decode: str | None = None,
+    counts: DecodeCounts | None = None,
 ) -> Iterator[tuple[str, float, float]]:
-    """(key, clip_score, ssim) of (key, jpeg, caption) samples, in batches of `scorer.settings.batch_size`:
-    decoding and the defining PIL resizes in worker processes (`pool`, or `workers` new ones), the
-    models and SSIM on the device."""
+    """(key, clip_score, ssim) of (key, jpeg, caption) samples, in batches of `scorer.settings.batch_size`,
+    by the path `decode` names (default `scorer.settings.decode`). The "workers" and "device-resize"
+    paths decode in worker processes (`pool`, or `workers` new ones; in this process for none) while the
+    device scores the previous batch. `counts`, if given, records where the images were decoded."""
+    counts = counts if counts is not None else DecodeCounts()
+    counts.path = resolve_decode(decode or scorer.settings.decode, scorer.device)
+    if counts.path == "device":
+        yield from _score_on_device(samples, scorer, ssim_settings, counts)
+        return
     _init(scorer.preprocess, ssim_settings)
     own_pool = pool is None and workers > 0
     if own_pool:
         pool = decode_pool(scorer, ssim_settings, workers)
 
+    work = prepare if counts.path == "workers" else decode_rgb
+    clip_preprocess = ClipPreprocess(scorer.preprocess) if counts.path == "device-resize" else None
+
     def submit(batch: list) -> tuple[list, Iterator]:
         jpegs = [jpeg for _, jpeg, _ in batch]
         # Executor.map submits every task at once: the workers decode this batch while the device
         # scores the previous one.
-        return batch, (pool.map(prepare, jpegs, chunksize=8) if pool else map(prepare, jpegs))
+        return batch, (pool.map(work, jpegs, chunksize=8) if pool else map(work, jpegs))
 
     try:
         batches = _batches(iter(samples), scorer.settings.batch_size)
@@ -173,12 +201,29 @@ def score_images(
             batch, results = ahead.pop()
             prepared = list(results)
             ahead.extend(submit(b) for b in itertools.islice(batches, 1))
-            clip, ssim = score_prepared(prepared, [c for _, _, c in batch], scorer, ssim_settings)
+            captions = [c for _, _, c in batch]
+            if clip_preprocess is None:
+                clip, ssim = score_prepared(prepared, captions, scorer, ssim_settings)
+            else:
+                clip, ssim = score_decoded_on_device(prepared, captions, scorer, ssim_settings, clip_preprocess)
+            counts.pil += len(batch)
             for (key, _, _), c, s_ in zip(batch, clip, ssim):
                 yield key, float(c), float(s_)
     finally:
         if own_pool:
             pool.shutdown()
+
+
+def _score_on_device(
+    samples: Iterable[tuple[str, bytes, str]], scorer: ClipScorer, ssim_settings: SSIMSettings, counts: DecodeCounts
+) -> Iterator[tuple[str, float, float]]:
+    clip_preprocess = ClipPreprocess(scorer.preprocess)
+    for batch in _batches(iter(samples), scorer.settings.batch_size):
+        clip, ssim = score_jpegs_on_device(
+            [j for _, j, _ in batch], [c for _, _, c in batch], scorer, ssim_settings, clip_preprocess, counts
+        )
+        for (key, _, _), c, s_ in zip(batch, clip, ssim):
+            yield key, float(c), float(s_)
 
 
 def score_shard(
@@ -200,10 +245,11 @@ def score_shard(
         raise FileNotFoundError(f"sdxl_images of shard {shard} is not materialized ({storage.uri(images_prefix)})")
     usable = {r["key"]: r for r in storage.read_partition(images_prefix, "manifest").to_pylist() if not r["flag"]}
     rows = []
+    counts = DecodeCounts()
     progress(0, len(usable))
     with storage.fs.open(storage.path(manifest["tar"]["key"]), "rb") as f:
         samples = ((k, s.jpeg, usable[k]["caption"]) for k, s in read_tar(f) if k in usable and s.jpeg is not None)
-        for key, clip, ssim in score_images(samples, scorer, ssim_settings, workers):
+        for key, clip, ssim in score_images(samples, scorer, ssim_settings, workers, counts=counts):
             r = usable[key]
             rows.append(
                 {
@@ -235,7 +281,8 @@ def score_shard(
             "images_tar_sha256": manifest["tar"]["sha256"],
             "checks": checks,
             "checks_passed": all(checks.values()),
+            "decode": asdict(counts),
         },
     )
     seconds = time.perf_counter() - t0
-    return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix, checks)
+    return ScoreResult(table, seconds, len(rows) / seconds if seconds else 0.0, prefix, checks, asdict(counts))
