@@ -146,26 +146,15 @@ def main() -> None:
         scorer = ClipScorer.load(settings)
         ref_clip, ref_ssim, ref_s = reference(jpegs[:n_ref], captions[:n_ref], scorer, ssim)
         pool = decode_pool(scorer, ssim, args.workers)  # started once, as score_shard does per shard
-        samples = lambda n: zip(map(str, range(n)), jpegs[:n], captions[:n])  # noqa: E731
         rows = [f"| {name} | reference (fp32, batch 1, PIL + scikit-image) | {n_ref / ref_s:.1f} | | | | |"]
         rates = {}
         for path in args.paths.split(","):
-            # Warm-up: workers up, kernels loaded (a whole batch where that is cheap: CLIP's batch shape).
-            warm = min(args.images, 2 * args.workers if path == "workers" else args.batch)
-            list(score_images(samples(warm), scorer, ssim, pool=pool, decode=path))
-            counts = DecodeCounts()
-            sync()
-            t = time.perf_counter()
-            ours = list(score_images(samples(args.images), scorer, ssim, pool=pool, decode=path, counts=counts))
-            sync()
-            rates[path] = args.images / (time.perf_counter() - t)
-            d_clip = max(abs(a - o[1]) for a, o in zip(ref_clip, ours))
-            d_ssim = max(abs(a - o[2]) for a, o in zip(ref_ssim, ours))
-            ratio = f"{rates[path] / rates['workers']:.2f}x" if "workers" in rates else ""
-            rows.append(
-                f"| {name} | {path} | {rates[path]:.1f} | {ratio} | {d_clip:.1e} | {d_ssim:.1e} | "
-                f"{counts.device} / {counts.pil} |"
-            )
+            try:  # one device run for all figures: a path that fails prints its error, the others still run
+                rows.append(
+                    time_path(path, name, scorer, ssim, pool, jpegs, captions, ref_clip, ref_ssim, rates, args)
+                )
+            except Exception as exc:  # noqa: BLE001
+                rows.append(f"| {name} | {path} | {type(exc).__name__}: {str(exc)[:200]} | | | | |")
         if pool:
             pool.shutdown()
         print(
@@ -173,7 +162,47 @@ def main() -> None:
             f"| max abs diff ssim | decoded on device / by PIL |\n|---|---|---|---|---|---|---|"
         )
         print("\n".join(rows))
-        print(decode_agreement(jpegs[:n_ref], scorer.device))
+        try:
+            print(decode_agreement(jpegs[:n_ref], scorer.device))
+        except Exception as exc:  # noqa: BLE001
+            print(f"decode agreement: {type(exc).__name__}: {exc}")
+
+
+def time_path(
+    path: str,
+    name: str,
+    scorer: ClipScorer,
+    ssim: SSIMSettings,
+    pool,
+    jpegs: list[bytes],
+    captions: list[str],
+    ref_clip: list[float],
+    ref_ssim: list[float],
+    rates: dict[str, float],
+    args: argparse.Namespace,
+) -> str:
+    """One table row: `path` timed from JPEG bytes to scores after a warm-up, and its values' max abs
+    differences from the reference's."""
+
+    def samples(n: int):
+        return zip(map(str, range(n)), jpegs[:n], captions[:n])
+
+    # Warm-up: workers up, kernels loaded (a whole batch where that is cheap: CLIP's batch shape).
+    warm = min(args.images, 2 * args.workers if path == "workers" else args.batch)
+    list(score_images(samples(warm), scorer, ssim, pool=pool, decode=path))
+    counts = DecodeCounts()
+    sync()
+    t = time.perf_counter()
+    ours = list(score_images(samples(args.images), scorer, ssim, pool=pool, decode=path, counts=counts))
+    sync()
+    rates[path] = args.images / (time.perf_counter() - t)
+    d_clip = max(abs(a - o[1]) for a, o in zip(ref_clip, ours))
+    d_ssim = max(abs(a - o[2]) for a, o in zip(ref_ssim, ours))
+    ratio = f"{rates[path] / rates['workers']:.2f}x" if "workers" in rates else ""
+    return (
+        f"| {name} | {path} | {rates[path]:.1f} | {ratio} | {d_clip:.1e} | {d_ssim:.1e} | "
+        f"{counts.device} / {counts.pil} |"
+    )
 
 
 if __name__ == "__main__":
