@@ -171,6 +171,14 @@ _SYNTHESIS = _base(
         "batch_size": "Prompts per UNet call (execution only).",
         "compile": "torch.compile the UNet on CUDA (compiles once per process, ~80 s).",
         "fuse_qkv": "Fuse q/k/v projections into one matmul (execution only).",
+        "deepcache_interval": (
+            "Fast path, opt-in (changes the pixels; in the image key): the whole UNet every N-th step, its shallow "
+            "blocks only in between (DeepCache); 1: off."
+        ),
+        "fp8_linear": (
+            "Fast path, opt-in (changes the pixels; in the image key): the UNet's transformer linears as FP8 "
+            "matmuls (bf16, GPUs of compute capability 8.9+)."
+        ),
     }),
     cache_dir=(str | None, Field(default=None, description=CACHE_DIR)),
 )  # fmt: skip
@@ -258,6 +266,11 @@ _SCORING = _base(
         "clip_prefix": "Text before the caption.",
         "clip_dtype": "Precision of the CLIP towers on a GPU.",
         "batch_size": "Images per CLIP batch.",
+        "decode": (
+            "auto (device on a GPU, else workers), device (JPEG decode, resizes and grayscale on the GPU), "
+            "device-resize (PIL decodes in CPU workers, the GPU resizes) or workers (decode and resizes in CPU "
+            "processes). Execution only: resizes and grayscale are PIL's arithmetic; nvjpeg may decode a level off."
+        ),
     }, _CLIP_NAMES),
     # SPEC §3 fixes SSIM's window and constants to scikit-image's defaults: only the sizes are settings.
     settings_fields(SSIMSettings, {
