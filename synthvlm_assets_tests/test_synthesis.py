@@ -295,3 +295,25 @@ def test_resource_presets():
         real.dtype,
     ) == ("stabilityai/stable-diffusion-xl-base-1.0", 1024, 1024, 60, 20.0, "", "bf16")
     assert SynthesisResource(model="tiny", dtype="bf16", steps=4).settings().dtype == "bf16"
+
+
+def test_image_checks_name_what_is_missing_misshapen_or_flagged():
+    from synthvlm_assets.synthesis.settings import SynthesisSettings
+    from synthvlm_assets.synthesis.stage import Wanted, image_checks
+
+    settings = SynthesisSettings.tiny()
+    size = (settings.width, settings.height)
+    wanted = [Wanted(f"c{i}", 0, "a caption", i, f"k{i}") for i in range(4)]
+    manifest = [
+        {"caption_id": "c0", "candidate": 0, "key": "k0", "flag": None},
+        {"caption_id": "c1", "candidate": 0, "key": "k1", "flag": None},
+        {"caption_id": "c2", "candidate": 0, "key": "k2", "flag": "black"},
+    ]
+    good = image_checks(manifest[:2], {"k0": size, "k1": size}, wanted[:2], settings)
+    assert all(passed for passed, _ in good.values())
+    checks = image_checks(manifest, {"k0": size, "k1": (size[0] + 1, size[1])}, wanted, settings)
+    assert checks["every_caption_has_its_images"] == (False, {"missing": 1, "first_missing": "[('c3', 0)]"})
+    assert checks["image_size"][0] is False and checks["image_size"][1]["wrong"] == 1
+    assert checks["no_unusable_images"] == (False, {"flagged": 1, "caption_ids": "['c2']"})
+    # A manifest row whose JPEG is not in the tar is missing too.
+    assert not image_checks(manifest[:2], {"k0": size}, wanted[:2], settings)["every_caption_has_its_images"][0]

@@ -19,7 +19,7 @@ from synthvlm_assets.defs.resources import StorageResource, SynthesisResource
 from synthvlm_assets.defs.retries import SHARD_RETRY_POLICY, retry_only_transient
 from synthvlm_assets.progress import ProgressLog
 from synthvlm_assets.shards import ShardRegistryError
-from synthvlm_assets.synthesis.stage import ASSET, image_sizes, synthesize_shard, wanted_images
+from synthvlm_assets.synthesis.stage import ASSET, image_checks, image_sizes, synthesize_shard, wanted_images
 
 FLAGGED_ROWS = 20  # flagged images listed in the metadata (all of them are in the manifest)
 
@@ -71,8 +71,6 @@ def sdxl_images(
         sizes, jpegs = image_sizes(f, keep={r["key"] for r in sample_rows})
     wanted = wanted_images(captions, settings)
     flags = [r for r in rows if r["flag"]]
-    ok_keys = {r["key"] for r in rows if not r["flag"]}
-    wrong_size = [k for k, wh in sizes.items() if wh != (settings.width, settings.height)]
     stats = _generation_stats(result.generator)
     metadata = {
         "model": settings.model if not settings.is_tiny else "tiny (random weights: the images are meaningless)",
@@ -97,28 +95,19 @@ def sdxl_images(
             [(jpegs[r["key"]], r["caption"]) for r in sample_rows if r["key"] in jpegs],
             f"{shard}" + (" - tiny preset, random weights" if settings.is_tiny else ""),
         )
-    covered = {(r["caption_id"], r["candidate"]) for r in rows if r["key"] in sizes or r["flag"]}
-    missing = [(w.caption_id, w.candidate) for w in wanted if (w.caption_id, w.candidate) not in covered]
+    checks = image_checks(rows, sizes, wanted, settings)
     return MaterializeResult(
         data_version=partition_data_version(root, result.prefix),
         metadata=rounded(metadata),
         check_results=[
             AssetCheckResult(
-                check_name="every_caption_has_its_images",
-                passed=not missing and ok_keys <= set(sizes),
-                metadata={"missing": len(missing), "first_missing": str(missing[:10])},
-            ),
-            AssetCheckResult(
-                check_name="image_size",
-                passed=not wrong_size,
-                metadata={"expected": f"{settings.width}x{settings.height}", "wrong": len(wrong_size)},
-            ),
-            AssetCheckResult(
-                check_name="no_unusable_images",
-                passed=not flags,
-                severity=AssetCheckSeverity.WARN,
-                metadata={"flagged": len(flags), "caption_ids": str([r["caption_id"] for r in flags][:50])},
-            ),
+                check_name=name,
+                passed=passed,
+                metadata=seen,
+                # Flagged images are left out of the tar and listed: a warning, the shard goes on.
+                severity=AssetCheckSeverity.WARN if name == "no_unusable_images" else AssetCheckSeverity.ERROR,
+            )
+            for name, (passed, seen) in checks.items()
         ],
     )
 

@@ -118,6 +118,29 @@ def image_sizes(fileobj: BinaryIO, keep: Container[str]) -> tuple[dict[str, tupl
 
 
 # -- the stage --------------------------------------------------------------------------------
+def image_checks(
+    manifest: list[dict], sizes: dict[str, tuple[int, int]], wanted: list[Wanted], settings: SynthesisSettings
+) -> dict[str, tuple[bool, dict]]:
+    """sdxl_images' checks of one shard, from its manifest rows and the sizes of the JPEGs in its tar:
+    check name -> (passed, what it saw)."""
+    flags = [r for r in manifest if r["flag"]]
+    ok_keys = {r["key"] for r in manifest if not r["flag"]}
+    covered = {(r["caption_id"], r["candidate"]) for r in manifest if r["key"] in sizes or r["flag"]}
+    missing = [(w.caption_id, w.candidate) for w in wanted if (w.caption_id, w.candidate) not in covered]
+    wrong_size = [k for k, wh in sizes.items() if wh != (settings.width, settings.height)]
+    return {
+        "every_caption_has_its_images": (
+            not missing and ok_keys <= set(sizes),
+            {"missing": len(missing), "first_missing": str(missing[:10])},
+        ),
+        "image_size": (not wrong_size, {"expected": f"{settings.width}x{settings.height}", "wrong": len(wrong_size)}),
+        "no_unusable_images": (
+            not flags,
+            {"flagged": len(flags), "caption_ids": str([r["caption_id"] for r in flags][:50])},
+        ),
+    }
+
+
 @dataclass
 class SynthesisResult:
     manifest: pa.Table
