@@ -28,7 +28,14 @@ from synthvlm_assets.captions.judge.prompt import (
     parse_verdict,
 )
 from synthvlm_assets.captions.judge.server import make_server
-from synthvlm_assets.captions.judge.stage import Judge, JudgeSettings, judge_shard, load_judge, verdict_counts
+from synthvlm_assets.captions.judge.stage import (
+    Judge,
+    JudgeSettings,
+    judge_checks,
+    judge_shard,
+    load_judge,
+    verdict_counts,
+)
 from synthvlm_assets.models.sources import ModelWeightsError
 from synthvlm_assets.models.tiny import LLAMA3_CHAT_TEMPLATE, tiny_llama, tiny_llama_tokenizer, trained_llama_tokenizer
 from synthvlm_assets.storage import StorageRoot
@@ -325,6 +332,8 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     assert out.cache_hits == 24 and counting.backend.prompts == 40 - 24  # resumed after the 3 durable batches
     counts = verdict_counts(out.judged)
     assert sum(counts.values()) == 41 and counts["unjudgeable"] == 1
+    checks = judge_checks(root, out, captions_from="curated_captions")
+    assert checks["every_caption_judged"] == (True, {"curated": 41, "judged": 41}) and checks["only_yes_kept"][0]
     assert out.judged.filter(pa.compute.equal(out.judged.column("verdict"), "unjudgeable")).column(
         "reject_reason"
     ).to_pylist() == ["judge_unjudgeable"]
@@ -350,6 +359,9 @@ def test_cache_resume_and_prompt_version(tmp_path, tiny_judge, coco_path):
     assert (
         judge_shard(root, "s1", other, settings, captions_from="curated_captions").judged_now == 43
     )  # a new prompt version judges everything
+    # What was published is what the checks read: a kept table that is not the Yes verdicts fails.
+    root.publish_partition(out.prefix, {"judged": out.judged, "kept": out.judged}, {})  # the unjudgeable one too
+    assert not judge_checks(root, out, captions_from="curated_captions")["only_yes_kept"][0]
 
 
 def test_an_interrupt_keeps_the_verdicts_already_made_and_progress_counts_captions(tmp_path, tiny_judge, coco_path):

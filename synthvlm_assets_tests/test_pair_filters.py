@@ -9,7 +9,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from synthvlm_assets.captions.pair_filters import PairFilterSettings, PairScorer, open_image, pair_filter_shard
+from synthvlm_assets.captions.pair_filters import (
+    PairFilterSettings,
+    PairScorer,
+    open_image,
+    pair_filter_checks,
+    pair_filter_shard,
+)
 from synthvlm_assets.models.sources import ModelWeightsError
 from synthvlm_assets.models.tiny import tiny_blip_itm, tiny_hf_clip
 from synthvlm_assets.storage import StorageRoot
@@ -45,6 +51,9 @@ def test_off_by_default_passes_everything_unscored(tmp_path):
     out = pair_filter_shard(root, "s1", PairFilterSettings(), None)
     assert out.kept == 2 and out.table.column("itm_probability").null_count == 2
     assert root.read_partition("pair_filtered_captions/s1", "kept").num_rows == 2
+    assert pair_filter_checks(root, out)["rows_accounted_for"] == (True, {"curated": 2, "kept": 2, "rejected": 0})
+    _curated(root, ["a.jpg", None, "b.jpg"])  # the curated shard changed under the published one
+    assert not pair_filter_checks(root, out)["rows_accounted_for"][0]
 
 
 def test_scores_thresholds_and_unreadable_images(tmp_path, scorer):

@@ -167,6 +167,21 @@ class PairFilteredShard:
     prefix: str
 
 
+def pair_filter_checks(storage: StorageRoot, out: PairFilteredShard) -> dict[str, tuple[bool, dict]]:
+    """pair_filtered_captions' check of one published shard: every curated caption is in `pairs`, and
+    curated = kept + rejected in what was published."""
+    shard = out.prefix.rsplit("/", 1)[-1]
+    n_curated = storage.read_partition(f"{CURATED}/{shard}", "kept", columns=["caption_id"]).num_rows
+    files = storage.manifest(out.prefix)["files"]
+    n_rejected = pc.sum(pc.is_valid(out.table.column("reject_reason"))).as_py() or 0
+    return {
+        "rows_accounted_for": (
+            files["pairs"]["rows"] == n_curated == files["kept"]["rows"] + n_rejected,
+            {"curated": n_curated, "kept": files["kept"]["rows"], "rejected": n_rejected},
+        )
+    }
+
+
 def pair_filter_shard(
     storage: StorageRoot, shard: str, settings: PairFilterSettings, scorer: PairScorer | None, run_id: str = ""
 ) -> PairFilteredShard:

@@ -12,9 +12,16 @@ from dagster import (
 )
 
 from synthvlm_assets.captions.judge.prompt import INSTRUCTION
-from synthvlm_assets.captions.judge.stage import ASSET, judge_shard, load_judge, timed_rate, verdict_counts
+from synthvlm_assets.captions.judge.stage import (
+    ASSET,
+    judge_checks,
+    judge_shard,
+    load_judge,
+    timed_rate,
+    verdict_counts,
+)
 from synthvlm_assets.captions.pair_filters import ASSET as PAIR_FILTERED
-from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_shard
+from synthvlm_assets.captions.pair_filters import PairScorer, pair_filter_checks, pair_filter_shard
 from synthvlm_assets.captions.stages import CURATED
 from synthvlm_assets.defs.automation import partition_data_version
 from synthvlm_assets.defs.metadata import rounded, sample_rows, stats_table, table
@@ -67,21 +74,12 @@ def pair_filtered_captions(
                 ["caption_id", "reject_reason", "reject_detail", "caption"],
             ),
         )
-    # Against what was published: every curated caption in `pairs`, and kept + rejected = curated.
-    n_curated = root.read_partition(
-        f"curated_captions/{context.partition_key}", "kept", columns=["caption_id"]
-    ).num_rows
-    files = root.manifest(out.prefix)["files"]
-    n_rejected = sum(r["counts"] for r in reasons)
     return MaterializeResult(
         data_version=partition_data_version(root, out.prefix),
         metadata=rounded(metadata),
         check_results=[
-            AssetCheckResult(
-                check_name="rows_accounted_for",
-                passed=files["pairs"]["rows"] == n_curated == files["kept"]["rows"] + n_rejected,
-                metadata={"curated": n_curated, "kept": files["kept"]["rows"], "rejected": n_rejected},
-            )
+            AssetCheckResult(check_name=name, passed=passed, metadata=seen)
+            for name, (passed, seen) in pair_filter_checks(root, out).items()
         ],
     )
 
@@ -126,12 +124,6 @@ def _judged_captions(
     judged = out.judged
     counts = verdict_counts(judged)
     prompts_per_s, tokens_per_s = timed_rate(out.stats)
-    curated = (
-        root.read_partition(f"{PAIR_FILTERED}/{shard}", "kept", columns=["caption_id"])
-        .column("caption_id")
-        .to_pylist()
-    )
-    kept_ids = [r["caption_id"] for r in judged.select(["caption_id", "verdict"]).to_pylist() if r["verdict"] == "yes"]
     columns = ["verdict", "p_yes", "raw_token", "caption"]
     examples = [
         row for v in counts for row in sample_rows(judged.filter(pc.equal(judged.column("verdict"), v)), columns, 3)
@@ -162,16 +154,8 @@ def _judged_captions(
         data_version=partition_data_version(root, out.prefix),
         metadata=rounded(metadata),
         check_results=[
-            AssetCheckResult(
-                check_name="every_caption_judged",
-                passed=sorted(judged.column("caption_id").to_pylist()) == sorted(curated)
-                and judged.column("verdict").null_count == 0,
-                metadata={"curated": len(curated), "judged": judged.num_rows},
-            ),
-            AssetCheckResult(
-                check_name="only_yes_kept",
-                passed=root.read_partition(out.prefix, "kept").column("caption_id").to_pylist() == kept_ids,
-            ),
+            AssetCheckResult(check_name=name, passed=passed, metadata=seen)
+            for name, (passed, seen) in judge_checks(root, out).items()
         ],
     )
 

@@ -318,6 +318,27 @@ def judge_shard(
     return JudgedShard(judged, len(todo), hits, prefix, judge.backend.stats)
 
 
+def judge_checks(
+    storage: StorageRoot, out: JudgedShard, captions_from: str = PAIR_FILTERED
+) -> dict[str, tuple[bool, dict]]:
+    """judged_captions' checks of one published shard, against what it read (`captions_from`, as judge_shard)
+    and what it published: check name -> (passed, what it saw)."""
+    shard = out.prefix.rsplit("/", 1)[-1]
+    curated = storage.read_partition(f"{captions_from}/{shard}", "kept", columns=["caption_id"])
+    curated_ids = curated.column("caption_id").to_pylist()
+    judged = out.judged
+    kept_ids = judged.filter(pc.equal(judged.column("verdict"), YES)).column("caption_id").to_pylist()
+    published_kept = storage.read_partition(out.prefix, "kept", columns=["caption_id"]).column("caption_id")
+    return {
+        "every_caption_judged": (
+            sorted(judged.column("caption_id").to_pylist()) == sorted(curated_ids)
+            and judged.column("verdict").null_count == 0,
+            {"curated": len(curated_ids), "judged": judged.num_rows},
+        ),
+        "only_yes_kept": (published_kept.to_pylist() == kept_ids, {"kept": len(kept_ids)}),
+    }
+
+
 def verdict_counts(judged: pa.Table) -> dict[str, int]:
     counts = dict.fromkeys([YES, NO, PARSE_FAILURE, UNJUDGEABLE], 0)
     for v in judged.column("verdict").to_pylist():
