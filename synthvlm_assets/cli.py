@@ -1,6 +1,6 @@
 """`synthvlm`: register caption files, materialize shards, query the tables.
 
-synthvlm demo --input ../shared/data/coco_captions_val2017.json   # the main job, embedded default
+synthvlm demo --input data/coco_captions_val2017_sample.json       # the main job, embedded default
 synthvlm register s3://bucket/captions/part-0001.jsonl           # register a file by hand
 synthvlm curate more_captions.jsonl                               # register, then curate (no GPU stage)
 synthvlm materialize --missing                                    # every shard not yet curated
